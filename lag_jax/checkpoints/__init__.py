@@ -1,0 +1,1 @@
+"""Checkpoint readers: HF safetensors folders and GGUF files."""

@@ -1,0 +1,209 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) in Flax NNX.
+
+Module and parameter names copy HF (``model.layers.self_attn.q_proj.weight``), with
+the layers stacked on a leading L axis so that the forward pass is one
+``lax.scan``: compile time stays flat in depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lag_jax.model import kv_cache as kvc
+from lag_jax.model.config import ModelConfig
+from lag_jax.model.layers import Dtype, Embedding, Linear, LoraWeights, RMSNorm
+from lag_jax.model.rope import apply_rope, inverse_frequencies
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ADAPTABLE_MODULES = ATTENTION_MODULES + MLP_MODULES
+
+# Per-layer LoRA deltas, by module name; leaves carry a leading L axis outside the scan.
+LayerLora = dict[str, LoraWeights]
+
+_NEG_INF = -1e30
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, stack, param_dtype, rngs):
+    c = config
+    D, H, K, E = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    kw = dict(stack=stack, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = Linear(D, H * E, use_bias=c.attention_bias, **kw)
+    self.k_proj = Linear(D, K * E, use_bias=c.attention_bias, **kw)
+    self.v_proj = Linear(D, K * E, use_bias=c.attention_bias, **kw)
+    self.o_proj = Linear(H * E, D, use_bias=c.o_proj_bias, **kw)
+    if c.qk_norm:
+      self.q_norm = RMSNorm(E, c.rms_norm_eps, stack=stack, param_dtype=param_dtype)
+      self.k_norm = RMSNorm(E, c.rms_norm_eps, stack=stack, param_dtype=param_dtype)
+    else:
+      self.q_norm = self.k_norm = None
+    self.config = config
+
+  def __call__(self, x, positions, key_positions, key_valid, cache_k, cache_v, lora: LayerLora):
+    """One layer's attention.
+
+    Args:
+      x: [B, T, D] normalised hidden states.
+      positions: [B, T] positions of the queries.
+      key_positions: [B, S] positions of the keys (S = T without a cache).
+      key_valid: [B, S] bool, False for padding keys.
+      cache_k, cache_v: [B, S, K, E] this layer's cache, or None.
+      lora: module name -> LoraWeights for this layer.
+    Returns:
+      [B, T, D] output, and the updated (cache_k, cache_v) or (k, v).
+    """
+    c = self.config
+    B, T, _ = x.shape
+    H, K, E = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    q = self.q_proj(x, lora.get("q_proj")).reshape(B, T, H, E)
+    k = self.k_proj(x, lora.get("k_proj")).reshape(B, T, K, E)
+    v = self.v_proj(x, lora.get("v_proj")).reshape(B, T, K, E)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = inverse_frequencies(c)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if cache_k is not None:
+      k = cache_k = kvc.write(cache_k, k, positions[:, 0])
+      v = cache_v = kvc.write(cache_v, v, positions[:, 0])
+    else:
+      cache_k, cache_v = k, v
+
+    q = q.reshape(B, T, K, c.q_per_kv, E)
+    scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (E ** -0.5)
+    qp, kp = positions[:, :, None], key_positions[:, None, :]
+    mask = (kp <= qp) & key_valid[:, None, :]  # [B, T, S]
+    if c.sliding_window is not None:
+      mask &= kp > qp - c.sliding_window
+    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(B, T, H * E)
+    return self.o_proj(out, lora.get("o_proj")), (cache_k, cache_v)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, stack, param_dtype, rngs):
+    D, F = config.hidden_size, config.intermediate_size
+    kw = dict(use_bias=config.mlp_bias, stack=stack, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Linear(D, F, **kw)
+    self.up_proj = Linear(D, F, **kw)
+    self.down_proj = Linear(F, D, **kw)
+
+  def __call__(self, x, lora: LayerLora):
+    """x [B, T, D] -> [B, T, D]."""
+    h = jax.nn.silu(self.gate_proj(x, lora.get("gate_proj"))) * self.up_proj(
+        x, lora.get("up_proj"))
+    return self.down_proj(h, lora.get("down_proj"))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention + SwiGLU MLP. Built with ``stack=(L,)`` it holds all layers."""
+
+  def __init__(self, config: ModelConfig, *, stack=(), param_dtype=jnp.float32, rngs):
+    kw = dict(stack=stack, param_dtype=param_dtype, rngs=rngs)
+    self.self_attn = Attention(config, **kw)
+    self.mlp = MLP(config, **kw)
+    eps = config.rms_norm_eps
+    self.input_layernorm = RMSNorm(config.hidden_size, eps, stack=stack, param_dtype=param_dtype)
+    self.post_attention_layernorm = RMSNorm(
+        config.hidden_size, eps, stack=stack, param_dtype=param_dtype)
+
+  def __call__(self, x, positions, key_positions, key_valid, cache_k, cache_v, lora):
+    h, cache = self.self_attn(self.input_layernorm(x), positions, key_positions, key_valid,
+                              cache_k, cache_v, lora)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x), lora)
+    return x, cache
+
+
+class Decoder(nnx.Module):
+  """HF's ``model``: embeddings, the stacked layers, the final norm."""
+
+  def __init__(self, config: ModelConfig, *, param_dtype=jnp.float32, rngs):
+    self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
+                                  param_dtype=param_dtype, rngs=rngs)
+    self.layers = DecoderLayer(config, stack=(config.num_hidden_layers,),
+                               param_dtype=param_dtype, rngs=rngs)
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+
+
+class CausalLM(nnx.Module):
+  """A Llama-family causal LM. Parameter paths match HF's checkpoint keys.
+
+  Attributes:
+    config: the architecture.
+    dtype: compute dtype of activations (parameters keep their own dtype).
+  """
+
+  def __init__(self, config: ModelConfig, *, param_dtype: Dtype = jnp.float32,
+               dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = dtype
+    self.model = Decoder(config, param_dtype=param_dtype, rngs=rngs)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    Linear(config.hidden_size, config.vocab_size, param_dtype=param_dtype,
+                           rngs=rngs))
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               cache: kvc.KVCache | None = None, lora: LayerLora | None = None, *,
+               attention_mask: jax.Array | None = None, return_hidden: bool = False):
+    """Runs the decoder.
+
+    Args:
+      tokens: [B, T] int token ids.
+      positions: [B, T] int positions; default arange(T). With a cache, each row
+        must be contiguous (it is written at slots positions[b, 0] ..).
+      cache: a KVCache of length S to read and update, or None (no cache).
+      lora: module name -> LoraWeights with leaves [L, R, I] / [L, O, R]; modules
+        absent from the dict are not adapted.
+      attention_mask: [B, T] bool, False marks padding keys (no-cache only).
+      return_hidden: return final normalised hidden states [B, T, D], not logits.
+    Returns:
+      (logits [B, T, V] float32 or hidden [B, T, D], updated cache or None).
+    """
+    B, T = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if cache is None:
+      key_positions = positions
+      key_valid = (jnp.ones((B, T), bool) if attention_mask is None
+                   else attention_mask.astype(bool))
+    else:
+      if attention_mask is not None:
+        raise ValueError("attention_mask is only for the cache-free forward pass; with a "
+                         "cache, padding is handled by positions")
+      key_positions = jnp.broadcast_to(jnp.arange(cache.length, dtype=jnp.int32),
+                                       (B, cache.length))
+      key_valid = jnp.ones((B, cache.length), bool)
+
+    x = self.model.embed_tokens(tokens, self.dtype)
+    graphdef, layer_state = nnx.split(self.model.layers)
+    lora = lora or {}
+    xs = (layer_state, lora,
+          None if cache is None else cache.k, None if cache is None else cache.v)
+
+    def body(x, layer_xs):
+      state, layer_lora, ck, cv = layer_xs
+      layer = nnx.merge(graphdef, state)
+      x, (ck, cv) = layer(x, positions, key_positions, key_valid, ck, cv, layer_lora)
+      return x, (ck, cv) if cache is not None else None
+
+    x, new_kv = jax.lax.scan(body, x, xs)
+    h = self.model.norm(x)
+    new_cache = None if cache is None else kvc.KVCache(k=new_kv[0], v=new_kv[1])
+    if return_hidden:
+      return h, new_cache
+    return self.logits(h), new_cache
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """h [B, T, D] -> [B, T, V] float32."""
+    if self.lm_head is None:
+      return self.model.embed_tokens.attend(h)
+    return jnp.einsum("btd,vd->btv", h, self.lm_head.weight[...].astype(h.dtype),
+                      preferred_element_type=jnp.float32)
