@@ -1,0 +1,25 @@
+"""PEFT LoRA adapters: read, write, create, and apply them to the model."""
+
+from __future__ import annotations
+
+from lag_jax.adapters.apply import merge_into_model, stack_lora, validate_adapter
+from lag_jax.adapters.peft_io import (
+    AdapterError,
+    LoraAdapter,
+    ModuleLora,
+    load_peft_adapter,
+    random_lora,
+    save_peft_adapter,
+)
+
+__all__ = [
+    "AdapterError",
+    "LoraAdapter",
+    "ModuleLora",
+    "load_peft_adapter",
+    "merge_into_model",
+    "random_lora",
+    "save_peft_adapter",
+    "stack_lora",
+    "validate_adapter",
+]
