@@ -7,7 +7,7 @@ stack lives in one array per parameter and the forward pass can ``lax.scan`` it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -34,25 +34,89 @@ def lora_delta(x: jax.Array, lora: LoraWeights) -> jax.Array:
   return jnp.einsum("...r,or->...o", r, lora.b.astype(x.dtype))
 
 
-class Linear(nnx.Module):
-  """y = x W^T + b (+ a LoRA delta). Every adaptable module goes through here."""
+class AdapterHook(Protocol):
+  """Where adapters enter the decoder.
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False,
-               stack: tuple[int, ...] = (), param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+  The decoder scans over layers: ``per_layer()`` is a pytree whose leaves carry a
+  leading L axis, and inside the scan ``delta`` receives one layer's slice of it.
+  Implementations are pytrees (they are arguments of jitted functions).
+  """
+
+  def per_layer(self) -> Any:
+    ...
+
+  def delta(self, layer_xs: Any, name: str, x: jax.Array) -> tuple[jax.Array | None, Any]:
+    """The delta [..., O] to add to module ``name``'s output for input x [..., I]
+    (None for no delta), and telemetry to return per layer (None for none)."""
+    ...
+
+
+@jax.tree_util.register_pytree_node_class
+class StaticLora:
+  """The same low-rank adapters for every token: module name -> LoraWeights [L, ...]."""
+
+  def __init__(self, lora: dict[str, LoraWeights]):
+    self.lora = dict(lora)
+
+  def tree_flatten(self):
+    return (self.lora,), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    return cls(children[0])
+
+  def per_layer(self):
+    return self.lora
+
+  def delta(self, layer_xs, name, x):
+    lora = layer_xs.get(name)
+    return (None if lora is None else lora_delta(x, lora)), None
+
+
+class LayerAdapters:
+  """One layer's view of an AdapterHook; Linear modules call it with their name.
+
+  Telemetry the hook returns is collected in ``aux`` (module name -> pytree) so the
+  decoder can return it from the layer scan.
+  """
+
+  def __init__(self, hook: AdapterHook, layer_xs: Any):
+    self.hook, self.layer_xs, self.aux = hook, layer_xs, {}
+
+  def __call__(self, name: str, x: jax.Array) -> jax.Array | None:
+    delta, aux = self.hook.delta(self.layer_xs, name, x)
+    if aux is not None:
+      self.aux[name] = aux
+    return delta
+
+
+class Linear(nnx.Module):
+  """y = x W^T + b (+ adapter deltas). Every adaptable module goes through here.
+
+  Attributes:
+    name: the HF module name ('q_proj', ...), which adapters are keyed by.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, name: str = "",
+               use_bias: bool = False, stack: tuple[int, ...] = (),
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.name = name
     shape = (*stack, out_features, in_features)
     self.weight = nnx.Param(
         (0.02 * jax.random.normal(rngs.params(), shape)).astype(param_dtype))
     self.bias = (nnx.Param(jnp.zeros((*stack, out_features), param_dtype))
                  if use_bias else None)
 
-  def __call__(self, x: jax.Array, lora: LoraWeights | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, adapters: LayerAdapters | None = None) -> jax.Array:
     """x [..., I] -> [..., O] in x's dtype (the compute dtype)."""
     y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(x.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(x.dtype)
-    if lora is not None:
-      y = y + lora_delta(x, lora)
+    if adapters is not None:
+      delta = adapters(self.name, x)
+      if delta is not None:
+        y = y + delta.astype(y.dtype)
     return y
 
 

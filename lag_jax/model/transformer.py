@@ -13,15 +13,22 @@ from flax import nnx
 
 from lag_jax.model import kv_cache as kvc
 from lag_jax.model.config import ModelConfig
-from lag_jax.model.layers import Dtype, Embedding, Linear, LoraWeights, RMSNorm
+from lag_jax.model.layers import (
+    AdapterHook,
+    Dtype,
+    Embedding,
+    LayerAdapters,
+    Linear,
+    LoraWeights,
+    RMSNorm,
+    StaticLora,
+)
 from lag_jax.model.rope import apply_rope, inverse_frequencies
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ADAPTABLE_MODULES = ATTENTION_MODULES + MLP_MODULES
 
-# Per-layer LoRA deltas, by module name; leaves carry a leading L axis outside the scan.
-LayerLora = dict[str, LoraWeights]
 
 _NEG_INF = -1e30
 
@@ -32,10 +39,10 @@ class Attention(nnx.Module):
     c = config
     D, H, K, E = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     kw = dict(stack=stack, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = Linear(D, H * E, use_bias=c.attention_bias, **kw)
-    self.k_proj = Linear(D, K * E, use_bias=c.attention_bias, **kw)
-    self.v_proj = Linear(D, K * E, use_bias=c.attention_bias, **kw)
-    self.o_proj = Linear(H * E, D, use_bias=c.o_proj_bias, **kw)
+    self.q_proj = Linear(D, H * E, name="q_proj", use_bias=c.attention_bias, **kw)
+    self.k_proj = Linear(D, K * E, name="k_proj", use_bias=c.attention_bias, **kw)
+    self.v_proj = Linear(D, K * E, name="v_proj", use_bias=c.attention_bias, **kw)
+    self.o_proj = Linear(H * E, D, name="o_proj", use_bias=c.o_proj_bias, **kw)
     if c.qk_norm:
       self.q_norm = RMSNorm(E, c.rms_norm_eps, stack=stack, param_dtype=param_dtype)
       self.k_norm = RMSNorm(E, c.rms_norm_eps, stack=stack, param_dtype=param_dtype)
@@ -43,7 +50,8 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
     self.config = config
 
-  def __call__(self, x, positions, key_positions, key_valid, cache_k, cache_v, lora: LayerLora):
+  def __call__(self, x, positions, key_positions, key_valid, cache_k, cache_v,
+               adapters: LayerAdapters | None):
     """One layer's attention.
 
     Args:
@@ -52,16 +60,16 @@ class Attention(nnx.Module):
       key_positions: [B, S] positions of the keys (S = T without a cache).
       key_valid: [B, S] bool, False for padding keys.
       cache_k, cache_v: [B, S, K, E] this layer's cache, or None.
-      lora: module name -> LoraWeights for this layer.
+      adapters: this layer's adapter hook, or None.
     Returns:
       [B, T, D] output, and the updated (cache_k, cache_v) or (k, v).
     """
     c = self.config
     B, T, _ = x.shape
     H, K, E = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    q = self.q_proj(x, lora.get("q_proj")).reshape(B, T, H, E)
-    k = self.k_proj(x, lora.get("k_proj")).reshape(B, T, K, E)
-    v = self.v_proj(x, lora.get("v_proj")).reshape(B, T, K, E)
+    q = self.q_proj(x, adapters).reshape(B, T, H, E)
+    k = self.k_proj(x, adapters).reshape(B, T, K, E)
+    v = self.v_proj(x, adapters).reshape(B, T, K, E)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = inverse_frequencies(c)
@@ -83,7 +91,7 @@ class Attention(nnx.Module):
     scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(B, T, H * E)
-    return self.o_proj(out, lora.get("o_proj")), (cache_k, cache_v)
+    return self.o_proj(out, adapters), (cache_k, cache_v)
 
 
 class MLP(nnx.Module):
@@ -91,15 +99,14 @@ class MLP(nnx.Module):
   def __init__(self, config: ModelConfig, *, stack, param_dtype, rngs):
     D, F = config.hidden_size, config.intermediate_size
     kw = dict(use_bias=config.mlp_bias, stack=stack, param_dtype=param_dtype, rngs=rngs)
-    self.gate_proj = Linear(D, F, **kw)
-    self.up_proj = Linear(D, F, **kw)
-    self.down_proj = Linear(F, D, **kw)
+    self.gate_proj = Linear(D, F, name="gate_proj", **kw)
+    self.up_proj = Linear(D, F, name="up_proj", **kw)
+    self.down_proj = Linear(F, D, name="down_proj", **kw)
 
-  def __call__(self, x, lora: LayerLora):
+  def __call__(self, x, adapters: LayerAdapters | None):
     """x [B, T, D] -> [B, T, D]."""
-    h = jax.nn.silu(self.gate_proj(x, lora.get("gate_proj"))) * self.up_proj(
-        x, lora.get("up_proj"))
-    return self.down_proj(h, lora.get("down_proj"))
+    h = jax.nn.silu(self.gate_proj(x, adapters)) * self.up_proj(x, adapters)
+    return self.down_proj(h, adapters)
 
 
 class DecoderLayer(nnx.Module):
@@ -114,11 +121,11 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(
         config.hidden_size, eps, stack=stack, param_dtype=param_dtype)
 
-  def __call__(self, x, positions, key_positions, key_valid, cache_k, cache_v, lora):
+  def __call__(self, x, positions, key_positions, key_valid, cache_k, cache_v, adapters):
     h, cache = self.self_attn(self.input_layernorm(x), positions, key_positions, key_valid,
-                              cache_k, cache_v, lora)
+                              cache_k, cache_v, adapters)
     x = x + h
-    x = x + self.mlp(self.post_attention_layernorm(x), lora)
+    x = x + self.mlp(self.post_attention_layernorm(x), adapters)
     return x, cache
 
 
@@ -151,8 +158,10 @@ class CausalLM(nnx.Module):
                            rngs=rngs))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               cache: kvc.KVCache | None = None, lora: LayerLora | None = None, *,
-               attention_mask: jax.Array | None = None, return_hidden: bool = False):
+               cache: kvc.KVCache | None = None,
+               lora: dict[str, LoraWeights] | AdapterHook | None = None, *,
+               attention_mask: jax.Array | None = None, return_hidden: bool = False,
+               return_aux: bool = False):
     """Runs the decoder.
 
     Args:
@@ -160,12 +169,16 @@ class CausalLM(nnx.Module):
       positions: [B, T] int positions; default arange(T). With a cache, each row
         must be contiguous (it is written at slots positions[b, 0] ..).
       cache: a KVCache of length S to read and update, or None (no cache).
-      lora: module name -> LoraWeights with leaves [L, R, I] / [L, O, R]; modules
-        absent from the dict are not adapted.
+      lora: the adapters: a dict module name -> LoraWeights with leaves
+        [L, R, I] / [L, O, R] (the same adapters for every token; modules absent
+        from the dict are not adapted), or any AdapterHook (e.g. a routed library).
       attention_mask: [B, T] bool, False marks padding keys (no-cache only).
       return_hidden: return final normalised hidden states [B, T, D], not logits.
+      return_aux: also return the hook's per-layer telemetry (module name ->
+        pytree with a leading L axis), e.g. the adapter each token routed to.
     Returns:
-      (logits [B, T, V] float32 or hidden [B, T, D], updated cache or None).
+      (logits [B, T, V] float32 or hidden [B, T, D], updated cache or None), plus
+      the telemetry dict as a third element with ``return_aux``.
     """
     B, T = tokens.shape
     if positions is None:
@@ -184,22 +197,23 @@ class CausalLM(nnx.Module):
 
     x = self.model.embed_tokens(tokens, self.dtype)
     graphdef, layer_state = nnx.split(self.model.layers)
-    lora = lora or {}
-    xs = (layer_state, lora,
+    hook = StaticLora(lora) if isinstance(lora, dict) else lora
+    xs = (layer_state, None if hook is None else hook.per_layer(),
           None if cache is None else cache.k, None if cache is None else cache.v)
 
     def body(x, layer_xs):
-      state, layer_lora, ck, cv = layer_xs
+      state, hook_xs, ck, cv = layer_xs
       layer = nnx.merge(graphdef, state)
-      x, (ck, cv) = layer(x, positions, key_positions, key_valid, ck, cv, layer_lora)
-      return x, (ck, cv) if cache is not None else None
+      adapters = None if hook is None else LayerAdapters(hook, hook_xs)
+      x, (ck, cv) = layer(x, positions, key_positions, key_valid, ck, cv, adapters)
+      aux = {} if adapters is None else adapters.aux
+      return x, ((ck, cv) if cache is not None else None, aux)
 
-    x, new_kv = jax.lax.scan(body, x, xs)
+    x, (new_kv, aux) = jax.lax.scan(body, x, xs)
     h = self.model.norm(x)
     new_cache = None if cache is None else kvc.KVCache(k=new_kv[0], v=new_kv[1])
-    if return_hidden:
-      return h, new_cache
-    return self.logits(h), new_cache
+    out = h if return_hidden else self.logits(h)
+    return (out, new_cache, aux) if return_aux else (out, new_cache)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """h [B, T, D] -> [B, T, V] float32."""

@@ -1,0 +1,281 @@
+"""A stacked library of spectrally aligned LoRA adapters, ready to route.
+
+Layout, per adapted module (why: the decoder scans over layers, so L leads and each
+layer's block is contiguous; within a layer the arrow scores for all N adapters are
+one [T, I] @ [I, N] matmul, so arrows are stored I-major as [L, I, N]; the
+candidates' A* / B* are gathered by adapter id, so N is next for those):
+
+  a       [L, N, R, I]  A* = V^T, orthonormal rows, zero rows for rank padding
+  b       [L, N, O, R]  B* = U S (scale and alpha folded in)
+  arrows  [L, I, N]     A*[:, :, 0, :] transposed
+  valid   [L, N]        False where the adapter is all zero (never routed to)
+
+Mixed ranks are zero-padded to the library's largest rank R (exact: zero rows add
+nothing to a score, a norm or an output); an adapter that covers only some modules
+or layers is a zero (invalid) adapter elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import struct
+
+from lag_jax.adapters.apply import validate_adapter
+from lag_jax.adapters.peft_io import AdapterError, LoraAdapter
+from lag_jax.model.config import ModelConfig
+from lag_jax.model.transformer import ADAPTABLE_MODULES, ATTENTION_MODULES, MLP_MODULES
+from lag_jax.routing.signatures import spectral_align_stacked
+
+KNOWLEDGE_MODULES = MLP_MODULES
+TASK_MODULES = ATTENTION_MODULES
+_FORMAT_VERSION = 1
+
+
+@struct.dataclass
+class LibraryWeights:
+  """Device arrays of a library, by module name (shapes in the module docstring)."""
+
+  a: dict[str, jax.Array]
+  b: dict[str, jax.Array]
+  arrows: dict[str, jax.Array]
+  valid: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterLibrary:
+  """N adapters of one base model on a fixed set of modules.
+
+  Attributes:
+    names: adapter names; an adapter's id is its index.
+    modules: the module names the library adapts (e.g. gate/up/down_proj).
+    rank: R, the padded rank.
+    ranks: [N] each adapter's own (largest) rank, to report padding overhead.
+    weights: the stacked arrays.
+    metadata: free-form per-adapter dicts (e.g. the source document), by name.
+  """
+
+  names: tuple[str, ...]
+  modules: tuple[str, ...]
+  rank: int
+  ranks: tuple[int, ...]
+  weights: LibraryWeights
+  metadata: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def id(self, name: str) -> int:
+    try:
+      return self.names.index(name)
+    except ValueError:
+      raise KeyError(f"adapter {name!r} is not in the library") from None
+
+  @property
+  def num_layers(self) -> int:
+    return next(iter(self.weights.a.values())).shape[0]
+
+  def nbytes(self) -> int:
+    """Resident bytes of all arrays."""
+    return sum(x.nbytes for x in jax.tree.leaves(self.weights))
+
+  def exact_nbytes(self) -> int:
+    """Bytes an unpadded library would need: 2 h r per module and layer per adapter
+    at its own rank, plus one arrow (h) per module and layer, at the stored dtype."""
+    total = 0
+    for m in self.modules:
+      L, _, O, _ = self.weights.b[m].shape
+      I = self.weights.a[m].shape[-1]
+      item = self.weights.a[m].dtype.itemsize
+      total += L * item * sum((O + I) * r + I for r in self.ranks)
+    return total
+
+  # --- building -------------------------------------------------------------------
+
+  @classmethod
+  def from_adapters(cls, adapters: Sequence[LoraAdapter], config: ModelConfig,
+                    modules: Sequence[str] | None = None, *, rank: int | None = None,
+                    dtype=jnp.float32, chunk: int = 64,
+                    metadata: dict[str, dict] | None = None) -> AdapterLibrary:
+    """Validates, spectrally aligns and stacks adapters.
+
+    Args:
+      adapters: PEFT adapters of the base model ``config``.
+      modules: the modules the library adapts; default every module any adapter
+        covers. Adapter weights on other modules are an error (they would be lost).
+      rank: pad to this rank (>= every adapter's rank); default the largest.
+      dtype: storage dtype of A*/B*/arrows (signatures are computed in float32).
+      chunk: adapters aligned per batched SVD call (bounds peak memory).
+    """
+    adapters = list(adapters)
+    if not adapters:
+      raise AdapterError("cannot build a library from an empty list of adapters")
+    names = [a.name for a in adapters]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+      raise AdapterError(f"duplicate adapter names in the library: {dupes}")
+    for a in adapters:
+      validate_adapter(a, config)
+    covered = sorted({m.module for a in adapters for m in a.modules.values()},
+                     key=ADAPTABLE_MODULES.index)
+    modules = tuple(covered if modules is None else modules)
+    for a in adapters:
+      extra = sorted({m.module for m in a.modules.values()} - set(modules))
+      if extra:
+        raise AdapterError(f"adapter {a.name!r} adapts {extra}, which this library "
+                           f"(modules {list(modules)}) does not hold")
+    ranks = tuple(max(m.r for m in a.modules.values()) for a in adapters)
+    rank = max(ranks) if rank is None else rank
+    if rank < max(ranks):
+      raise AdapterError(f"library rank {rank} is below adapter rank {max(ranks)}")
+    arrays = {m: _align_module(adapters, config, m, rank, dtype, chunk) for m in modules}
+    weights = LibraryWeights(**{f: {m: arrays[m][f] for m in modules}
+                                for f in ("a", "b", "arrows", "valid")})
+    return cls(tuple(names), modules, rank, ranks, weights, dict(metadata or {}))
+
+  def add(self, adapters: Sequence[LoraAdapter], config: ModelConfig, *, chunk: int = 64,
+          metadata: dict[str, dict] | None = None) -> AdapterLibrary:
+    """A new library with ``adapters`` appended; only their signatures are computed."""
+    if not adapters:
+      raise AdapterError("no adapters to add to the library")
+    new = AdapterLibrary.from_adapters(
+        adapters, config, self.modules, rank=max(self.rank, *(
+            max(m.r for m in a.modules.values()) for a in adapters)),
+        dtype=next(iter(self.weights.a.values())).dtype, chunk=chunk, metadata=metadata)
+    clash = sorted(set(self.names) & set(new.names))
+    if clash:
+      raise AdapterError(f"adapters already in the library: {clash}")
+    old = self if new.rank == self.rank else self._padded(new.rank)
+    w = jax.tree.map(lambda x, y, axis: jnp.concatenate([x, y], axis=axis),
+                     old.weights, new.weights, _n_axes(old.weights))
+    return AdapterLibrary(self.names + new.names, self.modules, new.rank,
+                          self.ranks + new.ranks, w, {**self.metadata, **new.metadata})
+
+  def _padded(self, rank: int) -> AdapterLibrary:
+    pad = rank - self.rank
+    w = self.weights
+    a = {m: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for m, x in w.a.items()}
+    b = {m: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, pad))) for m, x in w.b.items()}
+    return dataclasses.replace(self, rank=rank, weights=w.replace(a=a, b=b))
+
+  # --- persistence ----------------------------------------------------------------
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes arrays (orbax) and library.json; the folder appears only when complete."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-library-", dir=parent)
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(tmp, "arrays"), _to_tree(self.weights))
+        ckptr.wait_until_finished()
+      meta = {"format_version": _FORMAT_VERSION, "names": list(self.names),
+              "modules": list(self.modules), "rank": self.rank, "ranks": list(self.ranks),
+              "metadata": self.metadata}
+      with open(os.path.join(tmp, "library.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+      if os.path.exists(path):
+        shutil.rmtree(path)
+      os.replace(tmp, path)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> AdapterLibrary:
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.fspath(path))
+    meta_path = os.path.join(path, "library.json")
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+    except FileNotFoundError:
+      raise AdapterError(f"{meta_path}: not an adapter library (library.json missing)") from None
+    if meta.get("format_version") != _FORMAT_VERSION:
+      raise AdapterError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(os.path.join(path, "arrays"))
+    weights = LibraryWeights(**{f: {m: jnp.asarray(tree[m][f]) for m in meta["modules"]}
+                                for f in ("a", "b", "arrows", "valid")})
+    logging.info("Loaded library of %d adapters from %s", len(meta["names"]), path)
+    return cls(tuple(meta["names"]), tuple(meta["modules"]), int(meta["rank"]),
+               tuple(meta["ranks"]), weights, meta.get("metadata", {}))
+
+
+def _n_axes(weights: LibraryWeights):
+  """The adapter axis of every leaf: 1 for a/b/valid ([L, N, ...]), 2 for arrows."""
+  return LibraryWeights(a={m: 1 for m in weights.a}, b={m: 1 for m in weights.b},
+                        arrows={m: 2 for m in weights.arrows},
+                        valid={m: 1 for m in weights.valid})
+
+
+def _to_tree(w: LibraryWeights) -> dict:
+  return {m: {"a": w.a[m], "b": w.b[m], "arrows": w.arrows[m], "valid": w.valid[m]}
+          for m in w.a}
+
+
+def _raw_factors(adapters, config: ModelConfig, module: str, rank: int):
+  """a [n, L, R, I] and scale-folded b [n, L, O, R] in float32, zeros where absent."""
+  L = config.num_hidden_layers
+  O, I = config.module_shapes()[module]
+  a = np.zeros((len(adapters), L, rank, I), np.float32)
+  b = np.zeros((len(adapters), L, O, rank), np.float32)
+  for n, adapter in enumerate(adapters):
+    for m in adapter.modules.values():
+      if m.module == module:
+        a[n, m.layer, :m.r] = m.a.astype(np.float32)
+        b[n, m.layer, :, :m.r] = m.b.astype(np.float32) * np.float32(m.scale)
+  return a, b
+
+
+def _align_module(adapters, config, module, rank, dtype, chunk):
+  parts = []
+  for start in range(0, len(adapters), chunk):
+    a, b = _raw_factors(adapters[start:start + chunk], config, module, rank)
+    a_star, b_star, _, valid = spectral_align_stacked(jnp.asarray(a), jnp.asarray(b))
+    parts.append((a_star.astype(dtype), b_star.astype(dtype), valid))
+  a_star = jnp.concatenate([p[0] for p in parts]).swapaxes(0, 1)  # [L, N, R, I]
+  b_star = jnp.concatenate([p[1] for p in parts]).swapaxes(0, 1)  # [L, N, O, R]
+  valid = jnp.concatenate([p[2] for p in parts]).swapaxes(0, 1)  # [L, N]
+  arrows = a_star[:, :, 0, :].swapaxes(1, 2)  # [L, I, N]
+  return {"a": a_star, "b": b_star, "arrows": arrows, "valid": valid}
+
+
+def peft_adapter_dirs(folder: str | os.PathLike) -> list[str]:
+  """Sub-folders of ``folder`` holding a PEFT adapter (adapter_config.json), sorted."""
+  folder = os.fspath(folder)
+  return sorted(os.path.join(folder, d) for d in os.listdir(folder)
+                if os.path.exists(os.path.join(folder, d, "adapter_config.json")))
+
+
+def load_or_build_library(path: str | os.PathLike, config: ModelConfig,
+                          modules: Sequence[str] | None = None, *,
+                          allow_pickle: bool = False) -> AdapterLibrary:
+  """A saved library (a folder with library.json), or one built from a folder whose
+  sub-folders are PEFT adapters (named after their folders)."""
+  from lag_jax.adapters.peft_io import load_peft_adapter
+
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise AdapterError(f"{path}: no such library folder")
+  if os.path.exists(os.path.join(path, "library.json")):
+    return AdapterLibrary.load(path)
+  dirs = peft_adapter_dirs(path)
+  if not dirs:
+    raise AdapterError(f"{path}: neither a saved library (library.json) nor a folder of "
+                       "PEFT adapters (sub-folders with adapter_config.json)")
+  adapters = [load_peft_adapter(d, allow_pickle=allow_pickle) for d in dirs]
+  return AdapterLibrary.from_adapters(adapters, config, modules)

@@ -1,0 +1,234 @@
+"""Routers: which adapter(s) of a library each token uses at one module (pure jnp).
+
+Every router sees one layer's slice of a library and one module's input, and
+returns the summed low-rank delta and, for telemetry, the adapter id it chose per
+token (the top-weighted one for mixtures; -1 where no adapter applies).
+
+  none           no adapter
+  fixed          one adapter per request (``fixed_ids``): single adapter / oracle
+  uniform        the mean of all allowed adapters' deltas
+  arrow          LAG paper's hard Arrow: argmax_i |arrow_i . x|
+  arrow_softmax  Arrow paper / PEFT: top-k by |arrow_i . x|, softmax(score / T) over
+                 them, output = sum_i w_i B*_i A*_i x
+  spectr         argmax_i ||A*_i x|| over the whole library (k = N)
+  lag            Arrow filter to k candidates, SpectR rerank, one adapter
+
+Ties are broken towards the lower adapter id everywhere, so ``lag`` with k = 1 is
+``arrow`` and ``lag`` with k = N is ``spectr``, selection for selection. Adapters a
+request's mask excludes, and invalid (all-zero) adapters, are never chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+ROUTERS = ("none", "fixed", "uniform", "arrow", "arrow_softmax", "spectr", "lag")
+_NEG = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSpec:
+  """A router and its static settings (part of the compiled shape, hashable).
+
+  Attributes:
+    name: one of ROUTERS.
+    k: candidates for ``lag`` and ``arrow_softmax``; clamped to the library size N
+      (so k >= N is SpectR, resp. a softmax over all adapters).
+    temperature: softmax temperature of ``arrow_softmax``.
+  """
+
+  name: str = "lag"
+  k: int = 20
+  temperature: float = 1.0
+
+  def __post_init__(self):
+    if self.name not in ROUTERS:
+      raise ValueError(f"router {self.name!r} is unknown; choose from {ROUTERS}")
+    if self.k < 1:
+      raise ValueError(f"router {self.name!r}: k must be >= 1, got {self.k}")
+    if self.temperature <= 0:
+      raise ValueError(f"router {self.name!r}: temperature must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLibrary:
+  """One layer's slice of a library at one module.
+
+  Attributes:
+    a: [N, R, I] A* (orthonormal rows; zero rows for padding).
+    b: [N, O, R] B* = U S.
+    arrows: [I, N] each adapter's top right singular vector, as columns.
+    valid: [N] bool, False for adapters that are all zero here.
+  """
+
+  a: jax.Array
+  b: jax.Array
+  arrows: jax.Array
+  valid: jax.Array
+
+
+def _argmax_low_id(values: jax.Array, ids: jax.Array) -> jax.Array:
+  """Index (along the last axis) of the max value; ties go to the lower id."""
+  best = jnp.max(values, axis=-1, keepdims=True)
+  big = jnp.iinfo(jnp.int32).max
+  tied = jnp.where(values == best, ids, big)
+  return jnp.argmin(tied, axis=-1)
+
+
+def _apply_selected(z_sel: jax.Array, b: jax.Array, sel: jax.Array) -> jax.Array:
+  """B*_sel z_sel: z_sel [B, T, R], sel [B, T] -> [B, T, O] (gathers only sel's B*)."""
+  return jnp.einsum("btr,btor->bto", z_sel, b[sel].astype(z_sel.dtype))
+
+
+def arrow_scores(x: jax.Array, lib: LayerLibrary, allowed: jax.Array) -> jax.Array:
+  """|arrow_i . x| for all N: [B, T, N] (float32), -inf where not allowed ([B, N])."""
+  s = jnp.abs(jnp.einsum("bti,in->btn", x, lib.arrows.astype(x.dtype),
+                         preferred_element_type=jnp.float32))
+  return jnp.where(allowed[:, None, :], s, _NEG)
+
+
+def _candidates(scores: jax.Array, k: int):
+  """Top-k ids by score, [B, T, C]; lax.top_k breaks ties towards lower ids."""
+  vals, ids = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+  return vals, ids.astype(jnp.int32)
+
+
+def _hard(sel, ok, z_sel, lib):
+  """Delta of one selected adapter per token; nothing where ``ok`` is False."""
+  delta = _apply_selected(z_sel, lib.b, sel)
+  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, sel, -1).astype(jnp.int32)
+
+
+def route_lag(x, lib: LayerLibrary, allowed, k: int):
+  """Arrow filter to k, SpectR rerank among them, apply the winner (k=N: SpectR)."""
+  N = lib.a.shape[0]
+  scores = arrow_scores(x, lib, allowed)
+  vals, cand = _candidates(scores, k)  # [B, T, C]
+  B, T, C = cand.shape
+  if B * T * C >= N:
+    # Many tokens (prefill): one dense [B, T, N, R] projection is cheaper than
+    # gathering B*T*C candidate matrices of R x I.
+    z_all = jnp.einsum("bti,nri->btnr", x, lib.a.astype(x.dtype))
+    z = jnp.take_along_axis(z_all, cand[..., None], axis=2)  # [B, T, C, R]
+  else:
+    # Few tokens (decode): gather only the candidates' A* rows.
+    z = jnp.einsum("bti,btcri->btcr", x, lib.a[cand].astype(x.dtype))
+  norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
+  norms = jnp.where(jnp.isfinite(vals), norms, -1.0)  # disallowed candidates lose
+  best = _argmax_low_id(norms, cand)  # [B, T]
+  sel = jnp.take_along_axis(cand, best[..., None], axis=-1)[..., 0]
+  z_sel = jnp.take_along_axis(z, best[..., None, None], axis=2)[:, :, 0]
+  ok = jnp.isfinite(jnp.take_along_axis(vals, best[..., None], axis=-1)[..., 0])
+  return _hard(sel, ok, z_sel, lib)
+
+
+def route_arrow(x, lib: LayerLibrary, allowed):
+  """Hard top-1 Arrow: the adapter with the largest |arrow . x|."""
+  scores = arrow_scores(x, lib, allowed)
+  ids = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+  sel = _argmax_low_id(scores, ids)
+  ok = jnp.isfinite(jnp.max(scores, axis=-1))
+  z_sel = jnp.einsum("bti,btri->btr", x, lib.a[sel].astype(x.dtype))
+  return _hard(sel, ok, z_sel, lib)
+
+
+def route_spectr(x, lib: LayerLibrary, allowed):
+  """SpectR over the whole library: argmax_i ||A*_i x||."""
+  z = jnp.einsum("bti,nri->btnr", x, lib.a.astype(x.dtype))
+  norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
+  norms = jnp.where(allowed[:, None, :], norms, _NEG)
+  ids = jnp.arange(norms.shape[-1], dtype=jnp.int32)
+  sel = _argmax_low_id(norms, ids)
+  ok = jnp.isfinite(jnp.max(norms, axis=-1))
+  z_sel = jnp.take_along_axis(z, sel[..., None, None], axis=2)[:, :, 0]
+  return _hard(sel, ok, z_sel, lib)
+
+
+def route_arrow_softmax(x, lib: LayerLibrary, allowed, k: int, temperature: float):
+  """PEFT's Arrow: softmax(top-k |arrow . x| / T) mixture of the k adapters' outputs."""
+  vals, cand = _candidates(arrow_scores(x, lib, allowed), k)  # [B, T, C]
+  ok = jnp.isfinite(vals[..., 0])
+  w = jax.nn.softmax(jnp.where(ok[..., None], vals, 0.0) / temperature, axis=-1)
+  w = jnp.where(jnp.isfinite(vals), w, 0.0)
+  w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
+  z = jnp.einsum("bti,btcri->btcr", x, lib.a[cand].astype(x.dtype))
+  delta = jnp.einsum("btc,btcr,btcor->bto", w.astype(x.dtype), z, lib.b[cand].astype(x.dtype))
+  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, cand[..., 0], -1)
+
+
+def route_uniform(x, lib: LayerLibrary, mask):
+  """The uniform merge: the mean of the deltas of every adapter the mask allows.
+
+  An adapter that is zero at this layer / module (it does not cover it) still counts
+  in the mean, as in merging the adapters' weights with 1/N each.
+  """
+  w = mask.astype(jnp.float32)
+  count = jnp.sum(w, axis=-1, keepdims=True)
+  w = (w / jnp.maximum(count, 1.0)).astype(x.dtype)  # [B, N]
+  z = jnp.einsum("bti,nri->btnr", x, lib.a.astype(x.dtype))
+  delta = jnp.einsum("bn,btnr,nor->bto", w, z, lib.b.astype(x.dtype))
+  B, T = x.shape[:2]
+  chosen = jnp.full((B, T), -1, jnp.int32)
+  return delta, chosen
+
+
+def route_fixed(x, lib: LayerLibrary, allowed, fixed_ids):
+  """One adapter per request (fixed_ids [B], -1 for none)."""
+  B, T = x.shape[:2]
+  ids = jnp.clip(fixed_ids, 0, lib.a.shape[0] - 1)
+  ok = (fixed_ids >= 0) & jnp.take_along_axis(allowed, ids[:, None], axis=1)[:, 0]
+  z = jnp.einsum("bti,bri->btr", x, lib.a[ids].astype(x.dtype))
+  sel = jnp.broadcast_to(ids[:, None], (B, T))
+  return _hard(sel, jnp.broadcast_to(ok[:, None], (B, T)), z, lib)
+
+
+def route(spec: RouterSpec, x, lib: LayerLibrary, mask, fixed_ids):
+  """Dispatches one router.
+
+  Args:
+    spec: the router.
+    x: [B, T, I] the module's input.
+    lib: this layer's slice of the library.
+    mask: [B, N] bool, adapters each request may use.
+    fixed_ids: [B] int32, the adapter of each request for ``fixed``.
+  Returns:
+    delta [B, T, O] in x's dtype, chosen [B, T] int32 (-1: none).
+  """
+  allowed = mask & lib.valid[None, :]
+  if spec.name == "none":
+    B, T = x.shape[:2]
+    return jnp.zeros((B, T, lib.b.shape[1]), x.dtype), jnp.full((B, T), -1, jnp.int32)
+  if spec.name == "fixed":
+    return route_fixed(x, lib, allowed, fixed_ids)
+  if spec.name == "uniform":
+    return route_uniform(x, lib, mask)
+  if spec.name == "arrow":
+    return route_arrow(x, lib, allowed)
+  if spec.name == "arrow_softmax":
+    return route_arrow_softmax(x, lib, allowed, spec.k, spec.temperature)
+  if spec.name == "spectr":
+    return route_spectr(x, lib, allowed)
+  return route_lag(x, lib, allowed, spec.k)
+
+
+def route_batch(specs: tuple[RouterSpec, ...], router_index, x, lib, mask, fixed_ids):
+  """Requests in one batch may use different routers: router_index [B] picks from specs.
+
+  Each distinct router runs once over the batch and rows take their own router's
+  result, so switching routers between requests never recompiles.
+  """
+  if len(specs) == 1:
+    return route(specs[0], x, lib, mask, fixed_ids)
+  delta, chosen = None, None
+  for i, spec in enumerate(specs):
+    d, c = route(spec, x, lib, mask, fixed_ids)
+    pick = (router_index == i)
+    if delta is None:
+      delta, chosen = d, c
+    else:
+      delta = jnp.where(pick[:, None, None], d, delta)
+      chosen = jnp.where(pick[:, None], c, chosen)
+  return delta, chosen
