@@ -9,6 +9,7 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see lag_jax/__init__.py
 
 import jax  # noqa: E402
 

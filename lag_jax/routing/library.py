@@ -177,7 +177,9 @@ class AdapterLibrary:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-library-", dir=parent)
+    old = None
     try:
+      jax.block_until_ready(self.weights)
       with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(tmp, "arrays"), _to_tree(self.weights))
         ckptr.wait_until_finished()
@@ -186,12 +188,20 @@ class AdapterLibrary:
               "metadata": self.metadata}
       with open(os.path.join(tmp, "library.json"), "w") as f:
         json.dump(meta, f, indent=1)
+      # Move the old library aside rather than deleting it first, so that a kill at
+      # any point leaves either the old or the new library at ``path``.
       if os.path.exists(path):
-        shutil.rmtree(path)
+        old = tempfile.mkdtemp(prefix=".old-library-", dir=parent)
+        os.replace(path, os.path.join(old, "library"))
       os.replace(tmp, path)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
+      if old is not None and not os.path.exists(path):
+        os.replace(os.path.join(old, "library"), path)
       raise
+    finally:
+      if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> AdapterLibrary:
