@@ -116,8 +116,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   root = config.library_root or workdir
 
   t0 = time.perf_counter()
+  # Knowledge texts end with the document separator, not the chat turn's end.
+  doc_eos = "<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None else None
   knowledge = build_library(knowledge_jobs, model, tokenizer, os.path.join(root, "knowledge"),
-                            _train_config(config.knowledge_training))
+                            _train_config(config.knowledge_training), eos_token=doc_eos)
   task_jobs = []
   for task, exs in task_data.items():
     pairs = [(harness.render_prompt(tokenizer, ex)[0], ex.answers[0]) for ex in exs]

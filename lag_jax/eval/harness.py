@@ -1,0 +1,392 @@
+"""The evaluation harness: every method on the same prompts, batched, scored alike.
+
+A *method* says where knowledge comes from (no adapter, the gold adapter, a router
+over the knowledge library, the BM25-top document's adapter, or the BM25-top
+document in the prompt) and how the task library is used (none, the right task
+adapter, or a router). Prompts, decoding (greedy) and answer extraction are the
+same for every method; only adapters and, for RAG, the prompt's context differ.
+
+Routing accuracy is read from the generation's routing telemetry: for every prompt
+token, layer and knowledge module, the adapter LAG chose, compared with the
+question's gold knowledge adapter, split by token type (the gold entity's name in
+the question, the rest of the question, the chat template, generated tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from absl import logging
+
+from lag_jax.data.kilt import Document, KiltExample
+from lag_jax.eval import metrics
+from lag_jax.generation import generate
+from lag_jax.model.transformer import CausalLM
+from lag_jax.routing import AdapterLibrary, RoutedAdapters, RouterSpec, routed
+from lag_jax.text.tokenizer import Tokenizer
+
+# One instruction per task family; {input} is the KILT input.
+TASK_PROMPTS = {
+    "qa": "Answer the question with a short phrase, no explanation.\n\nQuestion: {input}",
+    "slot": ("Give the value of the relation for the subject, as a short phrase.\n\n"
+             "Subject [SEP] relation: {input}"),
+    "fact": ("Is the claim true or false? Answer SUPPORTS if it is true and REFUTES if it "
+             "is false.\n\nClaim: {input}"),
+    "link": ("Which Wikipedia page does the entity between [START_ENT] and [END_ENT] refer "
+             "to? Answer with the page title only.\n\n{input}"),
+    "chat": "Continue the conversation with one informative sentence.\n\n{input}",
+}
+RAG_PREFIX = "Context: {text}\n\n"
+FAMILY_OF_TASK = {"qa": "QA", "slot": "Slot", "fact": "Fact", "link": "Link", "chat": "Chat"}
+TOKEN_TYPES = ("entity", "question", "template", "generated")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """How one method sources knowledge and task skills.
+
+  Attributes:
+    name: as reported.
+    knowledge: 'none' | 'oracle' | 'prag' (BM25-top document's adapter) | a router name.
+    task: 'none' | 'oracle' | a router name.
+    rag: put the BM25-top document in the prompt.
+    k: candidates for 'lag' / 'arrow_softmax'.
+  """
+
+  name: str
+  knowledge: str = "none"
+  task: str = "none"
+  rag: bool = False
+  k: int = 20
+
+
+def standard_methods(k: int = 20, with_spectr: bool = True) -> list[Method]:
+  """The paper's methods plus the uniform merge (SpectR where N makes it affordable)."""
+  out = [
+      Method("Instr"),
+      Method("Oracle", "oracle", "oracle"),
+      Method("Arrow", "arrow", "arrow"),
+      Method(f"LAG(k={k})", "lag", "lag", k=k),
+      Method("Uniform", "uniform", "uniform"),
+      Method("RAG", rag=True),
+      Method("PRAG", knowledge="prag"),
+      Method("P-LAG", "prag", "lag", k=k),
+      Method("R-LAG", "none", "lag", rag=True, k=k),
+  ]
+  if with_spectr:
+    out.insert(4, Method("SpectR", "spectr", "spectr"))
+  return out
+
+
+@dataclasses.dataclass
+class Setting:
+  """Everything a method runs against.
+
+  Attributes:
+    model, tokenizer: the base model.
+    knowledge: the knowledge library (adapter names = document titles).
+    task: the task library (adapter names = task family keys, e.g. 'qa'), or None.
+    documents: the knowledge source, for RAG (aligned with nothing in particular).
+    retrieve: question -> index into ``documents`` of the BM25-top document, or None
+      (then RAG / PRAG methods are skipped).
+    max_new_tokens, batch_size: decoding settings.
+    system_prompt: optional system message.
+  """
+
+  model: CausalLM
+  tokenizer: Tokenizer
+  knowledge: AdapterLibrary
+  task: AdapterLibrary | None
+  documents: Sequence[Document]
+  retrieve: object | None = None
+  max_new_tokens: int = 16
+  batch_size: int = 16
+  system_prompt: str = ""
+
+
+def render_prompt(tokenizer: Tokenizer, ex: KiltExample, context: str | None = None,
+                  system_prompt: str = ""):
+  """The chat-templated prompt and the character spans of its parts.
+
+  Returns (text, question_span, entity_span), spans as (start, end) or None.
+  """
+  user = TASK_PROMPTS[ex.task].format(input=ex.input)
+  if context is not None:
+    user = RAG_PREFIX.format(text=context) + user
+  messages = ([{"role": "system", "content": system_prompt}]
+              if system_prompt else []) + [{"role": "user", "content": user}]
+  text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+  q_start = text.rfind(ex.input)
+  question = (q_start, q_start + len(ex.input)) if q_start >= 0 else None
+  entity = None
+  if ex.provenance and question is not None:
+    e = text.find(ex.provenance[0], q_start)
+    if 0 <= e < question[1]:
+      entity = (e, e + len(ex.provenance[0]))
+  return text, question, entity
+
+
+def _token_types(offsets, question, entity, n_prompt):
+  types = np.full((n_prompt,), 2, np.int8)  # template
+  for t, (s, e) in enumerate(offsets[:n_prompt]):
+    if question and s < question[1] and e > question[0]:
+      types[t] = 1
+    if entity and s < entity[1] and e > entity[0]:
+      types[t] = 0
+  return types
+
+
+@dataclasses.dataclass
+class MethodResult:
+  method: str
+  predictions: list[str]
+  scores: list[dict]
+  by_dataset: dict[str, dict[str, float]]
+  routing: dict | None
+  seconds: float
+
+
+def score_example(ex: KiltExample, generated: str) -> dict:
+  """Per-example scores: EM / F1 / containment for QA and slots, accuracy for facts."""
+  pred = metrics.extract_answer(generated)
+  if ex.task == "fact":
+    return {"acc": metrics.label_accuracy([generated], [ex.answers[0]])}
+  s = metrics.qa_score(pred, ex.answers, ex.meta.get("answer_elements"))
+  out = {"em": s.em, "f1": s.f1, "contains": s.contains}
+  if ex.task in ("slot", "link"):
+    out["acc"] = s.em
+  return out
+
+
+# The paper's metric per family: EM for QA, F1 for dialogue, accuracy otherwise.
+PRIMARY_METRIC = {"QA": "em", "Chat": "f1", "Fact": "acc", "Slot": "acc", "Link": "acc"}
+
+
+def dataset_of(ex: KiltExample) -> str:
+  return ex.dataset or ex.task
+
+
+def run_method(setting: Setting, method: Method, examples: Sequence[KiltExample],
+               knowledge_ids: Sequence[int], task_ids: Sequence[int] | None,
+               retrieved: Sequence[int] | None) -> MethodResult:
+  """Generates and scores ``examples`` with ``method``.
+
+  Args:
+    knowledge_ids: gold knowledge adapter id per example (-1: none in the library).
+    task_ids: the right task adapter id per example, or None without a task library.
+    retrieved: BM25-top document index per example (for RAG / PRAG), or None.
+  """
+  t0 = time.perf_counter()
+  tok = setting.tokenizer
+  rendered, types = [], []
+  for i, ex in enumerate(examples):
+    context = setting.documents[retrieved[i]].text if method.rag else None
+    text, q, e = render_prompt(tok, ex, context, setting.system_prompt)
+    enc = tok.backend.encode(text, add_special_tokens=False)
+    rendered.append(list(enc.ids))
+    types.append(_token_types(enc.offsets, q, e, len(enc.ids)))
+
+  predictions, scores, routing_hits = [], [], []
+  # Routing accuracy means something only for per-token routers.
+  want_routing = method.knowledge in ("arrow", "arrow_softmax", "spectr", "lag")
+  for start in range(0, len(examples), setting.batch_size):
+    sl = slice(start, start + setting.batch_size)
+    batch = rendered[sl]
+    B = len(batch)
+    libs = []
+    if method.knowledge != "none":
+      libs.append(_knowledge_routing(setting, method, B, knowledge_ids[sl],
+                                     None if retrieved is None else retrieved[sl]))
+    if method.task != "none" and setting.task is not None:
+      spec = RouterSpec("fixed" if method.task == "oracle" else method.task, k=method.k)
+      fixed = list(task_ids[sl]) if method.task == "oracle" else None
+      libs.append(routed(setting.task, B, spec, fixed_ids=fixed))
+    hook = RoutedAdapters(tuple(libs)) if libs else None
+    out = generate(setting.model, batch, max_new_tokens=setting.max_new_tokens,
+                   stop_tokens=tok.eos_token_ids, lora=hook,
+                   return_routing=want_routing)
+    for j, ids in enumerate(out.tokens):
+      ex = examples[start + j]
+      text = tok.decode(ids, skip_special_tokens=True)
+      predictions.append(text)
+      scores.append(score_example(ex, text))
+    if want_routing:
+      routing_hits.append(_routing_hits(out.routing, setting.knowledge.modules, types[sl],
+                                        knowledge_ids[sl], [len(ids) for ids in out.tokens]))
+  by_dataset: dict[str, dict[str, float]] = {}
+  for ex, s in zip(examples, scores, strict=True):
+    d = by_dataset.setdefault(dataset_of(ex), {"n": 0})
+    d["n"] += 1
+    for key, v in s.items():
+      d[key] = d.get(key, 0.0) + v
+  for d in by_dataset.values():
+    for key in list(d):
+      if key != "n":
+        d[key] /= d["n"]
+  routing = _merge_hits(routing_hits) if routing_hits else None
+  seconds = time.perf_counter() - t0
+  logging.info("%s: %d examples in %.1fs", method.name, len(examples), seconds)
+  return MethodResult(method.name, predictions, scores, by_dataset, routing, seconds)
+
+
+def _knowledge_routing(setting, method, B, gold, retrieved):
+  lib = setting.knowledge
+  if method.knowledge == "oracle":
+    return routed(lib, B, RouterSpec("fixed"), fixed_ids=list(gold))
+  if method.knowledge == "prag":
+    # The BM25-top document's adapter; documents without an adapter apply none.
+    ids = [lib.names.index(setting.documents[r].title)
+           if setting.documents[r].title in lib.names else -1 for r in retrieved]
+    return routed(lib, B, RouterSpec("fixed"), fixed_ids=ids)
+  return routed(lib, B, RouterSpec(method.knowledge, k=method.k))
+
+
+def _routing_hits(routing, knowledge_modules, types, gold, n_generated):
+  """Counts of (correct, total) routing decisions by layer, module and token type.
+
+  routing: module -> (ids [B, L, S] per library holding the module, in order),
+  position-indexed; the knowledge library is always the first library.
+  """
+  hits = {}
+  for module, per_lib in routing.items():
+    if module not in knowledge_modules:
+      continue
+    ids = per_lib[0]
+    B, L, _ = ids.shape
+    correct = np.zeros((L, len(TOKEN_TYPES)), np.int64)
+    total = np.zeros((L, len(TOKEN_TYPES)), np.int64)
+    for b in range(B):
+      if gold[b] < 0:
+        continue
+      n_prompt = len(types[b])
+      t_types = np.concatenate([types[b], np.full(max(n_generated[b] - 1, 0), 3, np.int8)])
+      chosen = ids[b, :, :len(t_types)]  # [L, T]
+      ok = chosen == gold[b]
+      for k in range(len(TOKEN_TYPES)):
+        sel = t_types == k
+        correct[:, k] += ok[:, sel].sum(axis=1)
+        total[:, k] += sel.sum()
+      del n_prompt
+    hits[module] = (correct, total)
+  return hits
+
+
+def _merge_hits(parts):
+  out = {}
+  for part in parts:
+    for module, (c, t) in part.items():
+      if module in out:
+        out[module] = (out[module][0] + c, out[module][1] + t)
+      else:
+        out[module] = (c, t)
+  return {m: {"correct": c.tolist(), "total": t.tolist()} for m, (c, t) in out.items()}
+
+
+def routing_accuracy(routing: dict, token_type: str = "entity") -> tuple[float, list[float]]:
+  """Overall and per-layer share of decisions picking the gold adapter, for a token type."""
+  k = TOKEN_TYPES.index(token_type)
+  correct = sum(np.asarray(v["correct"])[:, k] for v in routing.values())
+  total = sum(np.asarray(v["total"])[:, k] for v in routing.values())
+  per_layer = (correct / np.maximum(total, 1)).tolist()
+  return float(correct.sum() / max(total.sum(), 1)), per_layer
+
+
+def summarize(results: Sequence[MethodResult], families: dict[str, str]) -> dict:
+  """Raw metric per dataset and method, and the normalised score against the oracle."""
+  oracle = next((r for r in results if r.method == "Oracle"), None)
+  table = {}
+  def primary(by_dataset):
+    return {d: v[PRIMARY_METRIC[families[d]]] for d, v in by_dataset.items()}
+
+  for r in results:
+    raw = primary(r.by_dataset)
+    row = {"raw": raw, "by_dataset": r.by_dataset, "seconds": r.seconds}
+    if oracle is not None:
+      o_raw = primary(oracle.by_dataset)
+      sizes = {d: v["n"] for d, v in r.by_dataset.items()}
+      row["normalized"] = metrics.normalized_scores(raw, o_raw, sizes,
+                                                    {d: families[d] for d in raw})
+    if r.routing is not None:
+      acc, per_layer = routing_accuracy(r.routing, "entity")
+      row["routing_entity_acc"] = acc
+      row["routing_entity_acc_by_layer"] = per_layer
+      row["routing_acc_by_type"] = {t: routing_accuracy(r.routing, t)[0] for t in TOKEN_TYPES}
+      row["routing_entity_acc_by_module"] = {
+          m: routing_accuracy({m: v}, "entity")[0] for m, v in r.routing.items()}
+    table[r.method] = row
+  return table
+
+
+def markdown_table(report: dict) -> str:
+  """The paper-shaped table: normalised score per family and AVG, raw metric per
+  dataset, and routing accuracy on the gold entity's tokens."""
+  methods = report["methods"]
+  first = next(iter(methods.values()))
+  families = [f for f in first.get("normalized", {}) if f != "AVG"]
+  datasets = sorted(first["raw"])
+  head = (["Method"] + [f"{f} (% of oracle)" for f in families] + ["AVG"] +
+          [f"{d} raw" for d in datasets] + ["routing acc. (entity tokens)", "seconds"])
+  lines = [f"### {report['benchmark']}: {report['num_examples']} examples, "
+           f"{report['num_knowledge_adapters']} knowledge + {report['num_task_adapters']} "
+           "task adapters", "", "| " + " | ".join(head) + " |",
+           "|" + "---|" * len(head)]
+
+  def pct(v):
+    return "n/a" if v is None or v != v else f"{100 * v:.1f}"
+
+  for name, row in methods.items():
+    norm = row.get("normalized", {})
+    cells = [name] + [pct(norm.get(f)) for f in families] + [pct(norm.get("AVG"))]
+    cells += [pct(row["raw"].get(d)) for d in datasets]
+    cells += [pct(row.get("routing_entity_acc")), f"{row['seconds']:.0f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  if report.get("k_sweep"):
+    lines += ["", "k sweep (LAG):", "", "| k | AVG (% of oracle) | routing acc. (entity) |",
+              "|---|---|---|"]
+    for k, row in report["k_sweep"].items():
+      if row:
+        lines.append(f"| {k} | {pct(row.get('normalized', {}).get('AVG'))} | "
+                     f"{pct(row.get('routing_entity_acc'))} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, workdir: str) -> None:
+  """score_vs_k.png and routing_by_layer.png next to the JSON and markdown."""
+  import os
+
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  sweep = {int(k): v for k, v in report.get("k_sweep", {}).items() if v}
+  if sweep:
+    ks = sorted(sweep)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ks, [100 * sweep[k].get("normalized", {}).get("AVG", float("nan")) for k in ks],
+            "o-", label="AVG score (% of oracle)")
+    ax.plot(ks, [100 * (sweep[k].get("routing_entity_acc") or float("nan")) for k in ks],
+            "s--", label="routing acc., entity tokens (%)")
+    ax.set_xscale("log")
+    ax.set_xlabel("k (Arrow-filter candidates)")
+    ax.legend()
+    ax.set_title(f"LAG k sweep ({report['benchmark']})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "score_vs_k.png"), dpi=120)
+    plt.close(fig)
+  routed_rows = {m: r for m, r in report["methods"].items() if r.get("routing_acc_by_layer")
+                 or r.get("routing_entity_acc_by_layer")}
+  if routed_rows:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for m, r in routed_rows.items():
+      ax.plot(100 * np.asarray(r["routing_entity_acc_by_layer"]), label=m)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("gold adapter chosen (%)")
+    ax.set_title("Routing accuracy on the gold entity's tokens")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "routing_by_layer.png"), dpi=120)
+    plt.close(fig)
