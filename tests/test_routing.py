@@ -601,7 +601,7 @@ def test_model_decode_matches_reference_and_full_forward(model, libraries):
     m = n + NEW.shape[1]
     for got, want in ((ours[4].k, c_full.k), (ours[4].v, c_full.v)):
       np.testing.assert_allclose(
-        np.asarray(got)[:, b, :m], np.asarray(want)[:, b, :m], atol=1e-5, rtol=0
+        np.asarray(got)[:, b, :, :m], np.asarray(want)[:, b, :, :m], atol=1e-5, rtol=0
       )
   # Not vacuous: decode tokens route to several adapters (and the prefill test shows
   # that routing moves the logits far beyond the tolerance).

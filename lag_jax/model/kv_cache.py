@@ -14,8 +14,11 @@ class KVCache:
   """Keys and values of every layer.
 
   Attributes:
-    k: [L, B, S, K, E] keys after RoPE (and q/k norm), in the compute dtype.
-    v: [L, B, S, K, E] values.
+    k: [L, B, K, S, E] keys after RoPE (and q/k norm), in the compute dtype.
+    v: [L, B, K, S, E] values.
+
+  Heads come before slots so that each (b, k) pair's keys are one contiguous
+  [S, E] matrix: the attention dots then need no transposed copy of the cache.
 
   Slot j of sequence b holds position j. A sequence's valid slots are those at
   positions <= the query's own position: the causal mask is all the bookkeeping
@@ -27,16 +30,22 @@ class KVCache:
 
   @classmethod
   def zeros(cls, config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads,
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length,
              config.head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
   @property
   def length(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
-def write(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-  """buffer [B, S, K, E] <- new [B, T, K, E] at slots start[b] .. start[b] + T - 1."""
-  return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice(buf, x, (s, 0, 0)))(
-      buffer, new.astype(buffer.dtype), start)
+def write(stack: jax.Array, layer: jax.Array, new: jax.Array,
+          positions: jax.Array) -> jax.Array:
+  """stack [L, B, K, S, E] <- new [B, T, K, E] at ``layer``, slots positions [B, T].
+
+  A scatter into the whole stack rather than into a per-layer slice: carried
+  through the layer scan, the stack is updated in place, where a per-layer
+  slice would be copied out and back every step.
+  """
+  b = jnp.arange(new.shape[0])[:, None]  # [B, 1], broadcast against positions [B, T]
+  return stack.at[layer, b, :, positions].set(new.astype(stack.dtype), unique_indices=True)
