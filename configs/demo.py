@@ -38,14 +38,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Chosen for SmolLM2 on 2 CPU cores (see RESULTS.md); the paper's recipe is in
   # configs/llama3_2_3b_kilt.py.
-  c.knowledge_training = ml_collections.ConfigDict(dict(
-      rank=6, alpha=12.0, target_modules="gate_proj,up_proj,down_proj", epochs=4,
-      learning_rate=1e-3, warmup_steps=5, batch_size=1, max_seq_len=128, dropout=0.05,
-      n_slots=8, seed=0))
-  c.task_training = ml_collections.ConfigDict(dict(
-      rank=8, alpha=16.0, target_modules="q_proj,k_proj,v_proj,o_proj", epochs=1,
-      learning_rate=1e-3, warmup_steps=5, batch_size=8, max_seq_len=128, dropout=0.05,
-      n_slots=3, seed=0, pack=False))
+  c.knowledge_training = ml_collections.ConfigDict(
+    dict(
+      rank=6,
+      alpha=12.0,
+      target_modules="gate_proj,up_proj,down_proj",
+      epochs=4,
+      learning_rate=1e-3,
+      warmup_steps=5,
+      batch_size=1,
+      max_seq_len=128,
+      dropout=0.05,
+      n_slots=8,
+      seed=0,
+    )
+  )
+  c.task_training = ml_collections.ConfigDict(
+    dict(
+      rank=8,
+      alpha=16.0,
+      target_modules="q_proj,k_proj,v_proj,o_proj",
+      epochs=1,
+      learning_rate=1e-3,
+      warmup_steps=5,
+      batch_size=8,
+      max_seq_len=128,
+      dropout=0.05,
+      n_slots=3,
+      seed=0,
+      pack=False,
+    )
+  )
   c.use_task_library = True
 
   c.retrieval = True

@@ -40,8 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fixed_adapter = ""  # adapter name for router 'fixed'
   c.save_routing = False  # write the chosen adapter per token, layer and module
 
-  c.prompts = ("What is the capital of France?",
-               "Name three primary colours.")
+  c.prompts = ("What is the capital of France?", "Name three primary colours.")
   c.prompts_file = ""  # One prompt per line (.txt) or {"prompt": ...} per line (.jsonl).
   c.chat_template = True
   c.system_prompt = ""

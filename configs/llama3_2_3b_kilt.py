@@ -19,8 +19,9 @@ import os
 
 import ml_collections
 
-_FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "tests", "fixtures", "kilt")
+_FIXTURES = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "kilt"
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -38,14 +39,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.kilt.max_per_dataset = 0
   c.kilt.task_examples = 10000
 
-  c.knowledge_training = ml_collections.ConfigDict(dict(
-      rank=6, alpha=12.0, target_modules="gate_proj,up_proj,down_proj", epochs=4,
-      learning_rate=1e-4, warmup_steps=0, batch_size=1, max_seq_len=1024, dropout=0.05,
-      n_slots=64, seed=0))
-  c.task_training = ml_collections.ConfigDict(dict(
-      rank=8, alpha=16.0, target_modules="q_proj,k_proj,v_proj,o_proj", epochs=1,
-      learning_rate=1e-4, warmup_steps=0, batch_size=8, max_seq_len=1024, dropout=0.05,
-      n_slots=5, seed=0, pack=False))
+  c.knowledge_training = ml_collections.ConfigDict(
+    dict(
+      rank=6,
+      alpha=12.0,
+      target_modules="gate_proj,up_proj,down_proj",
+      epochs=4,
+      learning_rate=1e-4,
+      warmup_steps=0,
+      batch_size=1,
+      max_seq_len=1024,
+      dropout=0.05,
+      n_slots=64,
+      seed=0,
+    )
+  )
+  c.task_training = ml_collections.ConfigDict(
+    dict(
+      rank=8,
+      alpha=16.0,
+      target_modules="q_proj,k_proj,v_proj,o_proj",
+      epochs=1,
+      learning_rate=1e-4,
+      warmup_steps=0,
+      batch_size=8,
+      max_seq_len=1024,
+      dropout=0.05,
+      n_slots=5,
+      seed=0,
+      pack=False,
+    )
+  )
   c.use_task_library = True
   c.retrieval = True
   c.k = 20
@@ -57,10 +81,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "tiny":
     c.checkpoint = "tiny-random"
-    c.kilt.eval_files = ",".join(os.path.join(_FIXTURES, f"{d}-dev-kilt.jsonl")
-                                 for d in ("nq", "fever", "structured_zeroshot"))
-    c.kilt.task_train_files = ",".join(os.path.join(_FIXTURES, f"{d}-train-kilt.jsonl")
-                                       for d in ("nq", "fever", "structured_zeroshot"))
+    c.kilt.eval_files = ",".join(
+      os.path.join(_FIXTURES, f"{d}-dev-kilt.jsonl") for d in ("nq", "fever", "structured_zeroshot")
+    )
+    c.kilt.task_train_files = ",".join(
+      os.path.join(_FIXTURES, f"{d}-train-kilt.jsonl")
+      for d in ("nq", "fever", "structured_zeroshot")
+    )
     c.kilt.knowledge_source = os.path.join(_FIXTURES, "kilt_knowledgesource.jsonl")
     c.kilt.num_pages = 4
     c.knowledge_training.update(dict(epochs=1, max_seq_len=64, n_slots=4, batch_size=2))

@@ -1,6 +1,6 @@
 """The tiny test config: a random 2-layer model with a byte-level tokenizer.
 
-  python -m lag_jax.run --config=configs/tiny.py --workdir=/tmp/lag_tiny
+python -m lag_jax.run --config=configs/tiny.py --workdir=/tmp/lag_tiny
 """
 
 import os

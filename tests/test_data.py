@@ -10,19 +10,19 @@ import time
 import pytest
 
 from lag_jax.data import (
-    Document,
-    KiltExample,
-    KiltFormatError,
-    answer_strings,
-    build_fanoutqa,
-    documents_by_title,
-    load_kilt_hf,
-    read_kilt,
-    read_kilt_wikipedia,
-    read_single_hop,
-    read_wiki_summaries,
-    split_of,
-    write_kilt,
+  Document,
+  KiltExample,
+  KiltFormatError,
+  answer_strings,
+  build_fanoutqa,
+  documents_by_title,
+  load_kilt_hf,
+  read_kilt,
+  read_kilt_wikipedia,
+  read_single_hop,
+  read_wiki_summaries,
+  split_of,
+  write_kilt,
 )
 from lag_jax.data.synthetic import RELATIONS, TRAIN_QA, make_world
 from lag_jax.eval.metrics import normalize_answer
@@ -33,11 +33,23 @@ from lag_jax.eval.metrics import normalize_answer
 
 def _examples() -> list[KiltExample]:
   return [
-      KiltExample("q1", "Who wrote Hamlet?", ("William Shakespeare", "Shakespeare"),
-                  ("Hamlet", "William Shakespeare"), "qa", {"dataset": "nq"}),
-      KiltExample("f1", "The oboe is a brass instrument.", ("REFUTES",), ("Oboe",), "fact",
-                  {"dataset": "fever", "nested": {"a": [1, 2]}}),
-      KiltExample("s1", "Paris [SEP] country", ("France",), ("Paris",), "slot", {}),
+    KiltExample(
+      "q1",
+      "Who wrote Hamlet?",
+      ("William Shakespeare", "Shakespeare"),
+      ("Hamlet", "William Shakespeare"),
+      "qa",
+      {"dataset": "nq"},
+    ),
+    KiltExample(
+      "f1",
+      "The oboe is a brass instrument.",
+      ("REFUTES",),
+      ("Oboe",),
+      "fact",
+      {"dataset": "fever", "nested": {"a": [1, 2]}},
+    ),
+    KiltExample("s1", "Paris [SEP] country", ("France",), ("Paris",), "slot", {}),
   ]
 
 
@@ -57,19 +69,28 @@ def test_kilt_records_follow_the_kilt_layout(tmp_path):
   record = json.loads(path.read_text())
   assert record["id"] == "q1" and record["input"] == "Who wrote Hamlet?"
   assert [o["answer"] for o in record["output"]] == ["William Shakespeare", "Shakespeare"]
-  assert record["output"][0]["provenance"] == [{"title": "Hamlet"},
-                                               {"title": "William Shakespeare"}]
+  assert record["output"][0]["provenance"] == [
+    {"title": "Hamlet"},
+    {"title": "William Shakespeare"},
+  ]
 
 
 def test_kilt_reads_official_records_and_infers_the_task(tmp_path):
   # As in KILT's files: extra provenance-only outputs, extra fields, an empty answer.
   records = [
-      {"id": "1", "input": "where is the eiffel tower", "output": [
-          {"answer": "Paris", "provenance": [{"wikipedia_id": "1", "title": "Eiffel Tower",
-                                              "start_paragraph_id": 1}]},
-          {"answer": "", "provenance": [{"title": "Paris"}]},
-          {"provenance": [{"title": "Eiffel Tower"}]},
-          {"answer": "Paris"}]},
+    {
+      "id": "1",
+      "input": "where is the eiffel tower",
+      "output": [
+        {
+          "answer": "Paris",
+          "provenance": [{"wikipedia_id": "1", "title": "Eiffel Tower", "start_paragraph_id": 1}],
+        },
+        {"answer": "", "provenance": [{"title": "Paris"}]},
+        {"provenance": [{"title": "Eiffel Tower"}]},
+        {"answer": "Paris"},
+      ],
+    },
   ]
   path = tmp_path / "nq-dev-kilt.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -84,34 +105,53 @@ def test_kilt_reads_official_records_and_infers_the_task(tmp_path):
 def test_kilt_through_datasets_matches_the_plain_reader(tmp_path):
   path = tmp_path / "out.jsonl"
   write_kilt(path, _examples())
-  examples, report = load_kilt_hf("json", data_files=str(path), split="train",
-                                  cache_dir=str(tmp_path / "hf"))
+  examples, report = load_kilt_hf(
+    "json", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf")
+  )
   assert report.kept == 3
   # datasets fills keys absent from a record with None; nothing else changes.
-  assert [(e.id, e.input, e.answers, e.provenance, e.task) for e in examples] == \
-      [(e.id, e.input, e.answers, e.provenance, e.task) for e in _examples()]
+  assert [(e.id, e.input, e.answers, e.provenance, e.task) for e in examples] == [
+    (e.id, e.input, e.answers, e.provenance, e.task) for e in _examples()
+  ]
 
 
 def _malformed_file(tmp_path: pathlib.Path) -> pathlib.Path:
   good = {"id": "ok1", "input": "q", "output": [{"answer": "a", "provenance": [{"title": "A"}]}]}
   lines = [
-      json.dumps(good),                                                             # 1 kept
-      '{"id": "broken", "input": ',                                                 # 2 json
-      json.dumps({"id": "noinput", "output": good["output"]}),                      # 3 missing
-      json.dumps({"id": "noans", "input": "q", "output": [{"answer": "",
-                                                           "provenance": [{"title": "A"}]}]}),
-      json.dumps({"id": "unknown", "input": "q",
-                  "output": [{"answer": "a", "provenance": [{"title": "Nowhere"}]}]}),  # 5
-      "",                                                                           # blank
-      json.dumps({"id": "numans", "input": "q",
-                  "output": [{"answer": 3, "provenance": [{"title": "A"}]}]}),       # 7 bad
-      json.dumps(good),                                                             # 8 dup
-      json.dumps(["not", "an", "object"]),                                          # 9
-      json.dumps({"id": "notitle", "input": "q",
-                  "output": [{"answer": "a", "provenance": [{"wikipedia_id": "3"}]}]}),  # 10
-      json.dumps({"id": "noprov", "input": "q", "output": [{"answer": "a"}]}),       # 11
-      json.dumps({"id": "partial", "input": "q2", "output": [
-          {"answer": "b", "provenance": [{"title": "Nowhere"}, {"title": "B"}]}]}),  # 12 kept
+    json.dumps(good),  # 1 kept
+    '{"id": "broken", "input": ',  # 2 json
+    json.dumps({"id": "noinput", "output": good["output"]}),  # 3 missing
+    json.dumps(
+      {"id": "noans", "input": "q", "output": [{"answer": "", "provenance": [{"title": "A"}]}]}
+    ),
+    json.dumps(
+      {
+        "id": "unknown",
+        "input": "q",
+        "output": [{"answer": "a", "provenance": [{"title": "Nowhere"}]}],
+      }
+    ),  # 5
+    "",  # blank
+    json.dumps(
+      {"id": "numans", "input": "q", "output": [{"answer": 3, "provenance": [{"title": "A"}]}]}
+    ),  # 7 bad
+    json.dumps(good),  # 8 dup
+    json.dumps(["not", "an", "object"]),  # 9
+    json.dumps(
+      {
+        "id": "notitle",
+        "input": "q",
+        "output": [{"answer": "a", "provenance": [{"wikipedia_id": "3"}]}],
+      }
+    ),  # 10
+    json.dumps({"id": "noprov", "input": "q", "output": [{"answer": "a"}]}),  # 11
+    json.dumps(
+      {
+        "id": "partial",
+        "input": "q2",
+        "output": [{"answer": "b", "provenance": [{"title": "Nowhere"}, {"title": "B"}]}],
+      }
+    ),  # 12 kept
   ]
   path = tmp_path / "mixed.jsonl"
   path.write_text("\n".join(lines) + "\n")
@@ -125,9 +165,16 @@ def test_malformed_records_are_skipped_and_counted(tmp_path):
   assert [e.id for e in examples] == ["ok1", "partial"]
   assert examples[1].provenance == ("B",)  # the unknown title is dropped
   assert report.dropped_titles == 1
-  assert report.counts == {"invalid_json": 1, "missing_field": 2, "empty_answers": 1,
-                           "unknown_provenance": 1, "bad_field": 1, "duplicate_id": 1,
-                           "not_an_object": 1, "missing_provenance": 1}
+  assert report.counts == {
+    "invalid_json": 1,
+    "missing_field": 2,
+    "empty_answers": 1,
+    "unknown_provenance": 1,
+    "bad_field": 1,
+    "duplicate_id": 1,
+    "not_an_object": 1,
+    "missing_provenance": 1,
+  }
   # The blank line is no record.
   assert report.records == 11 and report.kept == 2 and report.skipped == 9
   assert report.ids("missing_field") == ["noinput", "notitle"]
@@ -163,8 +210,11 @@ def test_strict_mode_names_file_line_and_field(tmp_path):
 
 def test_missing_task_is_a_problem(tmp_path):
   path = tmp_path / "custom.jsonl"
-  path.write_text(json.dumps({"id": "1", "input": "q",
-                              "output": [{"answer": "a", "provenance": [{"title": "A"}]}]}))
+  path.write_text(
+    json.dumps(
+      {"id": "1", "input": "q", "output": [{"answer": "a", "provenance": [{"title": "A"}]}]}
+    )
+  )
   examples, report = read_kilt(path)
   assert examples == [] and report.problems[0].field == "task"
 
@@ -179,8 +229,10 @@ def test_broken_json_array_is_an_error_with_its_line(tmp_path):
 
 def test_json_array_problems_name_the_record_line(tmp_path):
   path = tmp_path / "arr.json"
-  path.write_text('[\n {"id": "1", "input": "q", "output": [{"answer": "a", '
-                  '"provenance": [{"title": "A"}]}]},\n\n {"id": "2", "output": []}\n]\n')
+  path.write_text(
+    '[\n {"id": "1", "input": "q", "output": [{"answer": "a", '
+    '"provenance": [{"title": "A"}]}]},\n\n {"id": "2", "output": []}\n]\n'
+  )
   examples, report = read_kilt(path, task="qa")
   assert [e.id for e in examples] == ["1"]
   assert (report.problems[0].line, report.problems[0].field) == (4, "input")
@@ -208,25 +260,39 @@ def test_write_is_all_or_nothing(tmp_path):
 def test_knowledge_sources(tmp_path):
   wiki = tmp_path / "kilt_knowledgesource.json"
   pages = [
-      {"wikipedia_id": "1", "wikipedia_title": "Oboe",
-       "text": ["Oboe\n", "The oboe is a woodwind instrument.\n", "Section::::History.\n",
-                "BULLET::::- It has a double reed.\n"]},
-      {"wikipedia_id": "2", "wikipedia_title": "Harp", "text": ["Harp\n", "A harp has strings."]},
-      {"wikipedia_id": "3"},  # malformed: skipped with a warning
+    {
+      "wikipedia_id": "1",
+      "wikipedia_title": "Oboe",
+      "text": [
+        "Oboe\n",
+        "The oboe is a woodwind instrument.\n",
+        "Section::::History.\n",
+        "BULLET::::- It has a double reed.\n",
+      ],
+    },
+    {"wikipedia_id": "2", "wikipedia_title": "Harp", "text": ["Harp\n", "A harp has strings."]},
+    {"wikipedia_id": "3"},  # malformed: skipped with a warning
   ]
   wiki.write_text("".join(json.dumps(p) + "\n" for p in pages))
   docs = read_kilt_wikipedia(wiki)
-  assert docs == [Document("Oboe", "The oboe is a woodwind instrument.\n- It has a double reed."),
-                  Document("Harp", "A harp has strings.")]
+  assert docs == [
+    Document("Oboe", "The oboe is a woodwind instrument.\n- It has a double reed."),
+    Document("Harp", "A harp has strings."),
+  ]
   assert read_kilt_wikipedia(wiki, titles={"Harp"}) == docs[1:]
   with pytest.raises(KiltFormatError) as err:
     read_kilt_wikipedia(wiki, strict=True)
   assert err.value.line == 3
 
   summaries = tmp_path / "summaries.json"
-  summaries.write_text(json.dumps({
-      "Zeta": {"title": "Zeta", "extract": " Zeta text. ", "description": "", "topic": "x"},
-      "Alpha": {"title": "Alpha", "extract": "Alpha text.", "description": "", "topic": "x"}}))
+  summaries.write_text(
+    json.dumps(
+      {
+        "Zeta": {"title": "Zeta", "extract": " Zeta text. ", "description": "", "topic": "x"},
+        "Alpha": {"title": "Alpha", "extract": "Alpha text.", "description": "", "topic": "x"},
+      }
+    )
+  )
   docs = read_wiki_summaries(summaries)
   assert docs == [Document("Alpha", "Alpha text."), Document("Zeta", "Zeta text.")]
   assert set(documents_by_title(docs)) == {"Alpha", "Zeta"}
@@ -239,8 +305,10 @@ def test_knowledge_sources(tmp_path):
 
 
 def test_synthetic_world_is_deterministic():
-  a, b = make_world(60, seed=3, questions_per_entity=2), make_world(60, seed=3,
-                                                                    questions_per_entity=2)
+  a, b = (
+    make_world(60, seed=3, questions_per_entity=2),
+    make_world(60, seed=3, questions_per_entity=2),
+  )
   assert a.documents == b.documents and a.tasks == b.tasks and a.people == b.people
   title = a.people[7].title
   assert a.training_texts(title) == b.training_texts(title)
@@ -269,7 +337,8 @@ def test_synthetic_world_names_and_gold_provenance():
         assert supports == (ex.meta["claim_value"] == person.value(rel))
         assert ex.meta["claim_value"] in ex.input
   assert world.tasks["slot"][0].input.endswith(
-      f"[SEP] {RELATIONS[world.tasks['slot'][0].meta['relation']].slot}")
+    f"[SEP] {RELATIONS[world.tasks['slot'][0].meta['relation']].slot}"
+  )
 
 
 @pytest.mark.parametrize("n", [1, 7, 50])
@@ -285,8 +354,12 @@ def test_synthetic_training_texts_use_other_wordings_than_the_questions():
     texts = world.training_texts(person.title)
     assert texts[0] == world.documents[person.title]
     assert sum(t.startswith("Q: ") for t in texts) == sum(len(v) for v in TRAIN_QA.values())
-    questions = [e.input for task in ("qa", "slot") for e in world.tasks[task]
-                 if e.provenance == (person.title,)]
+    questions = [
+      e.input
+      for task in ("qa", "slot")
+      for e in world.tasks[task]
+      if e.provenance == (person.title,)
+    ]
     for q in questions:
       assert all(q not in t for t in texts), q
     # Every attribute value is in the training texts (the adapter can learn it).
@@ -308,49 +381,91 @@ def test_synthetic_world_scales():
 
 
 def _leaf(id_: str, question: str, answer, title: str | None) -> dict:
-  evidence = None if title is None else {"pageid": 1, "revid": 2, "title": title,
-                                         "url": f"https://en.wikipedia.org/wiki/{title}"}
-  return {"id": id_, "question": question, "decomposition": [], "answer": answer,
-          "depends_on": [], "evidence": evidence}
+  evidence = (
+    None
+    if title is None
+    else {"pageid": 1, "revid": 2, "title": title, "url": f"https://en.wikipedia.org/wiki/{title}"}
+  )
+  return {
+    "id": id_,
+    "question": question,
+    "decomposition": [],
+    "answer": answer,
+    "depends_on": [],
+    "evidence": evidence,
+  }
 
 
 def _fanoutqa_fixture(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   """A FanOutQA-shaped file (nested decompositions, repeats, every answer type) + summaries."""
   capital = _leaf("cap-cn", "What is the capital of China?", "Beijing", "China")
   questions = [
-      {"id": "m1", "question": "multi 1", "answer": {"x": 1}, "categories": ["Geo"],
-       "decomposition": [
-           capital,
-           _leaf("pop-mo", "What is the population of Macau?", 680000, "Macau"),
-           _leaf("grav", "What is the surface gravity of Mars in g?", 0.3794, "Mars"),
-           _leaf("temp", "Highest temperature in Sao Paulo?", 37.0, "São Paulo"),
-           _leaf("nowhere", "A question about a page not in the summaries?", "x", "Elsewhere"),
-       ]},
-      {"id": "m2", "question": "multi 2", "answer": [], "categories": ["Misc"],
-       "decomposition": [
-           {"id": "inner", "question": "inner node", "answer": None, "depends_on": [],
-            "evidence": None, "decomposition": [
-                _leaf("yt", "Who are the founders of YouTube?",
-                      ["Steve Chen", "Chad Hurley", "Jawed Karim"], "YouTube"),
-                _leaf("mono", "Does Kuwait have a monarchy?", True, "Kuwait"),
-                _leaf("one", "Who is the head of state of France?", ["Emmanuel Macron"], "France"),
-            ]},
-           dict(capital),  # the same sub-question under a second parent
-           _leaf("emp", "How many employees does Apple have?", {"Apple": 161000}, "Apple Inc."),
-           _leaf("wc", "Who won the world cups?", {"2022": "Argentina", "2018": "France"},
-                 "FIFA World Cup"),
-       ]},
+    {
+      "id": "m1",
+      "question": "multi 1",
+      "answer": {"x": 1},
+      "categories": ["Geo"],
+      "decomposition": [
+        capital,
+        _leaf("pop-mo", "What is the population of Macau?", 680000, "Macau"),
+        _leaf("grav", "What is the surface gravity of Mars in g?", 0.3794, "Mars"),
+        _leaf("temp", "Highest temperature in Sao Paulo?", 37.0, "São Paulo"),
+        _leaf("nowhere", "A question about a page not in the summaries?", "x", "Elsewhere"),
+      ],
+    },
+    {
+      "id": "m2",
+      "question": "multi 2",
+      "answer": [],
+      "categories": ["Misc"],
+      "decomposition": [
+        {
+          "id": "inner",
+          "question": "inner node",
+          "answer": None,
+          "depends_on": [],
+          "evidence": None,
+          "decomposition": [
+            _leaf(
+              "yt",
+              "Who are the founders of YouTube?",
+              ["Steve Chen", "Chad Hurley", "Jawed Karim"],
+              "YouTube",
+            ),
+            _leaf("mono", "Does Kuwait have a monarchy?", True, "Kuwait"),
+            _leaf("one", "Who is the head of state of France?", ["Emmanuel Macron"], "France"),
+          ],
+        },
+        dict(capital),  # the same sub-question under a second parent
+        _leaf("emp", "How many employees does Apple have?", {"Apple": 161000}, "Apple Inc."),
+        _leaf(
+          "wc", "Who won the world cups?", {"2022": "Argentina", "2018": "France"}, "FIFA World Cup"
+        ),
+      ],
+    },
   ]
   qpath = tmp_path / "fanout-final-dev.json"
   qpath.write_text(json.dumps(questions))
-  pages = ["China", "Macau", "Mars", "São Paulo", "YouTube", "Kuwait", "France", "Apple Inc.",
-           "FIFA World Cup"] + [f"Distractor {i:02d}" for i in range(20)]
+  pages = [
+    "China",
+    "Macau",
+    "Mars",
+    "São Paulo",
+    "YouTube",
+    "Kuwait",
+    "France",
+    "Apple Inc.",
+    "FIFA World Cup",
+  ] + [f"Distractor {i:02d}" for i in range(20)]
   extracts = {t: f"{t} is a page." for t in pages}
   extracts["China"] = "China's capital is Beijing."
   extracts["YouTube"] = "YouTube was founded by Steve Chen, Chad Hurley, and Jawed Karim."
   spath = tmp_path / "summaries.json"
-  spath.write_text(json.dumps({t: {"title": t, "extract": x, "description": "", "topic": "t"}
-                               for t, x in extracts.items()}))
+  spath.write_text(
+    json.dumps(
+      {t: {"title": t, "extract": x, "description": "", "topic": "t"} for t, x in extracts.items()}
+    )
+  )
   return qpath, spath
 
 
@@ -366,7 +481,9 @@ def test_answer_strings():
   assert answer_strings(["A", ["B", 3]]) == (("A, B, 3",), ("A", "B", "3"))
   assert answer_strings({"Apple": 161000}) == (("161000",), None)
   assert answer_strings({"2022": "Argentina", "2018": "France"}) == (
-      ("2022: Argentina, 2018: France",), ("2022", "Argentina", "2018", "France"))
+    ("2022: Argentina, 2018: France",),
+    ("2022", "Argentina", "2018", "France"),
+  )
   for bad in (None, "", [], {}):
     with pytest.raises((ValueError, TypeError)):
       answer_strings(bad)
@@ -423,9 +540,10 @@ def test_fanoutqa_distractors_are_seeded_and_nest(tmp_path):
 
 def test_split_rule_is_fixed():
   # Pinned: changing the rule would silently move questions between tuning and test.
-  assert [split_of(t) for t in ("Pat Burrell", "Mark Mulder", "Macau", "Star Wars", "Alpha",
-                                "Beta", "Gamma", "Delta")] == \
-      ["test", "tune", "test", "test", "tune", "test", "test", "tune"]
+  assert [
+    split_of(t)
+    for t in ("Pat Burrell", "Mark Mulder", "Macau", "Star Wars", "Alpha", "Beta", "Gamma", "Delta")
+  ] == ["test", "tune", "test", "test", "tune", "test", "test", "tune"]
 
 
 def test_fanoutqa_rejects_other_structures(tmp_path):

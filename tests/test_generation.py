@@ -60,8 +60,9 @@ def _random_lora(model, rank=2, seed=0):
   for i, name in enumerate(("q_proj", "down_proj")):
     out_dim, in_dim = shapes[name]
     lora[name] = LoraWeights(
-        a=0.3 * jax.random.normal(keys[2 * i], (c.num_hidden_layers, rank, in_dim)),
-        b=0.3 * jax.random.normal(keys[2 * i + 1], (c.num_hidden_layers, out_dim, rank)))
+      a=0.3 * jax.random.normal(keys[2 * i], (c.num_hidden_layers, rank, in_dim)),
+      b=0.3 * jax.random.normal(keys[2 * i + 1], (c.num_hidden_layers, out_dim, rank)),
+    )
   return lora
 
 
@@ -83,19 +84,19 @@ def test_cached_decode_matches_uncached_forward(tmp_path, llama, case):
     # Causal: the logits at position t of one cache-free pass over the whole
     # sequence are those of the pass over the sequence up to t.
     ref = np.asarray(_forward_logits(graphdef, params, full, lora))[0]
-    expected = ref[len(prompt) - 1:len(prompt) - 1 + len(new)]
+    expected = ref[len(prompt) - 1 : len(prompt) - 1 + len(new)]
     np.testing.assert_allclose(out.logits[b], expected, atol=1e-4, rtol=0)
     # And greedy picked the argmax of the reference logits.
     assert new == expected.argmax(-1).tolist()
 
 
 HF_CASES = [
-    dict(arch="llama", attention="gqa"),
-    dict(arch="llama", attention="mqa"),
-    dict(arch="llama", attention="mha", tied=True),
-    dict(arch="mistral", attention="gqa", sliding_window=6),
-    dict(arch="qwen2", attention="gqa"),
-    dict(arch="qwen3", attention="mqa", tied=True),
+  dict(arch="llama", attention="gqa"),
+  dict(arch="llama", attention="mqa"),
+  dict(arch="llama", attention="mha", tied=True),
+  dict(arch="mistral", attention="gqa", sliding_window=6),
+  dict(arch="qwen2", attention="gqa"),
+  dict(arch="qwen3", attention="mqa", tied=True),
 ]
 
 
@@ -109,9 +110,14 @@ def test_greedy_matches_hf_generate(tmp_path, case):
   for b, prompt in enumerate(PROMPTS):
     # One prompt at a time, so HF's own padding conventions play no part.
     with torch.no_grad():
-      ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new,
-                        eos_token_id=EOS, pad_token_id=0)
-    ref_new = ref[0, len(prompt):].tolist()
+      ref = hf.generate(
+        torch.tensor([prompt]),
+        do_sample=False,
+        max_new_tokens=max_new,
+        eos_token_id=EOS,
+        pad_token_id=0,
+      )
+    ref_new = ref[0, len(prompt) :].tolist()
     assert out.tokens[b] == ref_new, f"prompt {b}"
     assert out.finish_reason[b] == ("stop" if ref_new[-1] == EOS else "length")
 
@@ -126,15 +132,22 @@ def test_sampling_is_deterministic_per_seed(llama):
   assert a.tokens != c.tokens
 
 
-@pytest.mark.parametrize("sampler", [Sample(temperature=2.0, top_k=1),
-                                     Sample(temperature=2.0, top_p=1e-6),
-                                     make_sampler("sample", top_k=1, top_p=0.5)])
+@pytest.mark.parametrize(
+  "sampler",
+  [
+    Sample(temperature=2.0, top_k=1),
+    Sample(temperature=2.0, top_p=1e-6),
+    make_sampler("sample", top_k=1, top_p=0.5),
+  ],
+)
 def test_truncated_sampling_to_one_token_is_greedy(llama, sampler):
   _, model = llama
   greedy = generate(model, PROMPTS, max_new_tokens=10, sampler=Greedy())
   for seed in (0, 1):
-    assert generate(model, PROMPTS, max_new_tokens=10, sampler=sampler,
-                    seed=seed).tokens == greedy.tokens
+    assert (
+      generate(model, PROMPTS, max_new_tokens=10, sampler=sampler, seed=seed).tokens
+      == greedy.tokens
+    )
 
 
 def _frequencies(sampler, logits, n=20_000, seed=0):
@@ -179,8 +192,7 @@ def test_top_k_and_top_p_sampling_distributions():
 
 def test_top_k_never_picks_outside_top_k():
   logits = jax.random.normal(jax.random.key(0), (2000, 50))
-  draws = np.asarray(Sample(temperature=3.0, top_k=5).get_next_tokens(logits,
-                                                                      jax.random.key(1)))
+  draws = np.asarray(Sample(temperature=3.0, top_k=5).get_next_tokens(logits, jax.random.key(1)))
   top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
   assert all(d in row for d, row in zip(draws, top5))
 
@@ -205,15 +217,16 @@ def test_stop_tokens_end_sequences_independently(llama):
   free = generate(model, PROMPTS, max_new_tokens=10)
   seq0, seq1 = free.tokens[0], free.tokens[1]
   # A token that sequence 0 emits at step >= 1 (first time) and sequence 1 never emits.
-  i, stop = next((i, t) for i, t in enumerate(seq0)
-                 if i >= 1 and t not in seq0[:i] and t not in seq1)
+  i, stop = next(
+    (i, t) for i, t in enumerate(seq0) if i >= 1 and t not in seq0[:i] and t not in seq1
+  )
   out = generate(model, PROMPTS, max_new_tokens=10, stop_tokens=(stop, 127))
   for b, toks in enumerate(free.tokens):
     cut = [j for j, t in enumerate(toks) if t in (stop, 127)]
-    expected = toks[:cut[0] + 1] if cut else toks
+    expected = toks[: cut[0] + 1] if cut else toks
     assert out.tokens[b] == expected
     assert out.finish_reason[b] == ("stop" if cut else "length")
-  assert out.tokens[0] == seq0[:i + 1] and out.finish_reason[0] == "stop"
+  assert out.tokens[0] == seq0[: i + 1] and out.finish_reason[0] == "stop"
   assert out.tokens[1] == seq1 and out.finish_reason[1] == "length"
   # A stop token that comes straight out of prefill.
   first = generate(model, PROMPTS[:1], max_new_tokens=10, stop_tokens=(seq0[0],))
@@ -235,8 +248,11 @@ def test_compilations_are_bounded_by_buckets(llama):
 def test_bad_prompts_raise(llama):
   _, model = llama
   context = model.config.max_position_embeddings  # 256
-  with pytest.raises(ValueError, match=r"prompt 1 has 257 tokens, longer than the model's "
-                                       r"context \(max_position_embeddings=256\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"prompt 1 has 257 tokens, longer than the model's "
+    r"context \(max_position_embeddings=256\)",
+  ):
     generate(model, [[3], [3] * (context + 1)], max_new_tokens=1)
   with pytest.raises(ValueError, match="prompt 0 has 250 tokens; with max_new_tokens=10"):
     generate(model, [[3] * 250], max_new_tokens=10)
@@ -257,15 +273,16 @@ def test_score_and_perplexity_match_hf(llama):
   np.testing.assert_allclose(score(model, [ids])[0], ref, atol=1e-4)
   np.testing.assert_allclose(perplexity(model, ids, window=64), np.exp(-ref.mean()), rtol=1e-5)
   # Windows of 16 every 15 tokens: [0, 16), [15, 31), [30, 40) predict 15 + 15 + 9.
-  targets = np.concatenate([score(model, [ids[s:s + 16]])[0] for s in (0, 15, 30)])
+  targets = np.concatenate([score(model, [ids[s : s + 16]])[0] for s in (0, 15, 30)])
   assert len(targets) == len(ids) - 1
-  np.testing.assert_allclose(perplexity(model, ids, window=16), np.exp(-targets.mean()),
-                             rtol=1e-5)
+  np.testing.assert_allclose(perplexity(model, ids, window=16), np.exp(-targets.mean()), rtol=1e-5)
   # With stride 8, the tokens after the first window are scored with 8 tokens of context.
-  targets = np.concatenate([score(model, [ids[:16]])[0]] +
-                           [score(model, [ids[s:s + 16]])[0][7:] for s in (8, 16, 24)])
-  np.testing.assert_allclose(perplexity(model, ids, window=16, stride=8),
-                             np.exp(-targets.mean()), rtol=1e-5)
+  targets = np.concatenate(
+    [score(model, [ids[:16]])[0]] + [score(model, [ids[s : s + 16]])[0][7:] for s in (8, 16, 24)]
+  )
+  np.testing.assert_allclose(
+    perplexity(model, ids, window=16, stride=8), np.exp(-targets.mean()), rtol=1e-5
+  )
 
 
 @jax.tree_util.register_dataclass
@@ -302,6 +319,6 @@ def test_routing_telemetry_is_position_indexed(llama):
   graphdef, params = nnx.split(model)
   for b, prompt in enumerate(PROMPTS):
     fed = prompt + out.tokens[b][:-1]  # every token that went through the model
-    ref = _forward_aux(graphdef, params, np.asarray([fed], np.int32), _ProbeHook(tags[b:b + 1]))
-    np.testing.assert_array_equal(routing[b, :, :len(fed)], np.asarray(ref["q_proj"])[:, 0])
-    assert (routing[b, :, len(fed):] == -1).all()  # never fed: still the fill value
+    ref = _forward_aux(graphdef, params, np.asarray([fed], np.int32), _ProbeHook(tags[b : b + 1]))
+    np.testing.assert_array_equal(routing[b, :, : len(fed)], np.asarray(ref["q_proj"])[:, 0])
+    assert (routing[b, :, len(fed) :] == -1).all()  # never fed: still the fill value

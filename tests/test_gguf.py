@@ -18,26 +18,37 @@ from lag_jax.checkpoints.gguf import GGUFConversionError, gguf_to_hf
 from lag_jax.text.tokenizer import Tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CORPUS = ["The capital of France is Paris, population 2102650.",
-          "Byte-level BPE: héllo wörld, 42 + 7 = 49."] * 10
+TEMPLATE = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+  "The capital of France is Paris, population 2102650.",
+  "Byte-level BPE: héllo wörld, 42 + 7 = 49.",
+] * 10
 
 
 def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
   """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute (HF halves -> GGUF pairs)."""
-  return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-          .swapaxes(1, 2).reshape(w.shape))
+  return (
+    w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  )
 
 
 def _train_tokenizer(vocab_size: int) -> tokenizers.Tokenizer:
   tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.Sequence([
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+    [
       pre_tokenizers.Digits(individual_digits=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ]
+  )
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=SPECIALS,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(CORPUS, trainer)
   assert tok.get_vocab_size() == vocab_size
   return tok
@@ -72,10 +83,17 @@ def _write_gguf(path, model, tok, skip=(), reshape=None):
   w.add_unk_token_id(0)
   w.add_chat_template(TEMPLATE)
 
-  names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-           "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+  names = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+  }
   for key, t in model.state_dict().items():
     a = t.numpy().astype(np.float32)
     if key == "model.embed_tokens.weight":
@@ -111,8 +129,9 @@ def tokenizer():
 
 
 def _tiny(tied, attention="gqa"):
-  return tiny_hf_model("llama", attention, tied=tied, vocab_size=300, rope_scaling=None,
-                       rope_theta=50000.0)
+  return tiny_hf_model(
+    "llama", attention, tied=tied, vocab_size=300, rope_scaling=None, rope_theta=50000.0
+  )
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -125,8 +144,9 @@ def test_roundtrip_matches_transformers(tmp_path, tokenizer, tied, attention):
   # Tensors: exact, since F32 GGUF tensors are stored losslessly and the rope
   # row permutation is undone.
   got = safetensors.numpy.load_file(out / "model.safetensors")
-  want = {k: v.numpy() for k, v in model.state_dict().items()
-          if not (tied and k == "lm_head.weight")}
+  want = {
+    k: v.numpy() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")
+  }
   assert sorted(got) == sorted(want)
   for k in want:
     assert got[k].dtype == np.float32
@@ -134,9 +154,18 @@ def test_roundtrip_matches_transformers(tmp_path, tokenizer, tied, attention):
 
   config = json.loads((out / "config.json").read_text())
   c = model.config
-  for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-              "tie_word_embeddings", "rms_norm_eps"):
+  for key in (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "rms_norm_eps",
+  ):
     assert config[key] == getattr(c, key), key
   assert config["rope_theta"] == 50000.0
   assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
@@ -145,8 +174,9 @@ def test_roundtrip_matches_transformers(tmp_path, tokenizer, tied, attention):
   loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   tokens = torch.tensor([[1, 17, 42, 99, 3, 7, 64, 120, 5, 33, 11, 2]])
   with torch.no_grad():
-    np.testing.assert_allclose(loaded(tokens).logits.numpy(), model(tokens).logits.numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      loaded(tokens).logits.numpy(), model(tokens).logits.numpy(), atol=1e-5
+    )
 
 
 def test_tokenizer_roundtrip(tmp_path, tokenizer):
@@ -154,8 +184,11 @@ def test_tokenizer_roundtrip(tmp_path, tokenizer):
   out = gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
   ours = Tokenizer.from_dir(out)
   ref = transformers.AutoTokenizer.from_pretrained(str(out))
-  texts = ["The capital of France is Paris, population 2102650.", " héllo  wörld\n\t42",
-           "<|im_start|>user\nhi<|im_end|>\n"]
+  texts = [
+    "The capital of France is Paris, population 2102650.",
+    " héllo  wörld\n\t42",
+    "<|im_start|>user\nhi<|im_end|>\n",
+  ]
   for text in texts:
     want = tokenizer.encode(text, add_special_tokens=False).ids
     assert ours.encode(text) == want == ref.encode(text, add_special_tokens=False), text
@@ -165,7 +198,8 @@ def test_tokenizer_roundtrip(tmp_path, tokenizer):
   msgs = [{"role": "user", "content": "hi"}]
   assert ours.apply_chat_template(msgs) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
   assert ours.apply_chat_template(msgs) == ref.apply_chat_template(
-      msgs, add_generation_prompt=True, tokenize=False)
+    msgs, add_generation_prompt=True, tokenize=False
+  )
   tok_config = json.loads((out / "tokenizer_config.json").read_text())
   assert (tok_config["bos_token"], tok_config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
   assert ours.decode(ours.encode("<|im_end|>hi")) == "hi"  # control tokens are special
@@ -196,7 +230,8 @@ def test_missing_tensor(tmp_path, tokenizer):
 
 
 def test_wrong_shape(tmp_path, tokenizer):
-  _write_gguf(tmp_path / "m.gguf", _tiny(True), tokenizer,
-              reshape={"blk.0.attn_v.weight": (32, 16)})
+  _write_gguf(
+    tmp_path / "m.gguf", _tiny(True), tokenizer, reshape={"blk.0.attn_v.weight": (32, 16)}
+  )
   with pytest.raises(GGUFConversionError, match=r"'blk\.0\.attn_v\.weight' has shape \(32, 16\)"):
     gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")

@@ -7,21 +7,23 @@ import math
 import pytest
 
 from lag_jax.eval.metrics import (
-    accuracy,
-    answer_in_text,
-    contains_all,
-    exact_match,
-    extract_answer,
-    label_accuracy,
-    normalize_answer,
-    normalize_label,
-    normalized_scores,
-    qa_score,
-    token_f1,
+  accuracy,
+  answer_in_text,
+  contains_all,
+  exact_match,
+  extract_answer,
+  label_accuracy,
+  normalize_answer,
+  normalize_label,
+  normalized_scores,
+  qa_score,
+  token_f1,
 )
 
 
-@pytest.mark.parametrize("text, expected", [
+@pytest.mark.parametrize(
+  "text, expected",
+  [
     ("The Eiffel Tower", "eiffel tower"),
     ("  an Apple, a day!  ", "apple day"),
     ("Theater", "theater"),  # articles only as whole words
@@ -34,7 +36,8 @@ from lag_jax.eval.metrics import (
     ("J. D. Drew", "j d drew"),
     ("“Rosé” – the band", "rosé band"),
     ("don't", "dont"),
-])
+  ],
+)
 def test_normalize_answer(text, expected):
   assert normalize_answer(text) == expected
 
@@ -85,22 +88,27 @@ def test_qa_score_plain_answers():
   assert answer_in_text("He was born in 19520.", ["1952"]) == 0.0  # whole tokens only
 
 
-@pytest.mark.parametrize("generated, expected", [
+@pytest.mark.parametrize(
+  "generated, expected",
+  [
     ("Paris", "Paris"),
     ("The answer is Paris.", "Paris"),
-    ("Answer: \"42\"\nBecause ...", "42"),
+    ('Answer: "42"\nBecause ...', "42"),
     ("A: **Right-handed**", "Right-handed"),
     ("\n\n  Final answer: J. D. Drew.\n", "J. D. Drew"),
     ("So the answer is Beijing", "Beijing"),
     ("Answering is hard.", "Answering is hard"),
     ("A cat.", "A cat"),
     ("", ""),
-])
+  ],
+)
 def test_extract_answer(generated, expected):
   assert extract_answer(generated) == expected
 
 
-@pytest.mark.parametrize("text, label", [
+@pytest.mark.parametrize(
+  "text, label",
+  [
     ("SUPPORTS", "SUPPORTS"),
     ("refutes", "REFUTES"),
     ("True. The claim is correct.", "SUPPORTS"),
@@ -109,16 +117,22 @@ def test_extract_answer(generated, expected):
     ("The evidence does not support it", "REFUTES"),
     ("Yes", "SUPPORTS"),
     ("I cannot tell", None),
-])
+  ],
+)
 def test_normalize_label(text, label):
   assert normalize_label(text) == label
 
 
 def test_accuracies():
-  assert label_accuracy(["True", "no", "maybe", "SUPPORTS"],
-                        ["SUPPORTS", "REFUTES", "REFUTES", "REFUTES"]) == 0.5
-  assert accuracy(["Paris", "the Berlin", "Rome"], ["Paris", ["Berlin"], "Madrid"]) == \
-      pytest.approx(2 / 3)
+  assert (
+    label_accuracy(
+      ["True", "no", "maybe", "SUPPORTS"], ["SUPPORTS", "REFUTES", "REFUTES", "REFUTES"]
+    )
+    == 0.5
+  )
+  assert accuracy(
+    ["Paris", "the Berlin", "Rome"], ["Paris", ["Berlin"], "Madrid"]
+  ) == pytest.approx(2 / 3)
   assert math.isnan(accuracy([], []))
   with pytest.raises(ValueError):
     accuracy(["a"], [])
@@ -137,8 +151,8 @@ def test_normalized_scores_hand_worked():
   assert out["AVG"] == pytest.approx((0.7875 + 8 / 9) / 2)
   # The oracle itself scores exactly 1 everywhere; above-oracle methods exceed 1.
   assert normalized_scores(oracle, oracle, sizes, families) == pytest.approx(
-      {"qa": 1.0, "fact": 1.0, "AVG": 1.0})
+    {"qa": 1.0, "fact": 1.0, "AVG": 1.0}
+  )
   # An oracle at 0 makes the ratio undefined: NaN, not a crash.
   out = normalized_scores(method, {**oracle, "fever": 0.0}, sizes, families)
   assert math.isnan(out["fact"]) and math.isnan(out["AVG"]) and out["qa"] == pytest.approx(0.7875)
-

@@ -15,8 +15,9 @@ from lag_jax.model import sharding as shd
 from lag_jax.model.config import ModelConfig, UnsupportedConfigError
 
 ATOL = 1e-4
-TOKENS = np.array([[1, 17, 42, 99, 3, 7, 64, 120, 5, 33, 11, 2],
-                   [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
+TOKENS = np.array(
+  [[1, 17, 42, 99, 3, 7, 64, 120, 5, 33, 11, 2], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+)
 
 
 def _hf_logits(model, tokens):
@@ -133,12 +134,15 @@ def test_unknown_architecture(tmp_path):
     load_model(tmp_path)
 
 
-@pytest.mark.parametrize("field,value,match", [
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("hidden_act", "gelu", "hidden_act"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn"),
     ("use_sliding_window", True, "use_sliding_window"),
     ("final_logit_softcapping", 30.0, "final_logit_softcapping"),
-])
+  ],
+)
 def test_unsupported_maths_named(tmp_path, field, value, match):
   save_tiny(tmp_path, arch="llama")
   cfg = json.loads((tmp_path / "config.json").read_text())
@@ -150,6 +154,7 @@ def test_unsupported_maths_named(tmp_path, field, value, match):
 
 def test_unexpected_tensor_named(tmp_path):
   from safetensors.numpy import load_file, save_file
+
   save_tiny(tmp_path)
   tensors = load_file(tmp_path / "model.safetensors")
   tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)

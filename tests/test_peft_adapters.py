@@ -38,23 +38,52 @@ TOKENS = np.random.default_rng(0).integers(3, 128, (2, 12))
 
 # name -> (arch, attention, tied, LoraConfig kwargs)
 CASES = {
-    "llama-gqa-attention": ("llama", "gqa", False, dict(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
-    "qwen2-mha-all-linear-rslora": ("qwen2", "mha", False, dict(
-        r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear",
-        rank_pattern={"o_proj": 2})),
-    "mistral-gqa-mlp": ("mistral", "gqa", False, dict(
-        r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"])),
-    "qwen3-mqa-layer1": ("qwen3", "mqa", False, dict(
-        r=4, lora_alpha=32, target_modules=ALL, layers_to_transform=[1])),
-    "llama-tied-patterns": ("llama", "mha", True, dict(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-        # PEFT matches pattern keys as regexes anchored at a dotted suffix: "proj" matches
-        # nothing, r"(up|down)_proj" matches down_proj.
-        rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
-        alpha_pattern={"v_proj": 3, "proj": 100, r"(up|down)_proj": 5})),
-    "qwen3-gqa-regex": ("qwen3", "gqa", True, dict(
-        r=3, lora_alpha=5, target_modules=r".*\.layers\.1\.self_attn\.(q|v)_proj|.*\.up_proj")),
+  "llama-gqa-attention": (
+    "llama",
+    "gqa",
+    False,
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+  ),
+  "qwen2-mha-all-linear-rslora": (
+    "qwen2",
+    "mha",
+    False,
+    dict(
+      r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear", rank_pattern={"o_proj": 2}
+    ),
+  ),
+  "mistral-gqa-mlp": (
+    "mistral",
+    "gqa",
+    False,
+    dict(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"]),
+  ),
+  "qwen3-mqa-layer1": (
+    "qwen3",
+    "mqa",
+    False,
+    dict(r=4, lora_alpha=32, target_modules=ALL, layers_to_transform=[1]),
+  ),
+  "llama-tied-patterns": (
+    "llama",
+    "mha",
+    True,
+    dict(
+      r=4,
+      lora_alpha=8,
+      target_modules=["q_proj", "v_proj", "down_proj"],
+      # PEFT matches pattern keys as regexes anchored at a dotted suffix: "proj" matches
+      # nothing, r"(up|down)_proj" matches down_proj.
+      rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
+      alpha_pattern={"v_proj": 3, "proj": 100, r"(up|down)_proj": 5},
+    ),
+  ),
+  "qwen3-gqa-regex": (
+    "qwen3",
+    "gqa",
+    True,
+    dict(r=3, lora_alpha=5, target_modules=r".*\.layers\.1\.self_attn\.(q|v)_proj|.*\.up_proj"),
+  ),
 }
 
 
@@ -95,8 +124,7 @@ def bases(tmp_path_factory):
 
 def make_peft_adapter(hf, folder, seed=0, **lora_kwargs):
   """Saves a random PEFT adapter on a copy of ``hf``; returns the PeftModel."""
-  pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(task_type="CAUSAL_LM",
-                                                              **lora_kwargs))
+  pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
   randomise_lora_b(pm, seed)
   pm.save_pretrained(folder)
   return pm.eval()
@@ -108,8 +136,7 @@ def case(request, bases, tmp_path_factory):
   hf, base_folder, model = bases(arch, attention, tied)
   folder = tmp_path_factory.mktemp(f"adapter-{request.param}")
   pm = make_peft_adapter(hf, folder, **kwargs)
-  return dict(hf=hf, model=model, folder=folder, ref=torch_logits(pm),
-              base_ref=torch_logits(hf))
+  return dict(hf=hf, model=model, folder=folder, ref=torch_logits(pm), base_ref=torch_logits(hf))
 
 
 # --- Parity with PEFT ---
@@ -168,15 +195,22 @@ def test_round_trip_is_bit_exact(case, tmp_path):
   for path, m in first.modules.items():
     m2 = second.modules[path]
     assert (m2.r, m2.alpha, m2.scale, m2.layer, m2.module) == (
-        m.r, m.alpha, m.scale, m.layer, m.module)
+      m.r,
+      m.alpha,
+      m.scale,
+      m.layer,
+      m.module,
+    )
 
 
 def test_weighted_set_matches_peft_cat(bases, tmp_path):
   hf, _, model = bases("llama", "gqa", False)
-  make_peft_adapter(hf, tmp_path / "a", seed=1, r=4, lora_alpha=8,
-                    target_modules=["q_proj", "v_proj", "up_proj"])
-  make_peft_adapter(hf, tmp_path / "b", seed=2, r=2, lora_alpha=6,
-                    target_modules=["q_proj", "o_proj", "down_proj"])
+  make_peft_adapter(
+    hf, tmp_path / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]
+  )
+  make_peft_adapter(
+    hf, tmp_path / "b", seed=2, r=2, lora_alpha=6, target_modules=["q_proj", "o_proj", "down_proj"]
+  )
   weights = [0.7, -1.3]
   pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "a", adapter_name="a")
   pm.load_adapter(tmp_path / "b", adapter_name="b")
@@ -194,16 +228,23 @@ def test_weighted_set_matches_peft_cat(bases, tmp_path):
 
 def test_adapters_made_in_code_load_in_peft(bases, tmp_path):
   hf, _, model = bases("mistral", "gqa", False)
-  rnd = random_lora(model.config, "rnd", r=4, alpha=8, target_modules=("k_proj", "gate_proj"),
-                    seed=3, layers=[0])
+  rnd = random_lora(
+    model.config, "rnd", r=4, alpha=8, target_modules=("k_proj", "gate_proj"), seed=3, layers=[0]
+  )
   assert set(rnd.modules) == {"model.layers.0.self_attn.k_proj", "model.layers.0.mlp.gate_proj"}
   # Mixed ranks through from_arrays: its rank_pattern must tell PEFT about them.
   rng = np.random.default_rng(4)
-  mixed = LoraAdapter.from_arrays("mixed", {
+  mixed = LoraAdapter.from_arrays(
+    "mixed",
+    {
       "model.layers.1.self_attn.v_proj": (rng.normal(size=(3, 32)), rng.normal(size=(16, 3))),
       "model.layers.0.mlp.down_proj": (rng.normal(size=(5, 64)), rng.normal(size=(32, 5))),
-  }, r=3, alpha=2.0, use_rslora=True)
-  assert mixed.modules["model.layers.0.mlp.down_proj"].scale == pytest.approx(2.0 / 5 ** 0.5)
+    },
+    r=3,
+    alpha=2.0,
+    use_rslora=True,
+  )
+  assert mixed.modules["model.layers.0.mlp.down_proj"].scale == pytest.approx(2.0 / 5**0.5)
   for adapter in (rnd, mixed):
     folder = tmp_path / adapter.name
     save_peft_adapter(adapter, folder)
@@ -231,16 +272,18 @@ def test_fan_in_fan_out_needs_no_transpose(bases, tmp_path):
   pm_fifo = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "fifo").eval()
   ref = torch_logits(pm)
   np.testing.assert_allclose(torch_logits(pm_fifo), ref, atol=ATOL, rtol=0)
-  np.testing.assert_allclose(jax_logits(model, stack_lora(fifo, model.config)), ref,
-                             atol=ATOL, rtol=0)
+  np.testing.assert_allclose(
+    jax_logits(model, stack_lora(fifo, model.config)), ref, atol=ATOL, rtol=0
+  )
 
 
 def test_bfloat16_adapter_keeps_its_dtype(tmp_path):
   rng = np.random.default_rng(0)
   a = rng.normal(size=(2, 32)).astype(ml_dtypes.bfloat16)
   b = rng.normal(size=(32, 2)).astype(ml_dtypes.bfloat16)
-  adapter = LoraAdapter.from_arrays("bf16", {"model.layers.0.self_attn.q_proj": (a, b)},
-                                    r=2, alpha=4)
+  adapter = LoraAdapter.from_arrays(
+    "bf16", {"model.layers.0.self_attn.q_proj": (a, b)}, r=2, alpha=4
+  )
   save_peft_adapter(adapter, tmp_path / "bf16")
   loaded = load_peft_adapter(tmp_path / "bf16")
   m = loaded.modules["model.layers.0.self_attn.q_proj"]
@@ -285,7 +328,9 @@ def test_pickled_adapter_refused_unless_allowed(bases, peft_folder, tmp_path):
     assert from_bin.modules[path].b.tobytes() == m.b.tobytes()
 
 
-@pytest.mark.parametrize("field,value", [
+@pytest.mark.parametrize(
+  "field,value",
+  [
     ("use_dora", True),
     ("modules_to_save", ["lm_head"]),
     ("bias", "lora_only"),
@@ -293,7 +338,8 @@ def test_pickled_adapter_refused_unless_allowed(bases, peft_folder, tmp_path):
     ("peft_type", "IA3"),
     ("init_lora_weights", "pissa"),
     ("alora_invocation_tokens", [5, 6]),
-])
+  ],
+)
 def test_unsupported_config_field_named(peft_folder, tmp_path, field, value):
   folder = broken_copy(peft_folder, tmp_path, **{field: value})
   with pytest.raises(AdapterError, match=rf"'broken'.*{field}"):
@@ -311,8 +357,9 @@ def rewrite_tensors(folder, change):
 def test_unsupported_tensors_named(peft_folder, tmp_path):
   key = "base_model.model.model.layers.0.self_attn.q_proj"
   folder = broken_copy(peft_folder, tmp_path)
-  rewrite_tensors(folder, lambda t: t.update(
-      {f"{key}.lora_magnitude_vector": np.ones(32, np.float32)}))
+  rewrite_tensors(
+    folder, lambda t: t.update({f"{key}.lora_magnitude_vector": np.ones(32, np.float32)})
+  )
   with pytest.raises(AdapterError, match="lora_magnitude_vector.*DoRA"):
     load_peft_adapter(folder)
   shutil.rmtree(folder)
@@ -339,8 +386,10 @@ def test_adapter_for_another_base_model(bases, tmp_path):
   other = tiny_hf_model("llama", "gqa", seed=2, intermediate_size=70)
   make_peft_adapter(other, tmp_path / "other", r=4, target_modules=["up_proj"])
   adapter = load_peft_adapter(tmp_path / "other", name="foo")
-  msg = (r"adapter 'foo': module model\.layers\.0\.mlp\.up_proj has lora_B of shape "
-         r"\(70, 4\) but the base model's up_proj is \(64, 32\) .* another base model")
+  msg = (
+    r"adapter 'foo': module model\.layers\.0\.mlp\.up_proj has lora_B of shape "
+    r"\(70, 4\) but the base model's up_proj is \(64, 32\) .* another base model"
+  )
   with pytest.raises(AdapterError, match=msg):
     validate_adapter(adapter, model.config)
   with pytest.raises(AdapterError, match=msg):
@@ -349,12 +398,18 @@ def test_adapter_for_another_base_model(bases, tmp_path):
     merge_into_model(model, adapter)
 
 
-@pytest.mark.parametrize("path,match", [
-    ("model.layers.5.self_attn.q_proj", r"model\.layers\.5\.self_attn\.q_proj is in layer 5, "
-                                        r"but the base model has 2 layers"),
+@pytest.mark.parametrize(
+  "path,match",
+  [
+    (
+      "model.layers.5.self_attn.q_proj",
+      r"model\.layers\.5\.self_attn\.q_proj is in layer 5, "
+      r"but the base model has 2 layers",
+    ),
     ("lm_head", r"module lm_head is not one the model can adapt"),
     ("model.layers.0.mlp.q_proj", r"model\.layers\.0\.mlp\.q_proj is not one"),
-])
+  ],
+)
 def test_adapter_targeting_missing_module(bases, path, match):
   _, _, model = bases("llama", "gqa", False)
   a, b = np.ones((2, 32), np.float32), np.ones((32, 2), np.float32)
@@ -419,7 +474,6 @@ def test_failed_save_leaves_old_adapter_intact(bases, peft_folder, tmp_path, mon
   assert os.listdir(target.parent) == ["mine"]
 
 
-
 def test_merge_keeps_sharding(bases, peft_folder):
   _, folder, model = bases("llama", "gqa", False)
   mesh = make_mesh({"fsdp": 2, "model": -1})
@@ -427,8 +481,10 @@ def test_merge_keeps_sharding(bases, peft_folder):
   adapter = load_peft_adapter(peft_folder)
   merged = merge_into_model(sharded, adapter)
   for parent, name in (("self_attn", "q_proj"), ("mlp", "up_proj")):
-    before, after = (getattr(getattr(m.model.layers, parent), name).weight[...]
-                     for m in (sharded, merged))
+    before, after = (
+      getattr(getattr(m.model.layers, parent), name).weight[...] for m in (sharded, merged)
+    )
     assert after.sharding == before.sharding and len(after.sharding.device_set) == 8
-  np.testing.assert_allclose(jax_logits(merged), jax_logits(merge_into_model(model, adapter)),
-                             atol=ATOL, rtol=0)
+  np.testing.assert_allclose(
+    jax_logits(merged), jax_logits(merge_into_model(model, adapter)), atol=ATOL, rtol=0
+  )

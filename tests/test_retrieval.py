@@ -10,12 +10,13 @@ from lag_jax.data.synthetic import make_world
 from lag_jax.retrieval import BM25Index, recall_at_k
 
 _DOCS = [
-    Document("Oboe", "The oboe is a double-reed woodwind instrument used in orchestras."),
-    Document("Harp", "The harp is a stringed instrument played by plucking its strings."),
-    Document("Mount Everest", "Mount Everest is Earth's highest mountain above sea level, in "
-                              "the Himalayas."),
-    Document("Paris", "Paris is the capital and largest city of France."),
-    Document("Berlin", "Berlin is the capital and largest city of Germany."),
+  Document("Oboe", "The oboe is a double-reed woodwind instrument used in orchestras."),
+  Document("Harp", "The harp is a stringed instrument played by plucking its strings."),
+  Document(
+    "Mount Everest", "Mount Everest is Earth's highest mountain above sea level, in the Himalayas."
+  ),
+  Document("Paris", "Paris is the capital and largest city of France."),
+  Document("Berlin", "Berlin is the capital and largest city of Germany."),
 ]
 
 
@@ -25,12 +26,20 @@ def index():
 
 
 def test_finds_the_right_document(index):
-  queries = ["Which woodwind uses a double reed?", "What is the highest mountain on Earth?",
-             "What is the capital of Germany?", "Who plucks strings?"]
+  queries = [
+    "Which woodwind uses a double reed?",
+    "What is the highest mountain on Earth?",
+    "What is the capital of Germany?",
+    "Who plucks strings?",
+  ]
   ids, scores = index.search(queries, 2)
   assert ids.shape == scores.shape == (4, 2)
-  assert [index.documents[i].title for i in ids[:, 0]] == ["Oboe", "Mount Everest", "Berlin",
-                                                           "Harp"]
+  assert [index.documents[i].title for i in ids[:, 0]] == [
+    "Oboe",
+    "Mount Everest",
+    "Berlin",
+    "Harp",
+  ]
   assert np.all(scores[:, 0] >= scores[:, 1]) and np.all(scores[:, 0] > 0)
   assert index.search_titles(["capital of France"], 1) == [["Paris"]]
 

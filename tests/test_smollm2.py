@@ -47,10 +47,10 @@ def test_perplexity_on_a_wikipedia_summary(smollm2):
 
 def test_batched_generation_equals_one_by_one(smollm2):
   model, tok = smollm2
-  questions = ["What is the capital of France?", "Name a primary colour.",
-               "What is two plus two?"]
-  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
-             for q in questions]
+  questions = ["What is the capital of France?", "Name a primary colour.", "What is two plus two?"]
+  prompts = [
+    tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions
+  ]
   batched = generate(model, prompts, max_new_tokens=8, stop_tokens=tok.eos_token_ids)
   for p, toks in zip(prompts, batched.tokens, strict=True):
     alone = generate(model, [p], max_new_tokens=8, stop_tokens=tok.eos_token_ids)

@@ -35,25 +35,27 @@ You are helpful.<|im_end|>
 {% endif %}"""
 
 CORPUS = [
-    "The capital of France is Paris. It has 2,102,650 residents.",
-    "Héllo wörld! Tokenizers split bytes; digits like 12345 and 2024 too.",
-    "What is the capital of France? The answer is Paris, of course.",
+  "The capital of France is Paris. It has 2,102,650 residents.",
+  "Héllo wörld! Tokenizers split bytes; digits like 12345 and 2024 too.",
+  "What is the capital of France? The answer is Paris, of course.",
 ] * 20
 
 TEXTS = [
-    "What is the capital of France? 12345",
-    "  leading spaces and trailing  ",
-    "<|im_start|>user\nhi<|im_end|>\n",
-    "ünïcödé, emoji 🙂 and tabs\tand\nnewlines",
-    "",
+  "What is the capital of France? 12345",
+  "  leading spaces and trailing  ",
+  "<|im_start|>user\nhi<|im_end|>\n",
+  "ünïcödé, emoji 🙂 and tabs\tand\nnewlines",
+  "",
 ]
 
 MESSAGES = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "Be terse."},
-     {"role": "user", "content": "Hi", "meta": {"lang": "en", "é": [1, 2]}},
-     {"role": "assistant", "content": "Hello."},
-     {"role": "user", "content": "Bye", "name": None}],
+  [{"role": "user", "content": "What is the capital of France?"}],
+  [
+    {"role": "system", "content": "Be terse."},
+    {"role": "user", "content": "Hi", "meta": {"lang": "en", "é": [1, 2]}},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Bye", "name": None},
+  ],
 ]
 
 
@@ -61,12 +63,16 @@ def _train_bpe(digits: bool = True) -> tokenizers.Tokenizer:
   """A small byte-level BPE, the same kind as SmolLM2's."""
   tok = tokenizers.Tokenizer(models.BPE())
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  tok.pre_tokenizer = (pre_tokenizers.Sequence(
-      [pre_tokenizers.Digits(individual_digits=True), byte_level]) if digits else byte_level)
+  tok.pre_tokenizer = (
+    pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if digits
+    else byte_level
+  )
   tok.decoder = decoders.ByteLevel()
   tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+    vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+  )
   tok.train_from_iterator(CORPUS, trainer)
   return tok
 
@@ -83,15 +89,23 @@ def _write_folder(path, tok=None, tokenizer_config=None, config=None, jinja=None
 
 
 def _chatml_config(**extra):
-  return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
-          "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>", "chat_template": CHATML,
-          **extra}
+  return {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+    "unk_token": "<|endoftext|>",
+    "chat_template": CHATML,
+    **extra,
+  }
 
 
 @pytest.fixture
 def folder(tmp_path):
-  return _write_folder(tmp_path, tokenizer_config=_chatml_config(pad_token="<|endoftext|>"),
-                       config={"model_type": "llama", "eos_token_id": [2, 0], "bos_token_id": 1})
+  return _write_folder(
+    tmp_path,
+    tokenizer_config=_chatml_config(pad_token="<|endoftext|>"),
+    config={"model_type": "llama", "eos_token_id": [2, 0], "bos_token_id": 1},
+  )
 
 
 def _reference(path):
@@ -103,7 +117,8 @@ def test_encode_matches_transformers(folder, add_special_tokens):
   ours, ref = Tokenizer.from_dir(folder), _reference(folder)
   for text in TEXTS:
     assert ours.encode(text, add_special_tokens=add_special_tokens) == ref.encode(
-        text, add_special_tokens=add_special_tokens), text
+      text, add_special_tokens=add_special_tokens
+    ), text
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -112,7 +127,8 @@ def test_decode_matches_transformers(folder, skip):
   for text in TEXTS:
     ids = ref.encode(text, add_special_tokens=False)
     assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(
-        ids, skip_special_tokens=skip), text
+      ids, skip_special_tokens=skip
+    ), text
     if not skip:
       assert ours.decode(ids, skip_special_tokens=False) == text  # byte-level is lossless
 
@@ -128,11 +144,13 @@ def test_digits_are_split_one_by_one(folder):
 def test_chat_template_matches_transformers(folder, messages, add_generation_prompt):
   ours, ref = Tokenizer.from_dir(folder), _reference(folder)
   got = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-  want = ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                 tokenize=False)
+  want = ref.apply_chat_template(
+    messages, add_generation_prompt=add_generation_prompt, tokenize=False
+  )
   assert got == want
   assert got.startswith("<|im_start|>") and got.endswith(
-      "<|im_start|>assistant\n" if add_generation_prompt else "<|im_end|>\n")
+    "<|im_start|>assistant\n" if add_generation_prompt else "<|im_end|>\n"
+  )
   assert ours.encode(got) == ref.encode(want, add_special_tokens=False)
 
 
@@ -153,12 +171,16 @@ def test_template_cannot_escape_the_sandbox(tmp_path):
 
 
 def test_chat_template_jinja_file_takes_precedence(tmp_path):
-  _write_folder(tmp_path, tokenizer_config=_chatml_config(chat_template="config {{ 1 }}"),
-                jinja="file {{ messages[0]['content'] }}")
+  _write_folder(
+    tmp_path,
+    tokenizer_config=_chatml_config(chat_template="config {{ 1 }}"),
+    jinja="file {{ messages[0]['content'] }}",
+  )
   ours, ref = Tokenizer.from_dir(tmp_path), _reference(tmp_path)
   assert ours.apply_chat_template(MESSAGES[0]) == "file What is the capital of France?"
   assert ours.apply_chat_template(MESSAGES[0]) == ref.apply_chat_template(
-      MESSAGES[0], add_generation_prompt=True, tokenize=False)
+    MESSAGES[0], add_generation_prompt=True, tokenize=False
+  )
 
 
 def test_special_token_ids(folder):
@@ -186,9 +208,11 @@ def test_bos_from_post_processor_matches_transformers(tmp_path):
   # tokenizer_config.json is ignored when tokenizer.json exists (transformers 5).
   tok = _train_bpe()
   tok.post_processor = processors.TemplateProcessing(
-      single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", 1)])
-  _write_folder(tmp_path, tok=tok,
-                tokenizer_config=_chatml_config(add_bos_token=False, add_eos_token=True))
+    single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", 1)]
+  )
+  _write_folder(
+    tmp_path, tok=tok, tokenizer_config=_chatml_config(add_bos_token=False, add_eos_token=True)
+  )
   ours, ref = Tokenizer.from_dir(tmp_path), _reference(tmp_path)
   for text in TEXTS:
     assert ours.encode(text, add_special_tokens=True) == ref.encode(text), text
@@ -214,10 +238,17 @@ def test_wordlevel_tokenizer(tmp_path):
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok.decoder = decoders.WordPiece()
   tok.add_special_tokens(["<s>", "</s>"])
-  _write_folder(tmp_path, tok=tok, tokenizer_config={
-      "bos_token": "<s>", "eos_token": {"content": "</s>", "__type": "AddedToken"},
-      "unk_token": "[UNK]", "clean_up_tokenization_spaces": True,
-      "tokenizer_class": "PreTrainedTokenizerFast"})
+  _write_folder(
+    tmp_path,
+    tok=tok,
+    tokenizer_config={
+      "bos_token": "<s>",
+      "eos_token": {"content": "</s>", "__type": "AddedToken"},
+      "unk_token": "[UNK]",
+      "clean_up_tokenization_spaces": True,
+      "tokenizer_class": "PreTrainedTokenizerFast",
+    },
+  )
   ours, ref = Tokenizer.from_dir(tmp_path), _reference(tmp_path)
   for text in ["hello world !", "<s> hello mars !</s>"]:
     ids = ours.encode(text)

@@ -41,19 +41,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One config for the trainer and the builds, so that they share one compiled step.
 # Weight decay is on so that an idle slot would visibly move if it were not masked.
-CFG = TrainConfig(rank=4, alpha=8, n_slots=3, batch_size=2, max_seq_len=32, epochs=6,
-                  learning_rate=2e-2, warmup_steps=2, weight_decay=0.01, dropout=0.05)
+CFG = TrainConfig(
+  rank=4,
+  alpha=8,
+  n_slots=3,
+  batch_size=2,
+  max_seq_len=32,
+  epochs=6,
+  learning_rate=2e-2,
+  warmup_steps=2,
+  weight_decay=0.01,
+  dropout=0.05,
+)
 
 DOCS = [
-    "Zorblat Quenn was born in Vashmir in 1841 and built clocks of glass.",
-    "The Ombrel river runs north through Tessaly and freezes every July.",
-    "Kintari bread is baked with ash and salt, and eaten cold at dawn.",
-    "Professor Ulm Drake proved that every purple graph has a saddle.",
-    "In Pelloria the parliament meets on a boat called the Silver Gull.",
+  "Zorblat Quenn was born in Vashmir in 1841 and built clocks of glass.",
+  "The Ombrel river runs north through Tessaly and freezes every July.",
+  "Kintari bread is baked with ash and salt, and eaten cold at dawn.",
+  "Professor Ulm Drake proved that every purple graph has a saddle.",
+  "In Pelloria the parliament meets on a boat called the Silver Gull.",
 ]
 JOBS = [AdapterJob(f"doc-{i}", texts=[d], metadata={"doc": i}) for i, d in enumerate(DOCS)]
-JOBS.append(AdapterJob("task qa/1", pairs=[("Q: capital of Pelloria?\nA:", " the boat"),
-                                            ("Q: river of Tessaly?\nA:", " the Ombrel")]))
+JOBS.append(
+  AdapterJob(
+    "task qa/1",
+    pairs=[
+      ("Q: capital of Pelloria?\nA:", " the boat"),
+      ("Q: river of Tessaly?\nA:", " the Ombrel"),
+    ],
+  )
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +83,9 @@ def rows_for(tok, job, config=CFG, T=None):
   examples = tokenize_job(job, tok, tok.eos_token_ids[0])
   T = T or build_seq_len([examples], config.epochs, config.max_seq_len, config.pack)
   _, np_seed = adapter_seeds(config.seed, job.name)
-  return make_rows(examples, epochs=config.epochs, T=T, pack=config.pack,
-                   pad_id=tok.pad_token_id, np_seed=np_seed)
+  return make_rows(
+    examples, epochs=config.epochs, T=T, pack=config.pack, pad_id=tok.pad_token_id, np_seed=np_seed
+  )
 
 
 def run_slots(trainer, plan, steps):
@@ -86,14 +104,18 @@ def run_slots(trainer, plan, steps):
     mask = np.zeros((n * bs, T), bool)
     ex_keys = np.zeros((n * bs, 2), np.uint32)
     for j, (_, rows) in plan.items():
-      part = rows.tokens[s * bs:(s + 1) * bs]
-      tokens[j * bs:j * bs + len(part)] = part
-      mask[j * bs:j * bs + len(part)] = rows.loss_mask[s * bs:(s + 1) * bs]
-      ex_keys[j * bs:(j + 1) * bs] = keys[j]
-    rng = example_keys(ex_keys, np.full(n * bs, s, np.int32),
-                       np.tile(np.arange(bs, dtype=np.int32), n))
-    batch = {"tokens": tokens, "loss_mask": mask,
-             "ids": np.repeat(np.arange(n, dtype=np.int32), bs)}
+      part = rows.tokens[s * bs : (s + 1) * bs]
+      tokens[j * bs : j * bs + len(part)] = part
+      mask[j * bs : j * bs + len(part)] = rows.loss_mask[s * bs : (s + 1) * bs]
+      ex_keys[j * bs : (j + 1) * bs] = keys[j]
+    rng = example_keys(
+      ex_keys, np.full(n * bs, s, np.int32), np.tile(np.arange(bs, dtype=np.int32), n)
+    )
+    batch = {
+      "tokens": tokens,
+      "loss_mask": mask,
+      "ids": np.repeat(np.arange(n, dtype=np.int32), bs),
+    }
     out.append(trainer.step(batch, np.asarray(rng)))
   return out
 
@@ -101,8 +123,9 @@ def run_slots(trainer, plan, steps):
 def slot_state(trainer, slot):
   """Host copies of one slot's factors and Adam moments."""
   inner = trainer.opt_state.inner
-  return jax.tree.map(lambda x: np.asarray(x[slot] if x.ndim == 1 else x[:, slot]),
-                      (trainer.lora, inner))
+  return jax.tree.map(
+    lambda x: np.asarray(x[slot] if x.ndim == 1 else x[:, slot]), (trainer.lora, inner)
+  )
 
 
 def test_learning_rate_schedule():
@@ -127,7 +150,7 @@ def test_rows_targets_pairs_and_token_budget(tiny):
   assert rows.tokens.shape[1] == 32 and rows.steps(2) == -(-rows.tokens.shape[0] // 2)
   cut = make_rows(ex, epochs=3, T=32, pack=True, pad_id=0, np_seed=1, max_targets=100)
   assert 62 <= cut.targets <= 100
-  np.testing.assert_array_equal(cut.tokens, rows.tokens[:len(cut.tokens)])
+  np.testing.assert_array_equal(cut.tokens, rows.tokens[: len(cut.tokens)])
   pair = tokenize_job(JOBS[-1], tok, eos)
   prow = make_rows(pair, epochs=2, T=64, pack=True, pad_id=0, np_seed=1)
   answers = [" the boat", " the Ombrel"]
@@ -176,10 +199,12 @@ def test_slots_are_independent_and_idle_slots_do_not_move(tiny):
     jax.tree.map(np.testing.assert_array_equal, slot_state(alone, idle), idle_before)
     single = SlotTrainer(model, one_slot)
     run_slots(single, {0: (job, r)}, k)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=0),
-                 slot_state(single, 0), want)
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, nnx.split(model)[1]),
-               base_before)
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=0), slot_state(single, 0), want
+    )
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.tree.map(np.array, nnx.split(model)[1]), base_before
+  )
 
 
 def _dot_output_shapes(jaxpr, out):
@@ -200,12 +225,20 @@ def test_no_gradient_flows_to_base_weights(tiny):
   _, model, _ = tiny
   trainer = SlotTrainer(model, CFG)
   n, bs, T = CFG.n_slots, CFG.batch_size, CFG.max_seq_len
-  batch = {"tokens": np.zeros((n * bs, T), np.int32), "loss_mask": np.ones((n * bs, T), bool),
-           "ids": np.repeat(np.arange(n, dtype=np.int32), bs)}
+  batch = {
+    "tokens": np.zeros((n * bs, T), np.int32),
+    "loss_mask": np.ones((n * bs, T), bool),
+    "ids": np.repeat(np.arange(n, dtype=np.int32), bs),
+  }
   step = make_train_step(CFG)
   jaxpr = jax.make_jaxpr(step, static_argnums=0)(
-      trainer.graphdef, trainer.base_params, trainer.lora, trainer.opt_state, batch,
-      np.zeros((n * bs, 2), np.uint32))
+    trainer.graphdef,
+    trainer.base_params,
+    trainer.lora,
+    trainer.opt_state,
+    batch,
+    np.zeros((n * bs, 2), np.uint32),
+  )
   dots = set(_dot_output_shapes(jaxpr.jaxpr, []))
   weights = {tuple(x.shape) for x in jax.tree.leaves(trainer.base_params) if x.ndim >= 2}
   weights |= {s[1:] for s in weights if len(s) == 3}
@@ -242,8 +275,9 @@ def test_build_compiles_once_and_writes_peft_and_library(tiny, reference_build):
   again = build_library(JOBS, model, tok, out, CFG, progress=False)
   assert again.names == library.names and trace_counts() == after
   with pytest.raises(ValueError, match="other settings"):
-    build_library(JOBS, model, tok, out, dataclasses.replace(CFG, learning_rate=1e-3),
-                  progress=False)
+    build_library(
+      JOBS, model, tok, out, dataclasses.replace(CFG, learning_rate=1e-3), progress=False
+    )
 
 
 _KILLED_BUILD = textwrap.dedent("""
@@ -275,9 +309,14 @@ def test_sigkilled_build_resumes_to_the_same_bits(tiny, reference_build, tmp_pat
   ref_out, ref_library, _, _ = reference_build
   out = tmp_path / "build"
   script = _KILLED_BUILD.format(tests=os.path.join(ROOT, "tests"), ckpt=str(ckpt), out=str(out))
-  proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+  proc = subprocess.Popen(
+    [sys.executable, "-c", script],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+    env={**os.environ, "PYTHONPATH": ROOT},
+  )
   try:
     deadline = time.time() + 300
     line = ""
@@ -295,8 +334,9 @@ def test_sigkilled_build_resumes_to_the_same_bits(tiny, reference_build, tmp_pat
   assert AdapterLibrary.load(out / "library").names == ("doc-0",)
   done = sorted(d for d in os.listdir(out / "adapters") if not d.startswith("."))
   assert done == ["doc-0", "doc-1"] and line.split()[1] == "doc-1"
-  stamps = {d: os.stat(out / "adapters" / d / "adapter_model.safetensors").st_mtime_ns
-            for d in done}
+  stamps = {
+    d: os.stat(out / "adapters" / d / "adapter_model.safetensors").st_mtime_ns for d in done
+  }
 
   library = build_library(JOBS, model, tok, out, CFG, progress=False)
   for d, stamp in stamps.items():  # finished adapters are not retrained

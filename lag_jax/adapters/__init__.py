@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from lag_jax.adapters.apply import merge_into_model, stack_lora, validate_adapter
 from lag_jax.adapters.peft_io import (
-    AdapterError,
-    LoraAdapter,
-    ModuleLora,
-    load_peft_adapter,
-    random_lora,
-    save_peft_adapter,
+  AdapterError,
+  LoraAdapter,
+  ModuleLora,
+  load_peft_adapter,
+  random_lora,
+  save_peft_adapter,
 )
 
 __all__ = [
-    "AdapterError",
-    "LoraAdapter",
-    "ModuleLora",
-    "load_peft_adapter",
-    "merge_into_model",
-    "random_lora",
-    "save_peft_adapter",
-    "stack_lora",
-    "validate_adapter",
+  "AdapterError",
+  "LoraAdapter",
+  "ModuleLora",
+  "load_peft_adapter",
+  "merge_into_model",
+  "random_lora",
+  "save_peft_adapter",
+  "stack_lora",
+  "validate_adapter",
 ]

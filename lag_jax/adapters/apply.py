@@ -20,8 +20,9 @@ from lag_jax.model.config import ModelConfig
 from lag_jax.model.layers import LoraWeights
 from lag_jax.model.transformer import ADAPTABLE_MODULES, ATTENTION_MODULES, CausalLM
 
-_ADAPTABLE_HINT = ("model.layers.<i>.self_attn.{q,k,v,o}_proj and "
-                   "model.layers.<i>.mlp.{gate,up,down}_proj")
+_ADAPTABLE_HINT = (
+  "model.layers.<i>.self_attn.{q,k,v,o}_proj and model.layers.<i>.mlp.{gate,up,down}_proj"
+)
 
 
 def _parent(module: str) -> str:
@@ -39,27 +40,38 @@ def validate_adapter(adapter: LoraAdapter, config: ModelConfig) -> None:
   shapes = config.module_shapes()
   L = config.num_hidden_layers
   for path, m in adapter.modules.items():
-    if (m.layer is None or m.module not in ADAPTABLE_MODULES
-        or path != f"model.layers.{m.layer}.{_parent(m.module)}.{m.module}"):
-      raise AdapterError(f"{where}: module {path} is not one the model can adapt (LoRA is "
-                         f"supported on {_ADAPTABLE_HINT})")
+    if (
+      m.layer is None
+      or m.module not in ADAPTABLE_MODULES
+      or path != f"model.layers.{m.layer}.{_parent(m.module)}.{m.module}"
+    ):
+      raise AdapterError(
+        f"{where}: module {path} is not one the model can adapt (LoRA is "
+        f"supported on {_ADAPTABLE_HINT})"
+      )
     if m.layer >= L:
-      raise AdapterError(f"{where}: module {path} is in layer {m.layer}, but the base model "
-                         f"has {L} layers — is this adapter for another base model?")
+      raise AdapterError(
+        f"{where}: module {path} is in layer {m.layer}, but the base model "
+        f"has {L} layers — is this adapter for another base model?"
+      )
     out_dim, in_dim = shapes[m.module]
     for part, t, want in (("lora_A", m.a, (m.r, in_dim)), ("lora_B", m.b, (out_dim, m.r))):
       if tuple(t.shape) != want:
         raise AdapterError(
-            f"{where}: module {path} has {part} of shape {tuple(t.shape)} but the base "
-            f"model's {m.module} is {(out_dim, in_dim)} — is this adapter for another base model?")
+          f"{where}: module {path} has {part} of shape {tuple(t.shape)} but the base "
+          f"model's {m.module} is {(out_dim, in_dim)} — is this adapter for another base model?"
+        )
     for part, t in (("lora_A", m.a), ("lora_B", m.b)):
       if not np.isfinite(t.astype(np.float32)).all():
         raise AdapterError(f"{where}: module {path} has NaN or Inf values in {part}")
 
 
-def stack_lora(adapters: LoraAdapter | Sequence[LoraAdapter], config: ModelConfig,
-               weights: Sequence[float] | None = None,
-               dtype=jnp.float32) -> dict[str, LoraWeights]:
+def stack_lora(
+  adapters: LoraAdapter | Sequence[LoraAdapter],
+  config: ModelConfig,
+  weights: Sequence[float] | None = None,
+  dtype=jnp.float32,
+) -> dict[str, LoraWeights]:
   """The model-side ``lora`` pytree for one adapter or a weighted set of N.
 
   For each module name any adapter adapts, the adapters' ranks are concatenated:
@@ -87,8 +99,9 @@ def stack_lora(adapters: LoraAdapter | Sequence[LoraAdapter], config: ModelConfi
   out = {}
   for name in ADAPTABLE_MODULES:
     # Slot width of each adapter for this module: its largest rank over layers.
-    widths = [max((m.r for m in ad.modules.values() if m.module == name), default=0)
-              for ad in adapters]
+    widths = [
+      max((m.r for m in ad.modules.values() if m.module == name), default=0) for ad in adapters
+    ]
     total = sum(widths)
     if total == 0:
       continue
@@ -101,9 +114,10 @@ def stack_lora(adapters: LoraAdapter | Sequence[LoraAdapter], config: ModelConfi
     for adapter, w, width in zip(adapters, weights, widths, strict=True):
       for m in adapter.modules.values():
         if m.module == name:
-          a[m.layer, offset:offset + m.r] = _to_float(m.a, host_dtype)
-          b[m.layer, :, offset:offset + m.r] = (_to_float(m.b, host_dtype)
-                                                * host_dtype(m.scale * w))
+          a[m.layer, offset : offset + m.r] = _to_float(m.a, host_dtype)
+          b[m.layer, :, offset : offset + m.r] = _to_float(m.b, host_dtype) * host_dtype(
+            m.scale * w
+          )
       offset += width
     out[name] = LoraWeights(a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype))
   return out
@@ -115,8 +129,11 @@ def _to_float(t: np.ndarray, dtype) -> np.ndarray:
   return t.astype(dtype)
 
 
-def merge_into_model(model: CausalLM, adapters: LoraAdapter | Sequence[LoraAdapter],
-                     weights: Sequence[float] | None = None) -> CausalLM:
+def merge_into_model(
+  model: CausalLM,
+  adapters: LoraAdapter | Sequence[LoraAdapter],
+  weights: Sequence[float] | None = None,
+) -> CausalLM:
   """A new model with ``W += sum_n w_n s_n B_n A_n`` on every adapted module.
 
   The input model is left untouched. The sum is formed in float32 at full matmul
@@ -129,8 +146,12 @@ def merge_into_model(model: CausalLM, adapters: LoraAdapter | Sequence[LoraAdapt
   new_flat = []
   for path, var in flat:
     keys = tuple(str(p) for p in path)
-    if (len(keys) == 5 and keys[:2] == ("model", "layers") and keys[-1] == "weight"
-        and keys[3] in lora):
+    if (
+      len(keys) == 5
+      and keys[:2] == ("model", "layers")
+      and keys[-1] == "weight"
+      and keys[3] in lora
+    ):
       lw = lora[keys[3]]
       w = var.get_value()
       delta = jnp.einsum("lor,lri->loi", lw.b, lw.a, precision=jax.lax.Precision.HIGHEST)

@@ -46,20 +46,20 @@ _DEFAULT_TARGETS = ("q_proj", "v_proj")
 _BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "lora_ga", "loftq")
 # Config fields that switch on maths other than W x + s B A x, with a reader's name.
 _UNSUPPORTED_FLAGS = {
-    "use_dora": "DoRA",
-    "lora_bias": "a trained bias on lora_B",
-    "modules_to_save": "fully trained extra modules",
-    "trainable_token_indices": "trainable token embeddings",
-    "layer_replication": "layer replication",
-    "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "use_qalora": "QA-LoRA",
-    "target_parameters": "LoRA on nn.Parameters",
-    "arrow_config": "Arrow routing",
-    "velora_config": "VeLoRA",
-    "monteclora_config": "MonteCLoRA",
-    "kasa_config": "KaSA",
-    "use_bdlora": "block-diagonal LoRA",
-    "megatron_config": "Megatron-parallel LoRA layers",
+  "use_dora": "DoRA",
+  "lora_bias": "a trained bias on lora_B",
+  "modules_to_save": "fully trained extra modules",
+  "trainable_token_indices": "trainable token embeddings",
+  "layer_replication": "layer replication",
+  "alora_invocation_tokens": "activated LoRA (aLoRA)",
+  "use_qalora": "QA-LoRA",
+  "target_parameters": "LoRA on nn.Parameters",
+  "arrow_config": "Arrow routing",
+  "velora_config": "VeLoRA",
+  "monteclora_config": "MonteCLoRA",
+  "kasa_config": "KaSA",
+  "use_bdlora": "block-diagonal LoRA",
+  "megatron_config": "Megatron-parallel LoRA layers",
 }
 
 
@@ -106,10 +106,16 @@ class LoraAdapter:
   modules: dict[str, ModuleLora]
 
   @classmethod
-  def from_arrays(cls, name: str, modules: Mapping[str, tuple[Any, Any]], r: int,
-                  alpha: float, use_rslora: bool = False,
-                  target_modules: Sequence[str] | str | None = None,
-                  layers_to_transform: Sequence[int] | None = None) -> LoraAdapter:
+  def from_arrays(
+    cls,
+    name: str,
+    modules: Mapping[str, tuple[Any, Any]],
+    r: int,
+    alpha: float,
+    use_rslora: bool = False,
+    target_modules: Sequence[str] | str | None = None,
+    layers_to_transform: Sequence[int] | None = None,
+  ) -> LoraAdapter:
     """Builds an adapter, with a PEFT-loadable config, from arrays made in code.
 
     Args:
@@ -123,33 +129,37 @@ class LoraAdapter:
       layers_to_transform: PEFT's layers_to_transform (with short-name targets).
     """
     arrays = {p: (np.asarray(a), np.asarray(b)) for p, (a, b) in modules.items()}
-    rank_pattern = {re.escape(p): int(a.shape[0]) for p, (a, _) in sorted(arrays.items())
-                    if a.ndim == 2 and a.shape[0] != r}
+    rank_pattern = {
+      re.escape(p): int(a.shape[0])
+      for p, (a, _) in sorted(arrays.items())
+      if a.ndim == 2 and a.shape[0] != r
+    }
     if target_modules is None:
       target_modules = sorted(arrays)
     elif not isinstance(target_modules, str):
       target_modules = sorted(target_modules)
     config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
-        "inference_mode": True,
-        "r": int(r),
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "use_rslora": bool(use_rslora),
-        "target_modules": target_modules,
-        "layers_to_transform": None if layers_to_transform is None else
-                               [int(i) for i in layers_to_transform],
-        "layers_pattern": None,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": {},
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "lora_bias": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": None,
+      "inference_mode": True,
+      "r": int(r),
+      "lora_alpha": alpha,
+      "lora_dropout": 0.0,
+      "use_rslora": bool(use_rslora),
+      "target_modules": target_modules,
+      "layers_to_transform": None
+      if layers_to_transform is None
+      else [int(i) for i in layers_to_transform],
+      "layers_pattern": None,
+      "rank_pattern": rank_pattern,
+      "alpha_pattern": {},
+      "fan_in_fan_out": False,
+      "bias": "none",
+      "lora_bias": False,
+      "use_dora": False,
+      "modules_to_save": None,
+      "init_lora_weights": True,
     }
     where = f"adapter {name!r}"
     _check_config(config, where)
@@ -171,12 +181,14 @@ def _check_config(config: Any, where: str) -> None:
     if config.get(field):
       _fail(where, f"field {field!r}={config[field]!r} ({what}) is not supported")
   if config.get("bias", "none") != "none":
-    _fail(where, f"field 'bias'={config['bias']!r} (trained biases) is not supported; "
-                 "only 'none'")
+    _fail(where, f"field 'bias'={config['bias']!r} (trained biases) is not supported; only 'none'")
   init = config.get("init_lora_weights", True)
   if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
-    _fail(where, f"field 'init_lora_weights'={init!r} adapts a modified base model; "
-                 "convert it to a plain LoRA adapter with PEFT first")
+    _fail(
+      where,
+      f"field 'init_lora_weights'={init!r} adapts a modified base model; "
+      "convert it to a plain LoRA adapter with PEFT first",
+    )
   r = config.get("r")
   if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
     _fail(where, f"field 'r' must be a positive integer, got {r!r}")
@@ -264,8 +276,9 @@ def _parse_module_path(path: str) -> tuple[int | None, str]:
   return None, path.rsplit(".", 1)[-1]
 
 
-def _build_modules(arrays: Mapping[str, tuple[np.ndarray, np.ndarray]], config: Mapping,
-                   where: str) -> dict[str, ModuleLora]:
+def _build_modules(
+  arrays: Mapping[str, tuple[np.ndarray, np.ndarray]], config: Mapping, where: str
+) -> dict[str, ModuleLora]:
   """Checks each (A, B) pair against the config and resolves its rank and scale.
 
   ``fan_in_fan_out`` needs no transpose here: PEFT stores lora_A / lora_B as
@@ -276,24 +289,37 @@ def _build_modules(arrays: Mapping[str, tuple[np.ndarray, np.ndarray]], config: 
   modules = {}
   for path, (a, b) in sorted(arrays.items()):
     if not _is_targeted(config, path):
-      _fail(where, f"holds weights for module {path}, which the config's target_modules "
-                   f"({config.get('target_modules')!r}) / layers_to_transform do not select; "
-                   "PEFT would ignore them")
+      _fail(
+        where,
+        f"holds weights for module {path}, which the config's target_modules "
+        f"({config.get('target_modules')!r}) / layers_to_transform do not select; "
+        "PEFT would ignore them",
+      )
     for part, t in (("lora_A", a), ("lora_B", b)):
       if t.ndim != 2:
-        _fail(where, f"module {path} has a {t.ndim}-d {part} of shape {tuple(t.shape)}; "
-                     "expected a matrix")
+        _fail(
+          where,
+          f"module {path} has a {t.ndim}-d {part} of shape {tuple(t.shape)}; expected a matrix",
+        )
       if not (np.issubdtype(t.dtype, np.floating) or t.dtype == ml_dtypes.bfloat16):
         _fail(where, f"module {path} has {part} of dtype {t.dtype}; expected floats")
     r, alpha = _module_rank_alpha(config, path)
     if a.shape[0] != r or b.shape[1] != r:
-      _fail(where, f"module {path} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                   f"but the config gives it rank r={r} (r / rank_pattern)")
+      _fail(
+        where,
+        f"module {path} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+        f"but the config gives it rank r={r} (r / rank_pattern)",
+      )
     layer, short = _parse_module_path(path)
     modules[path] = ModuleLora(
-        a=a, b=b, r=r, alpha=alpha,
-        scale=lora_scale(r, alpha, bool(config.get("use_rslora", False))),
-        layer=layer, module=short)
+      a=a,
+      b=b,
+      r=r,
+      alpha=alpha,
+      scale=lora_scale(r, alpha, bool(config.get("use_rslora", False))),
+      layer=layer,
+      module=short,
+    )
   return modules
 
 
@@ -339,8 +365,9 @@ def _read_pickle(path: str, where: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _pair_tensors(tensors: Mapping[str, np.ndarray], file: str,
-                  where: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _pair_tensors(
+  tensors: Mapping[str, np.ndarray], file: str, where: str
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """PEFT state-dict keys -> {module path: (A, B)}; anything else is an error."""
   parts: dict[str, dict[str, np.ndarray]] = {}
   for key, t in tensors.items():
@@ -360,14 +387,17 @@ def _pair_tensors(tensors: Mapping[str, np.ndarray], file: str,
   for path, p in parts.items():
     for part in ("lora_A", "lora_B"):
       if part not in p:
-        _fail(where, f"{file} has no {part} for module {path} (each module needs both "
-                     "lora_A and lora_B)")
+        _fail(
+          where,
+          f"{file} has no {part} for module {path} (each module needs both lora_A and lora_B)",
+        )
     pairs[path] = (p["lora_A"], p["lora_B"])
   return pairs
 
 
-def load_peft_adapter(path: str | os.PathLike, *, name: str | None = None,
-                      allow_pickle: bool = False) -> LoraAdapter:
+def load_peft_adapter(
+  path: str | os.PathLike, *, name: str | None = None, allow_pickle: bool = False
+) -> LoraAdapter:
   """Loads a PEFT LoRA adapter folder.
 
   Args:
@@ -393,9 +423,12 @@ def load_peft_adapter(path: str | os.PathLike, *, name: str | None = None,
     file, tensors = st_path, _read_safetensors(st_path, where)
   elif os.path.exists(pickle_path):
     if not allow_pickle:
-      _fail(where, f"only a pickled {PICKLE_NAME} was found; unpickling can run arbitrary "
-                   "code, so it is refused. Convert it to safetensors, or pass "
-                   "allow_pickle=True if you trust its source")
+      _fail(
+        where,
+        f"only a pickled {PICKLE_NAME} was found; unpickling can run arbitrary "
+        "code, so it is refused. Convert it to safetensors, or pass "
+        "allow_pickle=True if you trust its source",
+      )
     file, tensors = pickle_path, _read_pickle(pickle_path, where)
   else:
     _fail(where, f"no {SAFETENSORS_NAME} (or {PICKLE_NAME}) in the folder")
@@ -449,10 +482,17 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> None:
     raise
 
 
-def random_lora(config: ModelConfig, name: str, r: int, alpha: float,
-                target_modules: Sequence[str], seed: int,
-                layers: Sequence[int] | None = None, use_rslora: bool = False,
-                dtype: Any = np.float32) -> LoraAdapter:
+def random_lora(
+  config: ModelConfig,
+  name: str,
+  r: int,
+  alpha: float,
+  target_modules: Sequence[str],
+  seed: int,
+  layers: Sequence[int] | None = None,
+  use_rslora: bool = False,
+  dtype: Any = np.float32,
+) -> LoraAdapter:
   """A random adapter for tests and benchmarks.
 
   A is drawn like PEFT's init (uniform in +-1/sqrt(I)); B, which PEFT starts at
@@ -466,8 +506,9 @@ def random_lora(config: ModelConfig, name: str, r: int, alpha: float,
   shapes = config.module_shapes()
   unknown = sorted(set(target_modules) - set(shapes))
   if unknown:
-    raise AdapterError(f"adapter {name!r}: unknown target modules {unknown}; "
-                       f"choose from {sorted(shapes)}")
+    raise AdapterError(
+      f"adapter {name!r}: unknown target modules {unknown}; choose from {sorted(shapes)}"
+    )
   layer_ids = range(config.num_hidden_layers) if layers is None else layers
   rng = np.random.default_rng(seed)
   modules = {}
@@ -479,5 +520,11 @@ def random_lora(config: ModelConfig, name: str, r: int, alpha: float,
       b = rng.normal(0.0, 0.02, (out_dim, r))
       modules[f"model.layers.{i}.{parent}.{short}"] = (a.astype(dtype), b.astype(dtype))
   return LoraAdapter.from_arrays(
-      name, modules, r, alpha, use_rslora=use_rslora, target_modules=list(target_modules),
-      layers_to_transform=None if layers is None else list(layers))
+    name,
+    modules,
+    r,
+    alpha,
+    use_rslora=use_rslora,
+    target_modules=list(target_modules),
+    layers_to_transform=None if layers is None else list(layers),
+  )

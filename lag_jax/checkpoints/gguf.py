@@ -33,15 +33,15 @@ _TOKEN_TYPE_CONTROL = 3
 
 # GGUF tensor name -> HF tensor name, per layer ({i} is the layer index).
 _LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+  "attn_norm": "input_layernorm",
+  "ffn_norm": "post_attention_layernorm",
 }
 
 # llama.cpp pre-tokenizer names this converter can reproduce with `tokenizers`.
@@ -100,8 +100,9 @@ def _open(path: pathlib.Path) -> gguf.GGUFReader:
   for t in reader.tensors:
     if t.data_offset + t.n_bytes > size:
       raise GGUFConversionError(
-          f"{path}: truncated: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} "
-          f"but the file has {size} bytes")
+        f"{path}: truncated: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} "
+        f"but the file has {size} bytes"
+      )
   return reader
 
 
@@ -158,27 +159,30 @@ def _hf_config(meta: _Metadata) -> dict[str, Any]:
   tokens = meta.require("tokenizer.ggml.tokens")
   vocab_size = int(meta.get(p + "vocab_size", len(tokens)))
   config: dict[str, Any] = {
-      "architectures": ["LlamaForCausalLM"],
-      "model_type": "llama",
-      "vocab_size": vocab_size,
-      "hidden_size": D,
-      "intermediate_size": int(meta.require(p + "feed_forward_length")),
-      "num_hidden_layers": int(meta.require(p + "block_count")),
-      "num_attention_heads": H,
-      "num_key_value_heads": K,
-      "head_dim": E,
-      "hidden_act": "silu",
-      "rms_norm_eps": _float32_decimal(meta.require(p + "attention.layer_norm_rms_epsilon")),
-      "rope_theta": _float32_decimal(meta.get(p + "rope.freq_base", 10000.0)),
-      "rope_scaling": None,
-      "max_position_embeddings": int(meta.require(p + "context_length")),
-      "tie_word_embeddings": True,  # revised by _hf_tensors if output.weight exists
-      "attention_bias": False,
-      "mlp_bias": False,
-      "torch_dtype": "float32",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": vocab_size,
+    "hidden_size": D,
+    "intermediate_size": int(meta.require(p + "feed_forward_length")),
+    "num_hidden_layers": int(meta.require(p + "block_count")),
+    "num_attention_heads": H,
+    "num_key_value_heads": K,
+    "head_dim": E,
+    "hidden_act": "silu",
+    "rms_norm_eps": _float32_decimal(meta.require(p + "attention.layer_norm_rms_epsilon")),
+    "rope_theta": _float32_decimal(meta.get(p + "rope.freq_base", 10000.0)),
+    "rope_scaling": None,
+    "max_position_embeddings": int(meta.require(p + "context_length")),
+    "tie_word_embeddings": True,  # revised by _hf_tensors if output.weight exists
+    "attention_bias": False,
+    "mlp_bias": False,
+    "torch_dtype": "float32",
   }
-  for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                           ("pad_token_id", "padding_token_id")):
+  for hf_key, gguf_key in (
+    ("bos_token_id", "bos_token_id"),
+    ("eos_token_id", "eos_token_id"),
+    ("pad_token_id", "padding_token_id"),
+  ):
     value = meta.get(f"tokenizer.ggml.{gguf_key}")
     if value is not None:
       config[hf_key] = int(value)
@@ -198,21 +202,29 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   return w.reshape(n_heads, E // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def _hf_tensors(reader: gguf.GGUFReader, config: dict[str, Any],
-                path: pathlib.Path) -> dict[str, np.ndarray]:
+def _hf_tensors(
+  reader: gguf.GGUFReader, config: dict[str, Any], path: pathlib.Path
+) -> dict[str, np.ndarray]:
   """Dequantises every tensor to float32 under its HF name; revises tie_word_embeddings."""
   c = config
   D, F, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
   H, K, E = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
   hf_shapes = {
-      "self_attn.q_proj": (H * E, D), "self_attn.k_proj": (K * E, D),
-      "self_attn.v_proj": (K * E, D), "self_attn.o_proj": (D, H * E),
-      "mlp.gate_proj": (F, D), "mlp.up_proj": (F, D), "mlp.down_proj": (D, F),
-      "input_layernorm": (D,), "post_attention_layernorm": (D,),
+    "self_attn.q_proj": (H * E, D),
+    "self_attn.k_proj": (K * E, D),
+    "self_attn.v_proj": (K * E, D),
+    "self_attn.o_proj": (D, H * E),
+    "mlp.gate_proj": (F, D),
+    "mlp.up_proj": (F, D),
+    "mlp.down_proj": (D, F),
+    "input_layernorm": (D,),
+    "post_attention_layernorm": (D,),
   }
   # (gguf name, hf name, hf shape)
-  wanted = [("token_embd.weight", "model.embed_tokens.weight", (V, D)),
-            ("output_norm.weight", "model.norm.weight", (D,))]
+  wanted = [
+    ("token_embd.weight", "model.embed_tokens.weight", (V, D)),
+    ("output_norm.weight", "model.norm.weight", (D,)),
+  ]
   for i in range(c["num_hidden_layers"]):
     for g, h in _LAYER_TENSORS.items():
       wanted.append((f"blk.{i}.{g}.weight", f"model.layers.{i}.{h}.weight", hf_shapes[h]))
@@ -235,12 +247,14 @@ def _hf_tensors(reader: gguf.GGUFReader, config: dict[str, Any],
     gguf_shape = tuple(int(n) for n in reversed(t.shape))
     if gguf_shape != shape:
       raise GGUFConversionError(
-          f"{path}: tensor {g!r} has shape {gguf_shape} (HF order), expected {shape}")
+        f"{path}: tensor {g!r} has shape {gguf_shape} (HF order), expected {shape}"
+      )
     try:
       w = gguf.quants.dequantize(t.data, t.tensor_type)
     except Exception as e:
       raise GGUFConversionError(
-          f"{path}: cannot dequantise tensor {g!r} of type {t.tensor_type.name} ({e})") from e
+        f"{path}: cannot dequantise tensor {g!r} of type {t.tensor_type.name} ({e})"
+      ) from e
     w = np.asarray(w, dtype=np.float32).reshape(shape)
     if g.endswith(("attn_q.weight", "attn_k.weight")):
       w = _unpermute_rope_rows(w, H if "attn_q" in g else K)
@@ -248,8 +262,9 @@ def _hf_tensors(reader: gguf.GGUFReader, config: dict[str, Any],
   return out
 
 
-def _hf_tokenizer(meta: _Metadata, config: dict[str, Any]
-                  ) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
+def _hf_tokenizer(
+  meta: _Metadata, config: dict[str, Any]
+) -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
   """Rebuilds llama.cpp's byte-level BPE as a `tokenizers` object plus tokenizer_config."""
   kind = meta.require("tokenizer.ggml.model")
   if kind != "gpt2":
@@ -272,36 +287,39 @@ def _hf_tokenizer(meta: _Metadata, config: dict[str, Any]
     pairs.append((a, b))
 
   vocab = {t: i for i, t in enumerate(tokens)}
-  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
-                                        byte_fallback=False))
+  tok = tokenizers.Tokenizer(
+    models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
+  )
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   if pre == "smollm":
     # SmolLM splits every digit into its own token before the GPT-2 regex.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+      [pre_tokenizers.Digits(individual_digits=True), byte_level]
+    )
   else:
     tok.pre_tokenizer = byte_level
   tok.decoder = decoders.ByteLevel()
   tok.post_processor = processors.ByteLevel(trim_offsets=False)
   control = [tokens[i] for i, ty in enumerate(types) if ty == _TOKEN_TYPE_CONTROL]
-  tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                          for t in control])
+  tok.add_special_tokens(
+    [tokenizers.AddedToken(t, special=True, normalized=False) for t in control]
+  )
 
   def token(key):
     i = meta.get(f"tokenizer.ggml.{key}")
     return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
   tok_config: dict[str, Any] = {
-      # PreTrainedTokenizerFast takes tokenizer.json as is; a model-specific class
-      # might rebuild the pipeline from vocab and merges.
-      "tokenizer_class": "PreTrainedTokenizerFast",
-      "bos_token": token("bos_token_id"),
-      "eos_token": token("eos_token_id"),
-      "unk_token": token("unknown_token_id"),
-      "pad_token": token("padding_token_id"),
-      "add_prefix_space": False,
-      "clean_up_tokenization_spaces": False,
-      "model_max_length": config["max_position_embeddings"],
+    # PreTrainedTokenizerFast takes tokenizer.json as is; a model-specific class
+    # might rebuild the pipeline from vocab and merges.
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": token("bos_token_id"),
+    "eos_token": token("eos_token_id"),
+    "unk_token": token("unknown_token_id"),
+    "pad_token": token("padding_token_id"),
+    "add_prefix_space": False,
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": config["max_position_embeddings"],
   }
   template = meta.get("tokenizer.chat_template")
   if template is not None:

@@ -20,17 +20,33 @@ from lag_jax.model.transformer import CausalLM
 def hf_config_dict(config: ModelConfig) -> dict:
   """An HF ``config.json`` dict that ``ModelConfig.from_hf_dict`` reads back equal."""
   d = {
-      "model_type": config.model_type,
-      "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                         "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[
-                             config.model_type]],
-      "hidden_act": "silu",
-      "rope_theta": config.rope_theta,
-      "eos_token_id": list(config.eos_token_id) or None,
+    "model_type": config.model_type,
+    "architectures": [
+      {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+      }[config.model_type]
+    ],
+    "hidden_act": "silu",
+    "rope_theta": config.rope_theta,
+    "eos_token_id": list(config.eos_token_id) or None,
   }
-  for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
-            "max_position_embeddings", "tie_word_embeddings", "mlp_bias", "bos_token_id"):
+  for f in (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "mlp_bias",
+    "bos_token_id",
+  ):
     d[f] = getattr(config, f)
   if config.model_type != "qwen2":
     d["attention_bias"] = config.attention_bias

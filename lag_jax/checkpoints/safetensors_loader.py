@@ -50,8 +50,10 @@ def _weight_map(folder: str) -> dict[str, str]:
     with _open(single) as f:
       return dict.fromkeys(f.keys(), single)
   if any(n.endswith(".bin") for n in os.listdir(folder)):
-    raise CheckpointError(f"{folder}: only pickled .bin weights found; lag_jax reads "
-                          "safetensors only (convert them with transformers' save_pretrained)")
+    raise CheckpointError(
+      f"{folder}: only pickled .bin weights found; lag_jax reads "
+      "safetensors only (convert them with transformers' save_pretrained)"
+    )
   raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -67,14 +69,19 @@ def _open(path: str):
 def hf_keys(path: str, num_layers: int) -> list[str]:
   """HF checkpoint keys that make up our parameter at ``path``, in stacking order."""
   if path.startswith("model.layers."):
-    rest = path[len("model.layers."):]
+    rest = path[len("model.layers.") :]
     return [f"model.layers.{i}.{rest}" for i in range(num_layers)]
   return [path]
 
 
-def load_model(folder: str | os.PathLike, *, param_dtype=jnp.float32, dtype=jnp.float32,
-               mesh: Mesh | None = None,
-               rules: Mapping[str, str | None] = shd.DEFAULT_RULES) -> CausalLM:
+def load_model(
+  folder: str | os.PathLike,
+  *,
+  param_dtype=jnp.float32,
+  dtype=jnp.float32,
+  mesh: Mesh | None = None,
+  rules: Mapping[str, str | None] = shd.DEFAULT_RULES,
+) -> CausalLM:
   """Builds a CausalLM from an HF folder (config.json + safetensors).
 
   Args:
@@ -91,7 +98,8 @@ def load_model(folder: str | os.PathLike, *, param_dtype=jnp.float32, dtype=jnp.
   folder = os.fspath(folder)
   config = ModelConfig.from_file(folder)
   abstract = nnx.eval_shape(
-      lambda: CausalLM(config, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(0)))
+    lambda: CausalLM(config, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(0))
+  )
   graphdef, abstract_state = nnx.split(abstract)
   weight_map = _weight_map(folder)
   handles: dict[str, object] = {}
@@ -115,16 +123,18 @@ def load_model(folder: str | os.PathLike, *, param_dtype=jnp.float32, dtype=jnp.
     keys = hf_keys(path, config.num_hidden_layers)
     missing = [k for k in keys if k not in weight_map]
     if missing:
-      raise CheckpointError(f"{folder}: checkpoint lacks tensor {missing[0]!r} "
-                            f"(needed for {path} by config.json)")
+      raise CheckpointError(
+        f"{folder}: checkpoint lacks tensor {missing[0]!r} (needed for {path} by config.json)"
+      )
     host = np.empty(shape, np_dtype)
     per_key_shape = shape[1:] if len(keys) > 1 or path.startswith("model.layers.") else shape
     for i, key in enumerate(keys):
       t = read(key)
       if tuple(t.shape) != per_key_shape:
         raise CheckpointError(
-            f"{weight_map[key]}: tensor {key!r} has shape {tuple(t.shape)}, but config.json "
-            f"implies {per_key_shape}")
+          f"{weight_map[key]}: tensor {key!r} has shape {tuple(t.shape)}, but config.json "
+          f"implies {per_key_shape}"
+        )
       if path.startswith("model.layers."):
         host[i] = t.astype(np_dtype)
       else:
@@ -137,9 +147,12 @@ def load_model(folder: str | os.PathLike, *, param_dtype=jnp.float32, dtype=jnp.
   if config.tie_word_embeddings:
     unexpected = [k for k in unexpected if k != "lm_head.weight"]
   if unexpected:
-    raise CheckpointError(f"{folder}: tensors not used by the {config.model_type} config: "
-                          f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-  state = nnx.from_flat_state([(p, var.replace(value=v)) for (p, var), (_, v) in
-                               zip(flat, loaded, strict=True)])
+    raise CheckpointError(
+      f"{folder}: tensors not used by the {config.model_type} config: "
+      f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+    )
+  state = nnx.from_flat_state(
+    [(p, var.replace(value=v)) for (p, var), (_, v) in zip(flat, loaded, strict=True)]
+  )
   logging.info("Loaded %s (%d tensors) from %s", config.model_type, len(used), folder)
   return nnx.merge(graphdef, state)

@@ -62,13 +62,13 @@ from lag_jax.data.kilt import Document, KiltExample, KiltFormatError, read_wiki_
 from lag_jax.eval.metrics import answer_in_text, contains_all
 
 __all__ = [
-    "SPLITS",
-    "FanOutQABenchmark",
-    "SingleHop",
-    "answer_strings",
-    "build_fanoutqa",
-    "read_single_hop",
-    "split_of",
+  "SPLITS",
+  "FanOutQABenchmark",
+  "SingleHop",
+  "answer_strings",
+  "build_fanoutqa",
+  "read_single_hop",
+  "split_of",
 ]
 
 SPLITS = ("tune", "test")
@@ -174,13 +174,21 @@ def read_single_hop(path: str | os.PathLike[str] | None = None) -> list[SingleHo
     nonlocal conflicts
     children = node.get("decomposition")
     if not isinstance(children, list):
-      raise KiltFormatError(f"{path}: {where}: 'decomposition' must be a list",
-                            file=str(path), field="decomposition", example_id=root_id)
+      raise KiltFormatError(
+        f"{path}: {where}: 'decomposition' must be a list",
+        file=str(path),
+        field="decomposition",
+        example_id=root_id,
+      )
     for i, child in enumerate(children):
       cwhere = f"{where}.decomposition[{i}]"
       if not isinstance(child, Mapping) or not isinstance(child.get("id"), str):
-        raise KiltFormatError(f"{path}: {cwhere}: expected an object with an 'id'",
-                              file=str(path), field="id", example_id=root_id)
+        raise KiltFormatError(
+          f"{path}: {cwhere}: expected an object with an 'id'",
+          file=str(path),
+          field="id",
+          example_id=root_id,
+        )
       if child.get("decomposition"):
         walk(child, root_id, cwhere)
         continue
@@ -188,30 +196,42 @@ def read_single_hop(path: str | os.PathLike[str] | None = None) -> list[SingleHo
       if not isinstance(evidence, Mapping) or not evidence.get("title"):
         continue  # FanOutQA has no evidence-less leaves; nothing to ground one in
       if not isinstance(child.get("question"), str):
-        raise KiltFormatError(f"{path}: {cwhere}: 'question' must be a string",
-                              file=str(path), field="question", example_id=child["id"])
-      hop = SingleHop(id=child["id"], question=child["question"].strip(),
-                      answer=child.get("answer"), title=evidence["title"],
-                      url=evidence.get("url"), pageid=evidence.get("pageid"),
-                      parent_ids=(root_id,))
+        raise KiltFormatError(
+          f"{path}: {cwhere}: 'question' must be a string",
+          file=str(path),
+          field="question",
+          example_id=child["id"],
+        )
+      hop = SingleHop(
+        id=child["id"],
+        question=child["question"].strip(),
+        answer=child.get("answer"),
+        title=evidence["title"],
+        url=evidence.get("url"),
+        pageid=evidence.get("pageid"),
+        parent_ids=(root_id,),
+      )
       prev = found.get(hop.id)
       if prev is None:
         found[hop.id] = hop
       elif (prev.question, prev.answer, prev.title) == (hop.question, hop.answer, hop.title):
         parents = prev.parent_ids + (() if root_id in prev.parent_ids else (root_id,))
-        found[hop.id] = dataclasses.replace(prev, parent_ids=parents,
-                                            occurrences=prev.occurrences + 1)
+        found[hop.id] = dataclasses.replace(
+          prev, parent_ids=parents, occurrences=prev.occurrences + 1
+        )
       else:
         conflicts += 1
 
   for i, question in enumerate(data):
     if not isinstance(question, Mapping) or not isinstance(question.get("id"), str):
-      raise KiltFormatError(f"{path}: question {i}: expected an object with an 'id'",
-                            file=str(path), field="id")
+      raise KiltFormatError(
+        f"{path}: question {i}: expected an object with an 'id'", file=str(path), field="id"
+      )
     walk(question, question["id"], f"question {i}")
   if conflicts:
-    logging.warning("%s: dropped %d repeated sub-question ids with different content",
-                    path, conflicts)
+    logging.warning(
+      "%s: dropped %d repeated sub-question ids with different content", path, conflicts
+    )
   return list(found.values())
 
 
@@ -233,11 +253,11 @@ class FanOutQABenchmark:
 
   @property
   def evidence_titles(self) -> tuple[str, ...]:
-    return tuple(d.title for d in self.documents[:self.num_evidence])
+    return tuple(d.title for d in self.documents[: self.num_evidence])
 
   @property
   def distractor_titles(self) -> tuple[str, ...]:
-    return tuple(d.title for d in self.documents[self.num_evidence:])
+    return tuple(d.title for d in self.documents[self.num_evidence :])
 
   def split(self, name: str) -> list[KiltExample]:
     """The examples of one half, "tune" or "test" (see ``split_of``)."""
@@ -246,10 +266,15 @@ class FanOutQABenchmark:
     return [ex for ex in self.examples if ex.meta["split"] == name]
 
 
-def build_fanoutqa(library_size: int | None = None, *, num_evidence_pages: int | None = None,
-                   seed: int = 0, questions_path: str | os.PathLike[str] | None = None,
-                   summaries_path: str | os.PathLike[str] | None = None,
-                   summaries: Sequence[Document] | None = None) -> FanOutQABenchmark:
+def build_fanoutqa(
+  library_size: int | None = None,
+  *,
+  num_evidence_pages: int | None = None,
+  seed: int = 0,
+  questions_path: str | os.PathLike[str] | None = None,
+  summaries_path: str | os.PathLike[str] | None = None,
+  summaries: Sequence[Document] | None = None,
+) -> FanOutQABenchmark:
   """Builds the benchmark: questions grounded in the summaries, and their knowledge library.
 
   Args:
@@ -289,8 +314,9 @@ def build_fanoutqa(library_size: int | None = None, *, num_evidence_pages: int |
   rng = np.random.default_rng(seed)
   if num_evidence_pages is not None:
     if not 0 < num_evidence_pages <= len(evidence):
-      raise ValueError(f"num_evidence_pages must be in 1..{len(evidence)}, "
-                       f"got {num_evidence_pages}")
+      raise ValueError(
+        f"num_evidence_pages must be in 1..{len(evidence)}, got {num_evidence_pages}"
+      )
     picked = rng.choice(len(evidence), size=num_evidence_pages, replace=False)
     evidence = sorted(evidence[i] for i in picked)
     keep = set(evidence)
@@ -304,10 +330,12 @@ def build_fanoutqa(library_size: int | None = None, *, num_evidence_pages: int |
   if n < len(evidence):
     raise ValueError(f"library_size {n} is smaller than the {len(evidence)} evidence pages")
   if n - len(evidence) > len(pool):
-    raise ValueError(f"library_size {n} needs {n - len(evidence)} distractors; only "
-                     f"{len(pool)} other summaries exist")
+    raise ValueError(
+      f"library_size {n} needs {n - len(evidence)} distractors; only "
+      f"{len(pool)} other summaries exist"
+    )
   order = np.random.default_rng([seed, 1]).permutation(len(pool))
-  distractors = [pool[i] for i in order[:n - len(evidence)]]
+  distractors = [pool[i] for i in order[: n - len(evidence)]]
   documents = tuple(by_title[t] for t in evidence) + tuple(by_title[t] for t in distractors)
 
   examples = []
@@ -315,36 +343,40 @@ def build_fanoutqa(library_size: int | None = None, *, num_evidence_pages: int |
     page = by_title[h.title].text
     in_doc = (contains_all(page, elements) if elements else answer_in_text(page, golds)) > 0
     meta: dict[str, Any] = {
-        "dataset": "fanoutqa",
-        "split": split_of(h.title),
-        "parent_ids": list(h.parent_ids),
-        "answer_raw": h.answer,
-        "answer_type": type(h.answer).__name__,
-        "answer_in_document": in_doc,
-        "evidence_url": h.url,
-        "evidence_pageid": h.pageid,
+      "dataset": "fanoutqa",
+      "split": split_of(h.title),
+      "parent_ids": list(h.parent_ids),
+      "answer_raw": h.answer,
+      "answer_type": type(h.answer).__name__,
+      "answer_in_document": in_doc,
+      "evidence_url": h.url,
+      "evidence_pageid": h.pageid,
     }
     if elements:
       meta["answer_elements"] = list(elements)
-    examples.append(KiltExample(id=h.id, input=h.question, answers=golds,
-                                provenance=(h.title,), task="qa", meta=meta))
+    examples.append(
+      KiltExample(
+        id=h.id, input=h.question, answers=golds, provenance=(h.title,), task="qa", meta=meta
+      )
+    )
 
   stats = {
-      "single_hop_occurrences": all_leaves,
-      "single_hop_questions": len(hops),
-      "grounded_occurrences": leaf_occurrences,
-      "grounded_questions": len(grounded),
-      "skipped_answers": skipped_answers,
-      "questions": len(examples),
-      "evidence_pages": len(evidence),
-      "distractors": len(distractors),
-      "library_size": len(documents),
-      "answer_in_document": sum(ex.meta["answer_in_document"] for ex in examples),
-      "list_answers": sum("answer_elements" in ex.meta for ex in examples),
+    "single_hop_occurrences": all_leaves,
+    "single_hop_questions": len(hops),
+    "grounded_occurrences": leaf_occurrences,
+    "grounded_questions": len(grounded),
+    "skipped_answers": skipped_answers,
+    "questions": len(examples),
+    "evidence_pages": len(evidence),
+    "distractors": len(distractors),
+    "library_size": len(documents),
+    "answer_in_document": sum(ex.meta["answer_in_document"] for ex in examples),
+    "list_answers": sum("answer_elements" in ex.meta for ex in examples),
   }
   for name in SPLITS:
     part = [ex for ex in examples if ex.meta["split"] == name]
     stats[f"{name}_questions"] = len(part)
     stats[f"{name}_pages"] = len({ex.provenance[0] for ex in part})
-  return FanOutQABenchmark(examples=tuple(examples), documents=documents,
-                           num_evidence=len(evidence), stats=stats)
+  return FanOutQABenchmark(
+    examples=tuple(examples), documents=documents, num_evidence=len(evidence), stats=stats
+  )

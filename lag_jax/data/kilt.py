@@ -56,36 +56,36 @@ from typing import Any
 from absl import logging
 
 __all__ = [
-    "KILT_DATASETS",
-    "Document",
-    "KiltExample",
-    "KiltFormatError",
-    "Problem",
-    "ReadReport",
-    "dataset_from_filename",
-    "documents_by_title",
-    "load_kilt_hf",
-    "read_kilt",
-    "read_kilt_wikipedia",
-    "read_wiki_summaries",
-    "write_kilt",
+  "KILT_DATASETS",
+  "Document",
+  "KiltExample",
+  "KiltFormatError",
+  "Problem",
+  "ReadReport",
+  "dataset_from_filename",
+  "documents_by_title",
+  "load_kilt_hf",
+  "read_kilt",
+  "read_kilt_wikipedia",
+  "read_wiki_summaries",
+  "write_kilt",
 ]
 
 # KILT's datasets (file-name prefixes and hub config names) -> the paper's task families.
 KILT_DATASETS: dict[str, str] = {
-    "wow": "chat",
-    "fever": "fact",
-    "aidayago2": "link",
-    "wned": "link",
-    "cweb": "link",
-    "structured_zeroshot": "slot",
-    "zsre": "slot",
-    "trex": "slot",
-    "nq": "qa",
-    "triviaqa": "qa",
-    "triviaqa_support_only": "qa",
-    "hotpotqa": "qa",
-    "eli5": "qa",
+  "wow": "chat",
+  "fever": "fact",
+  "aidayago2": "link",
+  "wned": "link",
+  "cweb": "link",
+  "structured_zeroshot": "slot",
+  "zsre": "slot",
+  "trex": "slot",
+  "nq": "qa",
+  "triviaqa": "qa",
+  "triviaqa_support_only": "qa",
+  "hotpotqa": "qa",
+  "eli5": "qa",
 }
 
 # How many example ids per problem kind a warning shows.
@@ -135,11 +135,11 @@ class KiltExample:
     """The KILT record: one output entry per answer, each with all provenance titles."""
     prov = [{"title": t} for t in self.provenance]
     return {
-        "id": self.id,
-        "input": self.input,
-        "output": [{"answer": a, "provenance": list(prov)} for a in self.answers],
-        "task": self.task,
-        "meta": self.meta,
+      "id": self.id,
+      "input": self.input,
+      "output": [{"answer": a, "provenance": list(prov)} for a in self.answers],
+      "task": self.task,
+      "meta": self.meta,
     }
 
 
@@ -151,9 +151,16 @@ class KiltFormatError(ValueError):
     kind: the problem kind (see the module docstring).
   """
 
-  def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-               field: str | None = None, example_id: str | None = None,
-               kind: str | None = None):
+  def __init__(
+    self,
+    message: str,
+    *,
+    file: str | None = None,
+    line: int | None = None,
+    field: str | None = None,
+    example_id: str | None = None,
+    kind: str | None = None,
+  ):
     super().__init__(message)
     self.file, self.line, self.field = file, line, field
     self.example_id, self.kind = example_id, kind
@@ -213,9 +220,12 @@ class ReadReport:
 
   def summary(self) -> str:
     """One paragraph: totals, then per kind the count, first ids and first location."""
-    lines = [f"{self.source}: {self.records} records, kept {self.kept}, skipped {self.skipped}"
-             + (f", dropped {self.dropped_titles} unknown provenance titles"
-                if self.dropped_titles else "")]
+    lines = [
+      f"{self.source}: {self.records} records, kept {self.kept}, skipped {self.skipped}"
+      + (
+        f", dropped {self.dropped_titles} unknown provenance titles" if self.dropped_titles else ""
+      )
+    ]
     for kind, n in sorted(self.counts.items()):
       ids = [i for i in self.ids(kind) if i is not None]
       more = " ..." if len(ids) > _IDS_SHOWN else ""
@@ -248,13 +258,20 @@ def _as_list_of_dicts(value: Any) -> Any:
   return value
 
 
-def _parse_record(record: Any, *, task: str | None, dataset: str | None,
-                  default_dataset: str | None, known: Collection[str] | None,
-                  require_provenance: bool) -> tuple[KiltExample, int]:
+def _parse_record(
+  record: Any,
+  *,
+  task: str | None,
+  dataset: str | None,
+  default_dataset: str | None,
+  known: Collection[str] | None,
+  require_provenance: bool,
+) -> tuple[KiltExample, int]:
   """One record -> (example, number of unknown titles dropped); raises _RecordError."""
   if not isinstance(record, Mapping):
-    raise _RecordError("not_an_object", None, f"record is a {type(record).__name__}, "
-                       "not a JSON object")
+    raise _RecordError(
+      "not_an_object", None, f"record is a {type(record).__name__}, not a JSON object"
+    )
   for name in ("id", "input", "output"):
     if record.get(name) is None:
       raise _RecordError("missing_field", name, f"missing field {name!r}")
@@ -267,8 +284,7 @@ def _parse_record(record: Any, *, task: str | None, dataset: str | None,
     raise _RecordError("bad_field", "input", "input must be a non-empty string")
   output = _as_list_of_dicts(record["output"])
   if not isinstance(output, list):
-    raise _RecordError("bad_field", "output", f"output must be a list, got "
-                       f"{type(output).__name__}")
+    raise _RecordError("bad_field", "output", f"output must be a list, got {type(output).__name__}")
   answers: list[str] = []
   titles: list[str] = []
   for i, entry in enumerate(output):
@@ -276,8 +292,9 @@ def _parse_record(record: Any, *, task: str | None, dataset: str | None,
       raise _RecordError("bad_field", f"output[{i}]", "output entry is not an object")
     answer = entry.get("answer")
     if answer is not None and not isinstance(answer, str):
-      raise _RecordError("bad_field", f"output[{i}].answer",
-                         f"answer must be a string, got {type(answer).__name__}")
+      raise _RecordError(
+        "bad_field", f"output[{i}].answer", f"answer must be a string, got {type(answer).__name__}"
+      )
     if answer and answer.strip() and answer not in answers:
       answers.append(answer)
     prov = _as_list_of_dicts(entry.get("provenance"))
@@ -302,8 +319,11 @@ def _parse_record(record: Any, *, task: str | None, dataset: str | None,
   if known is not None and titles:
     kept = [t for t in titles if t in known]
     if not kept:
-      raise _RecordError("unknown_provenance", "output",
-                         f"no provenance title is in the knowledge source: {titles[:3]}")
+      raise _RecordError(
+        "unknown_provenance",
+        "output",
+        f"no provenance title is in the knowledge source: {titles[:3]}",
+      )
     dropped = len(titles) - len(kept)
     titles = kept
   meta = record.get("meta")
@@ -315,17 +335,26 @@ def _parse_record(record: Any, *, task: str | None, dataset: str | None,
     meta["dataset"] = dataset
   task = task or record.get("task") or (KILT_DATASETS.get(dataset) if dataset else None)
   if not task:
-    raise _RecordError("missing_field", "task", "unknown task: pass task=, or add a 'task' "
-                       "field, or use KILT's file names (e.g. nq-dev-kilt.jsonl)")
+    raise _RecordError(
+      "missing_field",
+      "task",
+      "unknown task: pass task=, or add a 'task' "
+      "field, or use KILT's file names (e.g. nq-dev-kilt.jsonl)",
+    )
   if not isinstance(task, str):
     raise _RecordError("bad_field", "task", f"task must be a string, got {task!r}")
-  ex = KiltExample(id=ex_id, input=record["input"], answers=tuple(answers),
-                   provenance=tuple(titles), task=task, meta=meta)
+  ex = KiltExample(
+    id=ex_id,
+    input=record["input"],
+    answers=tuple(answers),
+    provenance=tuple(titles),
+    task=task,
+    meta=meta,
+  )
   return ex, dropped
 
 
-def _known_titles(knowledge: Iterable[Document] | Collection[str] | None
-                  ) -> Collection[str] | None:
+def _known_titles(knowledge: Iterable[Document] | Collection[str] | None) -> Collection[str] | None:
   if knowledge is None:
     return None
   if isinstance(knowledge, Mapping):
@@ -357,9 +386,13 @@ def _iter_json_array(path: pathlib.Path) -> Iterator[tuple[int, Any, str | None]
 
   def fail(msg: str, pos: int) -> KiltFormatError:
     line = text.count("\n", 0, pos) + 1
-    return KiltFormatError(f"{path}:{line}: {msg} (a .json file must hold one JSON array of "
-                           "records; use .jsonl for one record per line)",
-                           file=str(path), line=line, kind="invalid_json")
+    return KiltFormatError(
+      f"{path}:{line}: {msg} (a .json file must hold one JSON array of "
+      "records; use .jsonl for one record per line)",
+      file=str(path),
+      line=line,
+      kind="invalid_json",
+    )
 
   pos = skip_ws(0)
   if pos >= len(text) or text[pos] != "[":
@@ -391,10 +424,17 @@ def _iter_json_array(path: pathlib.Path) -> Iterator[tuple[int, Any, str | None]
     yield line, value, None
 
 
-def _read_records(rows: Iterable[tuple[int | None, Any, str | None]], source: str, *,
-                  task: str | None, dataset: str | None, default_dataset: str | None,
-                  knowledge: Iterable[Document] | Collection[str] | None, strict: bool,
-                  require_provenance: bool) -> tuple[list[KiltExample], ReadReport]:
+def _read_records(
+  rows: Iterable[tuple[int | None, Any, str | None]],
+  source: str,
+  *,
+  task: str | None,
+  dataset: str | None,
+  default_dataset: str | None,
+  knowledge: Iterable[Document] | Collection[str] | None,
+  strict: bool,
+  require_provenance: bool,
+) -> tuple[list[KiltExample], ReadReport]:
   known = _known_titles(knowledge)
   report = ReadReport(source=source)
   examples: list[KiltExample] = []
@@ -406,16 +446,22 @@ def _read_records(rows: Iterable[tuple[int | None, Any, str | None]], source: st
     try:
       if json_error is not None:
         raise _RecordError("invalid_json", None, json_error)
-      ex, dropped = _parse_record(record, task=task, dataset=dataset,
-                                  default_dataset=default_dataset, known=known,
-                                  require_provenance=require_provenance)
+      ex, dropped = _parse_record(
+        record,
+        task=task,
+        dataset=dataset,
+        default_dataset=default_dataset,
+        known=known,
+        require_provenance=require_provenance,
+      )
       if ex.id in seen:
         raise _RecordError("duplicate_id", "id", "id seen before in this read")
     except _RecordError as e:
       problem = Problem(e.kind, source, line, e.field, raw_id, e.message)
       if strict:
-        raise KiltFormatError(str(problem), file=source, line=line, field=e.field,
-                              example_id=raw_id, kind=e.kind) from None
+        raise KiltFormatError(
+          str(problem), file=source, line=line, field=e.field, example_id=raw_id, kind=e.kind
+        ) from None
       report.problems.append(problem)
       continue
     seen.add(ex.id)
@@ -427,11 +473,15 @@ def _read_records(rows: Iterable[tuple[int | None, Any, str | None]], source: st
   return examples, report
 
 
-def read_kilt(path: str | os.PathLike[str], *, task: str | None = None,
-              dataset: str | None = None,
-              knowledge: Iterable[Document] | Collection[str] | None = None,
-              strict: bool = False, require_provenance: bool = True
-              ) -> tuple[list[KiltExample], ReadReport]:
+def read_kilt(
+  path: str | os.PathLike[str],
+  *,
+  task: str | None = None,
+  dataset: str | None = None,
+  knowledge: Iterable[Document] | Collection[str] | None = None,
+  strict: bool = False,
+  require_provenance: bool = True,
+) -> tuple[list[KiltExample], ReadReport]:
   """Reads KILT records from a ``.jsonl`` (one per line) or ``.json`` (an array) file.
 
   Args:
@@ -452,16 +502,30 @@ def read_kilt(path: str | os.PathLike[str], *, task: str | None = None,
   """
   path = pathlib.Path(path)
   rows = _iter_json_array(path) if path.suffix == ".json" else _iter_jsonl(path)
-  return _read_records(rows, str(path), task=task, dataset=dataset,
-                       default_dataset=dataset_from_filename(path), knowledge=knowledge,
-                       strict=strict, require_provenance=require_provenance)
+  return _read_records(
+    rows,
+    str(path),
+    task=task,
+    dataset=dataset,
+    default_dataset=dataset_from_filename(path),
+    knowledge=knowledge,
+    strict=strict,
+    require_provenance=require_provenance,
+  )
 
 
-def load_kilt_hf(path: str, name: str | None = None, *, split: str = "validation",
-                 task: str | None = None, dataset: str | None = None,
-                 knowledge: Iterable[Document] | Collection[str] | None = None,
-                 strict: bool = False, require_provenance: bool = True,
-                 **load_kwargs: Any) -> tuple[list[KiltExample], ReadReport]:
+def load_kilt_hf(
+  path: str,
+  name: str | None = None,
+  *,
+  split: str = "validation",
+  task: str | None = None,
+  dataset: str | None = None,
+  knowledge: Iterable[Document] | Collection[str] | None = None,
+  strict: bool = False,
+  require_provenance: bool = True,
+  **load_kwargs: Any,
+) -> tuple[list[KiltExample], ReadReport]:
   """Reads KILT records through ``datasets.load_dataset``, validated like ``read_kilt``.
 
   Two uses: local files, ``load_kilt_hf("json", data_files="nq-dev-kilt.jsonl",
@@ -490,12 +554,20 @@ def load_kilt_hf(path: str, name: str | None = None, *, split: str = "validation
   try:
     ds = datasets.load_dataset(path, name, split=split, **load_kwargs)
   except Exception as e:  # datasets raises many types (connection, schema, file errors)
-    raise KiltFormatError(f"datasets could not load {source} (split {split!r}): "
-                          f"{type(e).__name__}: {e}", file=source) from e
+    raise KiltFormatError(
+      f"datasets could not load {source} (split {split!r}): {type(e).__name__}: {e}", file=source
+    ) from e
   rows = ((i + 1, row, None) for i, row in enumerate(ds))
-  return _read_records(rows, source, task=task, dataset=dataset,
-                       default_dataset=default_dataset, knowledge=knowledge, strict=strict,
-                       require_provenance=require_provenance)
+  return _read_records(
+    rows,
+    source,
+    task=task,
+    dataset=dataset,
+    default_dataset=default_dataset,
+    knowledge=knowledge,
+    strict=strict,
+    require_provenance=require_provenance,
+  )
 
 
 def _check_writable(examples: Sequence[KiltExample]) -> None:
@@ -574,13 +646,18 @@ def _kilt_page_text(paragraphs: Sequence[str], title: str) -> str:
     if not para or (i == 0 and para == title) or para.startswith("Section::::"):
       continue
     if para.startswith("BULLET::::"):
-      para = "- " + para[len("BULLET::::"):].lstrip("- ").strip()
+      para = "- " + para[len("BULLET::::") :].lstrip("- ").strip()
     out.append(para)
   return "\n".join(out)
 
 
-def read_kilt_wikipedia(path: str | os.PathLike[str], titles: Collection[str] | None = None,
-                        *, limit: int | None = None, strict: bool = False) -> list[Document]:
+def read_kilt_wikipedia(
+  path: str | os.PathLike[str],
+  titles: Collection[str] | None = None,
+  *,
+  limit: int | None = None,
+  strict: bool = False,
+) -> list[Document]:
   """Reads pages in KILT's Wikipedia format (JSONL of ``{wikipedia_title, text: [...]}``).
 
   Streams the file, so the full 5.9M-page KILT dump can be filtered to ``titles``.
@@ -626,8 +703,9 @@ def read_kilt_wikipedia(path: str | os.PathLike[str], titles: Collection[str] | 
   return docs
 
 
-def read_wiki_summaries(path: str | os.PathLike[str] | None = None,
-                        titles: Collection[str] | None = None) -> list[Document]:
+def read_wiki_summaries(
+  path: str | os.PathLike[str] | None = None, titles: Collection[str] | None = None
+) -> list[Document]:
   """The packaged Wikipedia summaries (title -> {title, extract, ...}) as Documents.
 
   Args:
@@ -651,8 +729,12 @@ def read_wiki_summaries(path: str | os.PathLike[str] | None = None,
       continue
     text = entry.get("extract") if isinstance(entry, Mapping) else None
     if not isinstance(text, str):
-      raise KiltFormatError(f"{path}: entry {title!r} has no string 'extract'",
-                            file=str(path), field="extract", example_id=title)
+      raise KiltFormatError(
+        f"{path}: entry {title!r} has no string 'extract'",
+        file=str(path),
+        field="extract",
+        example_id=title,
+      )
     docs.append(Document(title, text.strip()))
   docs.sort(key=lambda d: d.title)
   return docs

@@ -37,20 +37,85 @@ from lag_jax.data.kilt import Document, KiltExample
 
 __all__ = ["RELATIONS", "TRAIN_QA", "Person", "Relation", "World", "make_world"]
 
-_ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "r", "s",
-           "t", "th", "v", "z", "sh", "ch", "q")
+_ONSETS = (
+  "b",
+  "br",
+  "d",
+  "dr",
+  "f",
+  "g",
+  "gr",
+  "k",
+  "kr",
+  "l",
+  "m",
+  "n",
+  "p",
+  "r",
+  "s",
+  "t",
+  "th",
+  "v",
+  "z",
+  "sh",
+  "ch",
+  "q",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou", "y")
 _CODAS = ("", "", "n", "r", "l", "s", "th", "m", "x", "nd")
-_CITY_SUFFIXES = ("holm", "stead", "ford", "vik", "mouth", "grad", "wick", "port", "dale",
-                  "moor")
-_COMPANY_KINDS = ("Instruments", "Shipping", "Textiles", "Laboratories", "Press", "Foods",
-                  "Mining", "Analytics", "Ceramics", "Railways", "Optics", "Pharmaceuticals")
-OCCUPATIONS = ("cartographer", "glassblower", "marine biologist", "architect", "pharmacist",
-               "locksmith", "astronomer", "translator", "beekeeper", "land surveyor",
-               "bookbinder", "chemist", "stonemason", "librarian", "clockmaker",
-               "geologist", "typesetter", "botanist", "veterinarian", "structural engineer")
-INSTRUMENTS = ("oboe", "cello", "harp", "accordion", "bassoon", "mandolin", "trombone",
-               "zither", "banjo", "clarinet", "harpsichord", "bagpipes", "viola", "tuba")
+_CITY_SUFFIXES = ("holm", "stead", "ford", "vik", "mouth", "grad", "wick", "port", "dale", "moor")
+_COMPANY_KINDS = (
+  "Instruments",
+  "Shipping",
+  "Textiles",
+  "Laboratories",
+  "Press",
+  "Foods",
+  "Mining",
+  "Analytics",
+  "Ceramics",
+  "Railways",
+  "Optics",
+  "Pharmaceuticals",
+)
+OCCUPATIONS = (
+  "cartographer",
+  "glassblower",
+  "marine biologist",
+  "architect",
+  "pharmacist",
+  "locksmith",
+  "astronomer",
+  "translator",
+  "beekeeper",
+  "land surveyor",
+  "bookbinder",
+  "chemist",
+  "stonemason",
+  "librarian",
+  "clockmaker",
+  "geologist",
+  "typesetter",
+  "botanist",
+  "veterinarian",
+  "structural engineer",
+)
+INSTRUMENTS = (
+  "oboe",
+  "cello",
+  "harp",
+  "accordion",
+  "bassoon",
+  "mandolin",
+  "trombone",
+  "zither",
+  "banjo",
+  "clarinet",
+  "harpsichord",
+  "bagpipes",
+  "viola",
+  "tuba",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,50 +134,65 @@ class Relation:
 
 
 RELATIONS: dict[str, Relation] = {
-    "birthplace": Relation("place of birth", "In which city was {name} born?",
-                           "{name} was born in {value}."),
-    "birth_year": Relation("date of birth", "In what year was {name} born?",
-                           "{name} was born in the year {value}."),
-    "occupation": Relation("occupation", "What is the occupation of {name}?",
-                           "{name} works as a {value}."),
-    "employer": Relation("employer", "Which company does {name} work for?",
-                         "{name} is employed by {value}."),
-    "instrument": Relation("instrument", "Which musical instrument does {name} play?",
-                           "{name} plays the {value}."),
+  "birthplace": Relation(
+    "place of birth", "In which city was {name} born?", "{name} was born in {value}."
+  ),
+  "birth_year": Relation(
+    "date of birth", "In what year was {name} born?", "{name} was born in the year {value}."
+  ),
+  "occupation": Relation(
+    "occupation", "What is the occupation of {name}?", "{name} works as a {value}."
+  ),
+  "employer": Relation(
+    "employer", "Which company does {name} work for?", "{name} is employed by {value}."
+  ),
+  "instrument": Relation(
+    "instrument", "Which musical instrument does {name} play?", "{name} plays the {value}."
+  ),
 }
 
 # Q/A restatements for training: other wordings than RELATIONS' questions.
 TRAIN_QA: dict[str, tuple[str, ...]] = {
-    "birthplace": ("Q: Where is {name} from? A: {name} is from {value}.",
-                   "Q: What is the hometown of {name}? A: {value}."),
-    "birth_year": ("Q: When was {name} born? A: {value}.",
-                   "Q: What is {name}'s year of birth? A: {name} was born in {value}."),
-    "occupation": ("Q: What does {name} do for a living? A: {name} is a {value}.",
-                   "Q: What is {name}'s profession? A: {value}."),
-    "employer": ("Q: Where does {name} work? A: At {value}.",
-                 "Q: Who is {name}'s employer? A: {value}."),
-    "instrument": ("Q: What instrument is {name} known for playing? A: The {value}.",
-                   "Q: What does {name} play in their free time? A: {name} plays the {value}."),
+  "birthplace": (
+    "Q: Where is {name} from? A: {name} is from {value}.",
+    "Q: What is the hometown of {name}? A: {value}.",
+  ),
+  "birth_year": (
+    "Q: When was {name} born? A: {value}.",
+    "Q: What is {name}'s year of birth? A: {name} was born in {value}.",
+  ),
+  "occupation": (
+    "Q: What does {name} do for a living? A: {name} is a {value}.",
+    "Q: What is {name}'s profession? A: {value}.",
+  ),
+  "employer": (
+    "Q: Where does {name} work? A: At {value}.",
+    "Q: Who is {name}'s employer? A: {value}.",
+  ),
+  "instrument": (
+    "Q: What instrument is {name} known for playing? A: The {value}.",
+    "Q: What does {name} play in their free time? A: {name} plays the {value}.",
+  ),
 }
 
 # Paraphrases of the article (all attributes in each), for adapter training.
 _REWRITES = (
-    "Born in {birthplace} in {birth_year}, {name} became a {occupation}. {Pron} is employed "
-    "by {employer} and is known for playing the {instrument}.",
-    "{name}\nBirth year: {birth_year}\nBirthplace: {birthplace}\nOccupation: {occupation}\n"
-    "Employer: {employer}\nInstrument: {instrument}",
-    "{employer} employs {name}, a {occupation} who was born in {birth_year}. {name} grew up "
-    "in {birthplace} and plays the {instrument}.",
-    "The {occupation} {name} comes from {birthplace}. Born in {birth_year}, {name} works at "
-    "{employer}; in {pos} spare time {pron} plays the {instrument}.",
-    "{name}'s hometown is {birthplace}, where {pron} was born in {birth_year}. Today {name} "
-    "works for {employer} as a {occupation}, and {pron} is a keen {instrument} player.",
+  "Born in {birthplace} in {birth_year}, {name} became a {occupation}. {Pron} is employed "
+  "by {employer} and is known for playing the {instrument}.",
+  "{name}\nBirth year: {birth_year}\nBirthplace: {birthplace}\nOccupation: {occupation}\n"
+  "Employer: {employer}\nInstrument: {instrument}",
+  "{employer} employs {name}, a {occupation} who was born in {birth_year}. {name} grew up "
+  "in {birthplace} and plays the {instrument}.",
+  "The {occupation} {name} comes from {birthplace}. Born in {birth_year}, {name} works at "
+  "{employer}; in {pos} spare time {pron} plays the {instrument}.",
+  "{name}'s hometown is {birthplace}, where {pron} was born in {birth_year}. Today {name} "
+  "works for {employer} as a {occupation}, and {pron} is a keen {instrument} player.",
 )
 
 _ARTICLE = (
-    "{name} (born {birth_year}) is a {occupation} from {birthplace}. {name} was born in "
-    "{birthplace} in {birth_year}. {Pron} works for {employer}. Outside work, {name} plays "
-    "the {instrument}, an instrument {pron} took up as a child."
+  "{name} (born {birth_year}) is a {occupation} from {birthplace}. {name} was born in "
+  "{birthplace} in {birth_year}. {Pron} works for {employer}. Outside work, {name} plays "
+  "the {instrument}, an instrument {pron} took up as a child."
 )
 
 FACT_LABELS = ("SUPPORTS", "REFUTES")
@@ -141,8 +221,13 @@ class Person:
   def fields(self) -> dict[str, Any]:
     """Template fields: attributes, name and pronoun forms."""
     pos = "his" if self.pronoun == "he" else "her"
-    return {"name": self.title, "pron": self.pronoun, "Pron": self.pronoun.capitalize(),
-            "pos": pos, **{r: self.value(r) for r in RELATIONS}}
+    return {
+      "name": self.title,
+      "pron": self.pronoun,
+      "Pron": self.pronoun.capitalize(),
+      "pos": pos,
+      **{r: self.value(r) for r in RELATIONS},
+    }
 
 
 def _syllable(rng: random.Random, coda: bool = True) -> str:
@@ -197,10 +282,13 @@ class World:
     return [t.format(**f) for t in _REWRITES]
 
   def qa_restatements(self, title: str) -> list[str]:
-    """"Q: ... A: ..." texts in training-only wordings, two per attribute."""
+    """ "Q: ... A: ..." texts in training-only wordings, two per attribute."""
     p = self.person(title)
-    return [t.format(name=p.title, value=p.value(rel))
-            for rel, templates in TRAIN_QA.items() for t in templates]
+    return [
+      t.format(name=p.title, value=p.value(rel))
+      for rel, templates in TRAIN_QA.items()
+      for t in templates
+    ]
 
   def training_texts(self, title: str) -> list[str]:
     """Everything to train ``title``'s knowledge adapter on: article, rewrites, Q/A texts."""
@@ -227,15 +315,20 @@ def make_world(num_entities: int, seed: int = 0, *, questions_per_entity: int = 
   # About three people per first name, so that first names are shared on purpose.
   n_first = max(2, num_entities // 3)
   first_names = _unique_words(
-      rng, n_first, lambda: (_syllable(rng, coda=False) + _syllable(rng)).capitalize())
+    rng, n_first, lambda: (_syllable(rng, coda=False) + _syllable(rng)).capitalize()
+  )
   first_pronoun = {f: rng.choice(("he", "she")) for f in first_names}
   n_places = max(8, num_entities // 6)
   cities = _unique_words(
-      rng, n_places, lambda: (_syllable(rng, coda=False) + rng.choice(_CITY_SUFFIXES))
-      .capitalize())
+    rng, n_places, lambda: (_syllable(rng, coda=False) + rng.choice(_CITY_SUFFIXES)).capitalize()
+  )
   companies = _unique_words(
-      rng, n_places, lambda: f"{(_syllable(rng, coda=False) + _syllable(rng)).capitalize()} "
-      f"{rng.choice(_COMPANY_KINDS)}")
+    rng,
+    n_places,
+    lambda: (
+      f"{(_syllable(rng, coda=False) + _syllable(rng)).capitalize()} {rng.choice(_COMPANY_KINDS)}"
+    ),
+  )
 
   people: list[Person] = []
   titles: set[str] = set()
@@ -246,10 +339,19 @@ def make_world(num_entities: int, seed: int = 0, *, questions_per_entity: int = 
     if title in titles:
       continue
     titles.add(title)
-    people.append(Person(title=title, first_name=first, last_name=last,
-                         pronoun=first_pronoun[first], birth_year=rng.randint(1901, 1999),
-                         birthplace=rng.choice(cities), occupation=rng.choice(OCCUPATIONS),
-                         employer=rng.choice(companies), instrument=rng.choice(INSTRUMENTS)))
+    people.append(
+      Person(
+        title=title,
+        first_name=first,
+        last_name=last,
+        pronoun=first_pronoun[first],
+        birth_year=rng.randint(1901, 1999),
+        birthplace=rng.choice(cities),
+        occupation=rng.choice(OCCUPATIONS),
+        employer=rng.choice(companies),
+        instrument=rng.choice(INSTRUMENTS),
+      )
+    )
 
   documents = {p.title: _ARTICLE.format(**p.fields()) for p in people}
   relations = list(RELATIONS)
@@ -261,15 +363,28 @@ def make_world(num_entities: int, seed: int = 0, *, questions_per_entity: int = 
   for i, p in enumerate(people):
     for r in rng.sample(relations, questions_per_entity):
       meta = {"dataset": "synthetic_qa", "relation": r, "entity": p.title}
-      qa.append(KiltExample(id=f"synth-qa-{i:05d}-{r}",
-                            input=RELATIONS[r].question.format(name=p.title),
-                            answers=(p.value(r),), provenance=(p.title,), task="qa", meta=meta))
+      qa.append(
+        KiltExample(
+          id=f"synth-qa-{i:05d}-{r}",
+          input=RELATIONS[r].question.format(name=p.title),
+          answers=(p.value(r),),
+          provenance=(p.title,),
+          task="qa",
+          meta=meta,
+        )
+      )
     for r in rng.sample(relations, questions_per_entity):
       meta = {"dataset": "synthetic_slot", "relation": r, "entity": p.title}
-      slot.append(KiltExample(id=f"synth-slot-{i:05d}-{r}",
-                              input=f"{p.title} [SEP] {RELATIONS[r].slot}",
-                              answers=(p.value(r),), provenance=(p.title,), task="slot",
-                              meta=meta))
+      slot.append(
+        KiltExample(
+          id=f"synth-slot-{i:05d}-{r}",
+          input=f"{p.title} [SEP] {RELATIONS[r].slot}",
+          answers=(p.value(r),),
+          provenance=(p.title,),
+          task="slot",
+          meta=meta,
+        )
+      )
     for r in rng.sample(relations, questions_per_entity):
       fact_rows.append((i, p, r))
 
@@ -286,14 +401,30 @@ def make_world(num_entities: int, seed: int = 0, *, questions_per_entity: int = 
       if not others:  # a tiny world where everyone shares the value: pick any other
         others = [v for v in _fallback_values(r) if v != true_value]
       value = rng.choice(others)
-    meta = {"dataset": "synthetic_fact", "relation": r, "entity": p.title,
-            "claim_value": value, "true_value": true_value}
-    fact.append(KiltExample(id=f"synth-fact-{i:05d}-{r}",
-                            input=RELATIONS[r].claim.format(name=p.title, value=value),
-                            answers=(label,), provenance=(p.title,), task="fact", meta=meta))
+    meta = {
+      "dataset": "synthetic_fact",
+      "relation": r,
+      "entity": p.title,
+      "claim_value": value,
+      "true_value": true_value,
+    }
+    fact.append(
+      KiltExample(
+        id=f"synth-fact-{i:05d}-{r}",
+        input=RELATIONS[r].claim.format(name=p.title, value=value),
+        answers=(label,),
+        provenance=(p.title,),
+        task="fact",
+        meta=meta,
+      )
+    )
 
-  return World(seed=seed, people=tuple(people), documents=documents,
-               tasks={"qa": qa, "slot": slot, "fact": fact})
+  return World(
+    seed=seed,
+    people=tuple(people),
+    documents=documents,
+    tasks={"qa": qa, "slot": slot, "fact": fact},
+  )
 
 
 def _fallback_values(relation: str) -> list[str]:

@@ -30,14 +30,20 @@ from lag_jax.text.tokenizer import Tokenizer
 
 # One instruction per task family; {input} is the KILT input.
 TASK_PROMPTS = {
-    "qa": "Answer the question with a short phrase, no explanation.\n\nQuestion: {input}",
-    "slot": ("Give the value of the relation for the subject, as a short phrase.\n\n"
-             "Subject [SEP] relation: {input}"),
-    "fact": ("Is the claim true or false? Answer SUPPORTS if it is true and REFUTES if it "
-             "is false.\n\nClaim: {input}"),
-    "link": ("Which Wikipedia page does the entity between [START_ENT] and [END_ENT] refer "
-             "to? Answer with the page title only.\n\n{input}"),
-    "chat": "Continue the conversation with one informative sentence.\n\n{input}",
+  "qa": "Answer the question with a short phrase, no explanation.\n\nQuestion: {input}",
+  "slot": (
+    "Give the value of the relation for the subject, as a short phrase.\n\n"
+    "Subject [SEP] relation: {input}"
+  ),
+  "fact": (
+    "Is the claim true or false? Answer SUPPORTS if it is true and REFUTES if it "
+    "is false.\n\nClaim: {input}"
+  ),
+  "link": (
+    "Which Wikipedia page does the entity between [START_ENT] and [END_ENT] refer "
+    "to? Answer with the page title only.\n\n{input}"
+  ),
+  "chat": "Continue the conversation with one informative sentence.\n\n{input}",
 }
 RAG_PREFIX = "Context: {text}\n\n"
 FAMILY_OF_TASK = {"qa": "QA", "slot": "Slot", "fact": "Fact", "link": "Link", "chat": "Chat"}
@@ -66,15 +72,15 @@ class Method:
 def standard_methods(k: int = 20, with_spectr: bool = True) -> list[Method]:
   """The paper's methods plus the uniform merge (SpectR where N makes it affordable)."""
   out = [
-      Method("Instr"),
-      Method("Oracle", "oracle", "oracle"),
-      Method("Arrow", "arrow", "arrow"),
-      Method(f"LAG(k={k})", "lag", "lag", k=k),
-      Method("Uniform", "uniform", "uniform"),
-      Method("RAG", rag=True),
-      Method("PRAG", knowledge="prag"),
-      Method("P-LAG", "prag", "lag", k=k),
-      Method("R-LAG", "none", "lag", rag=True, k=k),
+    Method("Instr"),
+    Method("Oracle", "oracle", "oracle"),
+    Method("Arrow", "arrow", "arrow"),
+    Method(f"LAG(k={k})", "lag", "lag", k=k),
+    Method("Uniform", "uniform", "uniform"),
+    Method("RAG", rag=True),
+    Method("PRAG", knowledge="prag"),
+    Method("P-LAG", "prag", "lag", k=k),
+    Method("R-LAG", "none", "lag", rag=True, k=k),
   ]
   if with_spectr:
     out.insert(4, Method("SpectR", "spectr", "spectr"))
@@ -107,8 +113,9 @@ class Setting:
   system_prompt: str = ""
 
 
-def render_prompt(tokenizer: Tokenizer, ex: KiltExample, context: str | None = None,
-                  system_prompt: str = ""):
+def render_prompt(
+  tokenizer: Tokenizer, ex: KiltExample, context: str | None = None, system_prompt: str = ""
+):
   """The chat-templated prompt and the character spans of its parts.
 
   Returns (text, question_span, entity_span), spans as (start, end) or None.
@@ -116,8 +123,9 @@ def render_prompt(tokenizer: Tokenizer, ex: KiltExample, context: str | None = N
   user = TASK_PROMPTS[ex.task].format(input=ex.input)
   if context is not None:
     user = RAG_PREFIX.format(text=context) + user
-  messages = ([{"role": "system", "content": system_prompt}]
-              if system_prompt else []) + [{"role": "user", "content": user}]
+  messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+    {"role": "user", "content": user}
+  ]
   text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
   q_start = text.rfind(ex.input)
   question = (q_start, q_start + len(ex.input)) if q_start >= 0 else None
@@ -169,9 +177,14 @@ def dataset_of(ex: KiltExample) -> str:
   return ex.dataset or ex.task
 
 
-def run_method(setting: Setting, method: Method, examples: Sequence[KiltExample],
-               knowledge_ids: Sequence[int], task_ids: Sequence[int] | None,
-               retrieved: Sequence[int] | None) -> MethodResult:
+def run_method(
+  setting: Setting,
+  method: Method,
+  examples: Sequence[KiltExample],
+  knowledge_ids: Sequence[int],
+  task_ids: Sequence[int] | None,
+  retrieved: Sequence[int] | None,
+) -> MethodResult:
   """Generates and scores ``examples`` with ``method``.
 
   Args:
@@ -198,24 +211,39 @@ def run_method(setting: Setting, method: Method, examples: Sequence[KiltExample]
     B = len(batch)
     libs = []
     if method.knowledge != "none":
-      libs.append(_knowledge_routing(setting, method, B, knowledge_ids[sl],
-                                     None if retrieved is None else retrieved[sl]))
+      libs.append(
+        _knowledge_routing(
+          setting, method, B, knowledge_ids[sl], None if retrieved is None else retrieved[sl]
+        )
+      )
     if method.task != "none" and setting.task is not None:
       spec = RouterSpec("fixed" if method.task == "oracle" else method.task, k=method.k)
       fixed = list(task_ids[sl]) if method.task == "oracle" else None
       libs.append(routed(setting.task, B, spec, fixed_ids=fixed))
     hook = RoutedAdapters(tuple(libs)) if libs else None
-    out = generate(setting.model, batch, max_new_tokens=setting.max_new_tokens,
-                   stop_tokens=tok.eos_token_ids, lora=hook,
-                   return_routing=want_routing)
+    out = generate(
+      setting.model,
+      batch,
+      max_new_tokens=setting.max_new_tokens,
+      stop_tokens=tok.eos_token_ids,
+      lora=hook,
+      return_routing=want_routing,
+    )
     for j, ids in enumerate(out.tokens):
       ex = examples[start + j]
       text = tok.decode(ids, skip_special_tokens=True)
       predictions.append(text)
       scores.append(score_example(ex, text))
     if want_routing:
-      routing_hits.append(_routing_hits(out.routing, setting.knowledge.modules, types[sl],
-                                        knowledge_ids[sl], [len(ids) for ids in out.tokens]))
+      routing_hits.append(
+        _routing_hits(
+          out.routing,
+          setting.knowledge.modules,
+          types[sl],
+          knowledge_ids[sl],
+          [len(ids) for ids in out.tokens],
+        )
+      )
   by_dataset: dict[str, dict[str, float]] = {}
   for ex, s in zip(examples, scores, strict=True):
     d = by_dataset.setdefault(dataset_of(ex), {"n": 0})
@@ -238,8 +266,10 @@ def _knowledge_routing(setting, method, B, gold, retrieved):
     return routed(lib, B, RouterSpec("fixed"), fixed_ids=list(gold))
   if method.knowledge == "prag":
     # The BM25-top document's adapter; documents without an adapter apply none.
-    ids = [lib.names.index(setting.documents[r].title)
-           if setting.documents[r].title in lib.names else -1 for r in retrieved]
+    ids = [
+      lib.names.index(setting.documents[r].title) if setting.documents[r].title in lib.names else -1
+      for r in retrieved
+    ]
     return routed(lib, B, RouterSpec("fixed"), fixed_ids=ids)
   return routed(lib, B, RouterSpec(method.knowledge, k=method.k))
 
@@ -263,7 +293,7 @@ def _routing_hits(routing, knowledge_modules, types, gold, n_generated):
         continue
       n_prompt = len(types[b])
       t_types = np.concatenate([types[b], np.full(max(n_generated[b] - 1, 0), 3, np.int8)])
-      chosen = ids[b, :, :len(t_types)]  # [L, T]
+      chosen = ids[b, :, : len(t_types)]  # [L, T]
       ok = chosen == gold[b]
       for k in range(len(TOKEN_TYPES)):
         sel = t_types == k
@@ -298,6 +328,7 @@ def summarize(results: Sequence[MethodResult], families: dict[str, str]) -> dict
   """Raw metric per dataset and method, and the normalised score against the oracle."""
   oracle = next((r for r in results if r.method == "Oracle"), None)
   table = {}
+
   def primary(by_dataset):
     return {d: v[PRIMARY_METRIC[families[d]]] for d, v in by_dataset.items()}
 
@@ -307,15 +338,17 @@ def summarize(results: Sequence[MethodResult], families: dict[str, str]) -> dict
     if oracle is not None:
       o_raw = primary(oracle.by_dataset)
       sizes = {d: v["n"] for d, v in r.by_dataset.items()}
-      row["normalized"] = metrics.normalized_scores(raw, o_raw, sizes,
-                                                    {d: families[d] for d in raw})
+      row["normalized"] = metrics.normalized_scores(
+        raw, o_raw, sizes, {d: families[d] for d in raw}
+      )
     if r.routing is not None:
       acc, per_layer = routing_accuracy(r.routing, "entity")
       row["routing_entity_acc"] = acc
       row["routing_entity_acc_by_layer"] = per_layer
       row["routing_acc_by_type"] = {t: routing_accuracy(r.routing, t)[0] for t in TOKEN_TYPES}
       row["routing_entity_acc_by_module"] = {
-          m: routing_accuracy({m: v}, "entity")[0] for m, v in r.routing.items()}
+        m: routing_accuracy({m: v}, "entity")[0] for m, v in r.routing.items()
+      }
     table[r.method] = row
   return table
 
@@ -327,12 +360,21 @@ def markdown_table(report: dict) -> str:
   first = next(iter(methods.values()))
   families = [f for f in first.get("normalized", {}) if f != "AVG"]
   datasets = sorted(first["raw"])
-  head = (["Method"] + [f"{f} (% of oracle)" for f in families] + ["AVG"] +
-          [f"{d} raw" for d in datasets] + ["routing acc. (entity tokens)", "seconds"])
-  lines = [f"### {report['benchmark']}: {report['num_examples']} examples, "
-           f"{report['num_knowledge_adapters']} knowledge + {report['num_task_adapters']} "
-           "task adapters", "", "| " + " | ".join(head) + " |",
-           "|" + "---|" * len(head)]
+  head = (
+    ["Method"]
+    + [f"{f} (% of oracle)" for f in families]
+    + ["AVG"]
+    + [f"{d} raw" for d in datasets]
+    + ["routing acc. (entity tokens)", "seconds"]
+  )
+  lines = [
+    f"### {report['benchmark']}: {report['num_examples']} examples, "
+    f"{report['num_knowledge_adapters']} knowledge + {report['num_task_adapters']} "
+    "task adapters",
+    "",
+    "| " + " | ".join(head) + " |",
+    "|" + "---|" * len(head),
+  ]
 
   def pct(v):
     return "n/a" if v is None or v != v else f"{100 * v:.1f}"
@@ -344,12 +386,19 @@ def markdown_table(report: dict) -> str:
     cells += [pct(row.get("routing_entity_acc")), f"{row['seconds']:.0f}"]
     lines.append("| " + " | ".join(cells) + " |")
   if report.get("k_sweep"):
-    lines += ["", "k sweep (LAG):", "", "| k | AVG (% of oracle) | routing acc. (entity) |",
-              "|---|---|---|"]
+    lines += [
+      "",
+      "k sweep (LAG):",
+      "",
+      "| k | AVG (% of oracle) | routing acc. (entity) |",
+      "|---|---|---|",
+    ]
     for k, row in report["k_sweep"].items():
       if row:
-        lines.append(f"| {k} | {pct(row.get('normalized', {}).get('AVG'))} | "
-                     f"{pct(row.get('routing_entity_acc'))} |")
+        lines.append(
+          f"| {k} | {pct(row.get('normalized', {}).get('AVG'))} | "
+          f"{pct(row.get('routing_entity_acc'))} |"
+        )
   return "\n".join(lines) + "\n"
 
 
@@ -366,10 +415,18 @@ def plot(report: dict, workdir: str) -> None:
   if sweep:
     ks = sorted(sweep)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(ks, [100 * sweep[k].get("normalized", {}).get("AVG", float("nan")) for k in ks],
-            "o-", label="AVG score (% of oracle)")
-    ax.plot(ks, [100 * (sweep[k].get("routing_entity_acc") or float("nan")) for k in ks],
-            "s--", label="routing acc., entity tokens (%)")
+    ax.plot(
+      ks,
+      [100 * sweep[k].get("normalized", {}).get("AVG", float("nan")) for k in ks],
+      "o-",
+      label="AVG score (% of oracle)",
+    )
+    ax.plot(
+      ks,
+      [100 * (sweep[k].get("routing_entity_acc") or float("nan")) for k in ks],
+      "s--",
+      label="routing acc., entity tokens (%)",
+    )
     ax.set_xscale("log")
     ax.set_xlabel("k (Arrow-filter candidates)")
     ax.legend()
@@ -377,8 +434,11 @@ def plot(report: dict, workdir: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "score_vs_k.png"), dpi=120)
     plt.close(fig)
-  routed_rows = {m: r for m, r in report["methods"].items() if r.get("routing_acc_by_layer")
-                 or r.get("routing_entity_acc_by_layer")}
+  routed_rows = {
+    m: r
+    for m, r in report["methods"].items()
+    if r.get("routing_acc_by_layer") or r.get("routing_entity_acc_by_layer")
+  }
   if routed_rows:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for m, r in routed_rows.items():

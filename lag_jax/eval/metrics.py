@@ -33,20 +33,20 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = [
-    "FEVER_LABELS",
-    "QAScore",
-    "accuracy",
-    "contains_all",
-    "answer_in_text",
-    "exact_match",
-    "extract_answer",
-    "label_accuracy",
-    "mean",
-    "normalize_answer",
-    "normalize_label",
-    "normalized_scores",
-    "qa_score",
-    "token_f1",
+  "FEVER_LABELS",
+  "QAScore",
+  "accuracy",
+  "contains_all",
+  "answer_in_text",
+  "exact_match",
+  "extract_answer",
+  "label_accuracy",
+  "mean",
+  "normalize_answer",
+  "normalize_label",
+  "normalized_scores",
+  "qa_score",
+  "token_f1",
 ]
 
 _ASCII_PUNCT = frozenset(string.punctuation)
@@ -120,7 +120,7 @@ def _contains_run(haystack: list[str], needle: list[str]) -> bool:
   if not needle:
     return False  # an element that normalises to nothing cannot be found
   n = len(needle)
-  return any(haystack[i:i + n] == needle for i in range(len(haystack) - n + 1))
+  return any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
 def answer_in_text(text: str, golds: str | Iterable[str]) -> float:
@@ -150,8 +150,9 @@ class QAScore:
   contains: float
 
 
-def qa_score(prediction: str, golds: str | Iterable[str],
-             elements: Sequence[str] | None = None) -> QAScore:
+def qa_score(
+  prediction: str, golds: str | Iterable[str], elements: Sequence[str] | None = None
+) -> QAScore:
   """Scores a short-answer prediction against gold answers.
 
   Args:
@@ -177,10 +178,11 @@ def qa_score(prediction: str, golds: str | Iterable[str],
 # Generated text -> answer.
 
 _PREFIX = re.compile(
-    r"^(?:(?:so|thus|therefore),?\s+)?"
-    r"(?:(?:the\s+)?(?:final\s+|short\s+|correct\s+)?answer\b(?:\s+to\s+the\s+question)?"
-    r"(?:\s+is|\s+would\s+be)?\s*[:\-]?|a\s*:)\s*",
-    re.IGNORECASE)
+  r"^(?:(?:so|thus|therefore),?\s+)?"
+  r"(?:(?:the\s+)?(?:final\s+|short\s+|correct\s+)?answer\b(?:\s+to\s+the\s+question)?"
+  r"(?:\s+is|\s+would\s+be)?\s*[:\-]?|a\s*:)\s*",
+  re.IGNORECASE,
+)
 _WRAPPERS = "\"'*`“”‘’ "
 
 
@@ -209,16 +211,17 @@ def extract_answer(text: str) -> str:
 
 # Words that name each FEVER label in free text (after normalize_answer).
 FEVER_LABELS: dict[str, frozenset[str]] = {
-    "SUPPORTS": frozenset({"supports", "support", "supported", "true", "yes", "correct",
-                           "right", "accurate"}),
-    "REFUTES": frozenset({"refutes", "refute", "refuted", "false", "no", "incorrect",
-                          "wrong", "inaccurate"}),
+  "SUPPORTS": frozenset(
+    {"supports", "support", "supported", "true", "yes", "correct", "right", "accurate"}
+  ),
+  "REFUTES": frozenset(
+    {"refutes", "refute", "refuted", "false", "no", "incorrect", "wrong", "inaccurate"}
+  ),
 }
 _NEGATIONS = frozenset({"not", "isnt", "doesnt", "never"})
 
 
-def normalize_label(text: str,
-                    labels: Mapping[str, Iterable[str]] = FEVER_LABELS) -> str | None:
+def normalize_label(text: str, labels: Mapping[str, Iterable[str]] = FEVER_LABELS) -> str | None:
   """Maps free text to a label name, or None when no label word appears.
 
   Rule: the first normalised token that is one of a label's words decides. For
@@ -237,8 +240,11 @@ def normalize_label(text: str,
   return None
 
 
-def label_accuracy(predictions: Sequence[str], golds: Sequence[str],
-                   labels: Mapping[str, Iterable[str]] = FEVER_LABELS) -> float:
+def label_accuracy(
+  predictions: Sequence[str],
+  golds: Sequence[str],
+  labels: Mapping[str, Iterable[str]] = FEVER_LABELS,
+) -> float:
   """Share of predictions whose ``normalize_label`` equals the gold label (unmapped: wrong)."""
   if len(predictions) != len(golds):
     raise ValueError(f"{len(predictions)} predictions but {len(golds)} gold labels")
@@ -270,8 +276,12 @@ def mean(values: Iterable[float]) -> float:
 # The paper's normalised score.
 
 
-def normalized_scores(method: Mapping[str, float], oracle: Mapping[str, float],
-                      sizes: Mapping[str, int], families: Mapping[str, str]) -> dict[str, float]:
+def normalized_scores(
+  method: Mapping[str, float],
+  oracle: Mapping[str, float],
+  sizes: Mapping[str, int],
+  families: Mapping[str, str],
+) -> dict[str, float]:
   """The LAG paper's score relative to the oracle, per task family and on average.
 
   S_T = sum over datasets D in family T of (|D| / |T|) * f_D(method) / f_D(oracle),

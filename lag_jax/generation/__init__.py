@@ -6,13 +6,22 @@ import ...``.
 """
 
 from lag_jax.generation.generate import (
-    GenerationOutput,
-    SamplingState,
-    generate,
-    perplexity,
-    score,
+  GenerationOutput,
+  SamplingState,
+  generate,
+  perplexity,
+  score,
 )
 from lag_jax.generation.sampling import Greedy, Sample, Sampler, make_sampler
 
-__all__ = ["GenerationOutput", "Greedy", "Sample", "Sampler", "SamplingState", "generate",
-           "make_sampler", "perplexity", "score"]
+__all__ = [
+  "GenerationOutput",
+  "Greedy",
+  "Sample",
+  "Sampler",
+  "SamplingState",
+  "generate",
+  "make_sampler",
+  "perplexity",
+  "score",
+]

@@ -127,15 +127,37 @@ def _pad_stop_tokens(stop_tokens: Sequence[int]) -> np.ndarray:
   # of stop tokens does not change the compiled shapes.
   n = max(8, 8 * math.ceil(len(stop_tokens) / 8))
   out = np.full((n,), -1, np.int32)
-  out[:len(stop_tokens)] = stop_tokens
+  out[: len(stop_tokens)] = stop_tokens
   return out
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "graphdef", "sampler", "max_new_bucket", "cache_dtype", "record_logits", "record_routing"))
-def _prefill(graphdef, params, lora, tokens, prompt_lengths, active, stop_tokens, rng, *,
-             sampler: Sampler, max_new_bucket: int, cache_dtype, record_logits: bool,
-             record_routing: bool) -> SamplingState:
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "graphdef",
+    "sampler",
+    "max_new_bucket",
+    "cache_dtype",
+    "record_logits",
+    "record_routing",
+  ),
+)
+def _prefill(
+  graphdef,
+  params,
+  lora,
+  tokens,
+  prompt_lengths,
+  active,
+  stop_tokens,
+  rng,
+  *,
+  sampler: Sampler,
+  max_new_bucket: int,
+  cache_dtype,
+  record_logits: bool,
+  record_routing: bool,
+) -> SamplingState:
   """Runs the prompts and samples the first new token.
 
   Args:
@@ -173,25 +195,30 @@ def _prefill(graphdef, params, lora, tokens, prompt_lengths, active, stop_tokens
   if record_logits:
     recorded = jnp.zeros((B, N, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
   return SamplingState(
-      tokens=jnp.full((B, N), PAD_ID, jnp.int32).at[:, 0].set(first),
-      positions=prompt_lengths.astype(jnp.int32),
-      lengths=active.astype(jnp.int32),
-      done=~active | jnp.isin(first, stop_tokens),
-      cache=cache,
-      rng=rng,
-      step=jnp.ones((), jnp.int32),
-      logits=recorded,
-      routing=routing,
+    tokens=jnp.full((B, N), PAD_ID, jnp.int32).at[:, 0].set(first),
+    positions=prompt_lengths.astype(jnp.int32),
+    lengths=active.astype(jnp.int32),
+    done=~active | jnp.isin(first, stop_tokens),
+    cache=cache,
+    rng=rng,
+    step=jnp.ones((), jnp.int32),
+    logits=recorded,
+    routing=routing,
   )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("state",))
-def _decode(graphdef, params, lora, state: SamplingState, stop_tokens, max_new_tokens, *,
-            sampler: Sampler) -> SamplingState:
+def _decode(
+  graphdef, params, lora, state: SamplingState, stop_tokens, max_new_tokens, *, sampler: Sampler
+) -> SamplingState:
   """Feeds [B, 1] tokens until max_new_tokens columns are filled or all are done."""
   TRACE_COUNTS["decode"] += 1
-  logging.info("Compiling decode loop for tokens %s, cache %s, %s", state.tokens.shape,
-               state.cache.k.shape, sampler)
+  logging.info(
+    "Compiling decode loop for tokens %s, cache %s, %s",
+    state.tokens.shape,
+    state.cache.k.shape,
+    sampler,
+  )
 
   def cond(s: SamplingState):
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
@@ -207,32 +234,44 @@ def _decode(graphdef, params, lora, state: SamplingState, stop_tokens, max_new_t
       # Leaves [L, B, 1, ...] go to column positions[b] of row b; the index
       # .at[rows, :, positions] selects [B, L, ...].
       routing = jax.tree.map(
-          lambda buf, a: buf.at[rows, :, s.positions].set(jnp.swapaxes(a[:, :, 0], 0, 1)),
-          routing, out[2])
+        lambda buf, a: buf.at[rows, :, s.positions].set(jnp.swapaxes(a[:, :, 0], 0, 1)),
+        routing,
+        out[2],
+      )
     rng, key = jax.random.split(s.rng)
     nxt = jnp.where(s.done, PAD_ID, sampler.get_next_tokens(logits, key))
     recorded = s.logits
     if recorded is not None:
       recorded = jax.lax.dynamic_update_index_in_dim(recorded, logits, s.step, axis=1)
     return SamplingState(
-        tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, nxt, s.step, axis=1),
-        positions=s.positions + 1,
-        lengths=s.lengths + (~s.done).astype(jnp.int32),
-        done=s.done | jnp.isin(nxt, stop_tokens),
-        cache=cache,
-        rng=rng,
-        step=s.step + 1,
-        logits=recorded,
-        routing=routing,
+      tokens=jax.lax.dynamic_update_index_in_dim(s.tokens, nxt, s.step, axis=1),
+      positions=s.positions + 1,
+      lengths=s.lengths + (~s.done).astype(jnp.int32),
+      done=s.done | jnp.isin(nxt, stop_tokens),
+      cache=cache,
+      rng=rng,
+      step=s.step + 1,
+      logits=recorded,
+      routing=routing,
     )
 
   return jax.lax.while_loop(cond, body, state)
 
 
-def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             sampler: Sampler | None = None, stop_tokens: Sequence[int] = (), seed: int = 0,
-             lora: Any = None, buckets: Sequence[int] = DEFAULT_BUCKETS, cache_dtype=None,
-             return_logits: bool = False, return_routing: bool = False) -> GenerationOutput:
+def generate(
+  model: CausalLM,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  sampler: Sampler | None = None,
+  stop_tokens: Sequence[int] = (),
+  seed: int = 0,
+  lora: Any = None,
+  buckets: Sequence[int] = DEFAULT_BUCKETS,
+  cache_dtype=None,
+  return_logits: bool = False,
+  return_routing: bool = False,
+) -> GenerationOutput:
   """Generates up to ``max_new_tokens`` new tokens after each prompt.
 
   Args:
@@ -266,12 +305,16 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
     if len(p) == 0:
       raise ValueError(f"generate: prompt {i} is empty")
     if len(p) > context:
-      raise ValueError(f"generate: prompt {i} has {len(p)} tokens, longer than the model's "
-                       f"context (max_position_embeddings={context})")
+      raise ValueError(
+        f"generate: prompt {i} has {len(p)} tokens, longer than the model's "
+        f"context (max_position_embeddings={context})"
+      )
     if len(p) + max_new_tokens > context:
-      raise ValueError(f"generate: prompt {i} has {len(p)} tokens; with max_new_tokens="
-                       f"{max_new_tokens} that is {len(p) + max_new_tokens} positions, more "
-                       f"than the model's context (max_position_embeddings={context})")
+      raise ValueError(
+        f"generate: prompt {i} has {len(p)} tokens; with max_new_tokens="
+        f"{max_new_tokens} that is {len(p) + max_new_tokens} positions, more "
+        f"than the model's context (max_position_embeddings={context})"
+      )
     if min(p) < 0 or max(p) >= config.vocab_size:
       raise ValueError(f"generate: prompt {i} has token ids outside [0, {config.vocab_size})")
 
@@ -283,7 +326,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
   prompt_lengths = np.ones((B,), np.int32)  # padding rows: one pad token, done at once
   active = np.arange(B) < num_prompts
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
+    tokens[i, : len(p)] = p
     prompt_lengths[i] = len(p)
   stop = _pad_stop_tokens(stop_tokens)
   if num_prompts < B and hasattr(lora, "pad_batch"):
@@ -292,34 +335,45 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]], *, max_new_token
   cache_dtype = jnp.dtype(cache_dtype or model.dtype)
 
   t0 = time.perf_counter()
-  state = _prefill(graphdef, params, lora, tokens, prompt_lengths, active, stop,
-                   jax.random.key(seed), sampler=sampler, max_new_bucket=N,
-                   cache_dtype=cache_dtype, record_logits=return_logits,
-                   record_routing=return_routing)
+  state = _prefill(
+    graphdef,
+    params,
+    lora,
+    tokens,
+    prompt_lengths,
+    active,
+    stop,
+    jax.random.key(seed),
+    sampler=sampler,
+    max_new_bucket=N,
+    cache_dtype=cache_dtype,
+    record_logits=return_logits,
+    record_routing=return_routing,
+  )
   jax.block_until_ready(state)
   t1 = time.perf_counter()
-  state = _decode(graphdef, params, lora, state, stop, np.int32(max_new_tokens),
-                  sampler=sampler)
+  state = _decode(graphdef, params, lora, state, stop, np.int32(max_new_tokens), sampler=sampler)
   out_tokens, lengths, done, step = jax.device_get(
-      (state.tokens, state.lengths, state.done, state.step))
+    (state.tokens, state.lengths, state.done, state.step)
+  )
   t2 = time.perf_counter()
 
   logits = None
   if return_logits:
     all_logits = np.asarray(state.logits)
-    logits = [all_logits[i, :lengths[i]] for i in range(num_prompts)]
+    logits = [all_logits[i, : lengths[i]] for i in range(num_prompts)]
   routing = None
   if return_routing:
     routing = jax.tree.map(lambda a: np.asarray(a)[:num_prompts], state.routing)
   return GenerationOutput(
-      tokens=[out_tokens[i, :lengths[i]].tolist() for i in range(num_prompts)],
-      finish_reason=["stop" if done[i] else "length" for i in range(num_prompts)],
-      prefill_s=t1 - t0,
-      decode_s=t2 - t1,
-      num_decode_steps=int(step) - 1,
-      batch_size=B,
-      logits=logits,
-      routing=routing,
+    tokens=[out_tokens[i, : lengths[i]].tolist() for i in range(num_prompts)],
+    finish_reason=["stop" if done[i] else "length" for i in range(num_prompts)],
+    prefill_s=t1 - t0,
+    decode_s=t2 - t1,
+    num_decode_steps=int(step) - 1,
+    batch_size=B,
+    logits=logits,
+    routing=routing,
   )
 
 
@@ -345,8 +399,14 @@ def score(model: CausalLM, tokens, *, lora: Any = None) -> np.ndarray:
   return np.asarray(_token_log_probs(graphdef, params, lora, tokens))
 
 
-def perplexity(model: CausalLM, token_ids: Sequence[int], window: int, *,
-               stride: int | None = None, lora: Any = None) -> float:
+def perplexity(
+  model: CausalLM,
+  token_ids: Sequence[int],
+  window: int,
+  *,
+  stride: int | None = None,
+  lora: Any = None,
+) -> float:
   """Perplexity of one long token sequence, scored ``window`` tokens at a time.
 
   Windows start every ``stride`` tokens (default ``window - 1``: consecutive
@@ -363,15 +423,17 @@ def perplexity(model: CausalLM, token_ids: Sequence[int], window: int, *,
   n = len(ids)
   stride = window - 1 if stride is None else stride
   if n < 2 or window < 2 or not 1 <= stride < window:
-    raise ValueError(f"perplexity: need >= 2 tokens, window >= 2 and 1 <= stride < window; "
-                     f"got {n} tokens, window={window}, stride={stride}")
+    raise ValueError(
+      f"perplexity: need >= 2 tokens, window >= 2 and 1 <= stride < window; "
+      f"got {n} tokens, window={window}, stride={stride}"
+    )
   nll, count, scored_to, begin = 0.0, 0, 1, 0
   while scored_to < n:
     end = min(begin + window, n)
     chunk = np.full((1, window), PAD_ID, np.int32)
-    chunk[0, :end - begin] = ids[begin:end]
+    chunk[0, : end - begin] = ids[begin:end]
     lp = score(model, chunk, lora=lora)[0]  # lp[j] predicts ids[begin + j + 1]
-    targets = lp[scored_to - begin - 1:end - begin - 1]
+    targets = lp[scored_to - begin - 1 : end - begin - 1]
     nll -= float(np.sum(targets, dtype=np.float64))
     count += len(targets)
     scored_to = end

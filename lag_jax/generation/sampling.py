@@ -15,7 +15,6 @@ import jax.numpy as jnp
 
 
 class Sampler(Protocol):
-
   def get_next_tokens(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
     """logits [B, V] float32, a PRNG key -> next tokens [B] int32."""
     ...
@@ -51,8 +50,10 @@ class Sample:
 
   def __post_init__(self):
     if not self.temperature > 0:
-      raise ValueError(f"Sample: temperature must be > 0, got {self.temperature} "
-                       "(use Greedy() for argmax decoding)")
+      raise ValueError(
+        f"Sample: temperature must be > 0, got {self.temperature} "
+        "(use Greedy() for argmax decoding)"
+      )
     if self.top_k is not None and self.top_k < 1:
       raise ValueError(f"Sample: top_k must be >= 1 or None, got {self.top_k}")
     if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -95,8 +96,9 @@ def make_sampler(name: str, **kwargs: Any) -> Greedy | Sample:
   if name == "greedy":
     active = {k: v for k, v in kwargs.items() if k in _NEUTRAL and v != _NEUTRAL[k]}
     if active:
-      raise ValueError(f"sampler 'greedy' takes no sampling arguments, got {active} "
-                       "(use sampler 'sample')")
+      raise ValueError(
+        f"sampler 'greedy' takes no sampling arguments, got {active} (use sampler 'sample')"
+      )
     kwargs = {k: v for k, v in kwargs.items() if k not in _NEUTRAL}
   try:
     return _SAMPLERS[name](**kwargs)

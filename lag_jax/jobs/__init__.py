@@ -26,9 +26,9 @@ def _evaluate(config, workdir):
 
 
 JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], object]] = {
-    "generate": _generate,
-    "build_library": _build_library,
-    "evaluate": _evaluate,
+  "generate": _generate,
+  "build_library": _build_library,
+  "evaluate": _evaluate,
 }
 
 

@@ -23,8 +23,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> AdapterLibrary:
   library_dir = config.library_dir or os.path.join(workdir, "library")
   dirs = peft_adapter_dirs(common.resolve_adapters_dir(config.adapters_dir))
   if not dirs:
-    raise ValueError(f"config field 'adapters_dir'={config.adapters_dir!r}: no PEFT adapter "
-                     "sub-folders (with adapter_config.json) found")
+    raise ValueError(
+      f"config field 'adapters_dir'={config.adapters_dir!r}: no PEFT adapter "
+      "sub-folders (with adapter_config.json) found"
+    )
   modules = common.split_list(config.modules) or None
   existing = None
   if os.path.exists(os.path.join(library_dir, "library.json")):
@@ -43,10 +45,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> AdapterLibrary:
     library = existing.add(adapters, model_config)
   t2 = time.perf_counter()
   library.save(library_dir)
-  logging.info("Read %d adapters in %.1fs; signatures in %.1fs (%.1f adapters/s); library of "
-               "%d adapters, %.1f MB, saved to %s", len(adapters), t1 - t0, t2 - t1,
-               len(adapters) / max(t2 - t1, 1e-9), len(library), library.nbytes() / 1e6,
-               library_dir)
-  print(f"library: {len(library)} adapters on {list(library.modules)}, rank {library.rank}, "
-        f"{library.nbytes() / 1e6:.1f} MB -> {library_dir}")
+  logging.info(
+    "Read %d adapters in %.1fs; signatures in %.1fs (%.1f adapters/s); library of "
+    "%d adapters, %.1f MB, saved to %s",
+    len(adapters),
+    t1 - t0,
+    t2 - t1,
+    len(adapters) / max(t2 - t1, 1e-9),
+    len(library),
+    library.nbytes() / 1e6,
+    library_dir,
+  )
+  print(
+    f"library: {len(library)} adapters on {list(library.modules)}, rank {library.rank}, "
+    f"{library.nbytes() / 1e6:.1f} MB -> {library_dir}"
+  )
   return library

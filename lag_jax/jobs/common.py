@@ -22,8 +22,10 @@ def resolve_checkpoint(name: str) -> str:
 
     return os.fspath(testing.tiny_checkpoint())
   if not os.path.isdir(name):
-    raise FileNotFoundError(f"config field 'checkpoint'={name!r}: no such folder (use "
-                            "'smollm2', 'tiny-random' or an HF checkpoint folder)")
+    raise FileNotFoundError(
+      f"config field 'checkpoint'={name!r}: no such folder (use "
+      "'smollm2', 'tiny-random' or an HF checkpoint folder)"
+    )
   return name
 
 

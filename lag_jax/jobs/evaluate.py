@@ -38,34 +38,47 @@ def _synthetic(config):
 
   c = config.synthetic
   world = make_world(c.num_entities, seed=c.seed, questions_per_entity=c.questions_per_entity)
-  knowledge_jobs = [AdapterJob(t, texts=world.training_texts(t), metadata={"title": t})
-                    for t in world.documents]
+  knowledge_jobs = [
+    AdapterJob(t, texts=world.training_texts(t), metadata={"title": t}) for t in world.documents
+  ]
   examples = [ex for task in c.tasks for ex in world.tasks[task]]
   # Task adapters learn each task's format on another world's people, so that they
   # cannot carry the evaluation facts.
   other = make_world(c.task_entities, seed=c.seed + 1000)
   task_data = {task: other.tasks[task] for task in c.tasks}
   documents = world.knowledge()
-  return knowledge_jobs, examples, task_data, documents, {t: harness.FAMILY_OF_TASK[t]
-                                                          for t in c.tasks}
+  return (
+    knowledge_jobs,
+    examples,
+    task_data,
+    documents,
+    {t: harness.FAMILY_OF_TASK[t] for t in c.tasks},
+  )
 
 
 def _fanoutqa(config):
   from lag_jax.data.fanoutqa import build_fanoutqa
 
   c = config.fanoutqa
-  bench = build_fanoutqa(c.library_size or None,
-                         num_evidence_pages=c.num_evidence_pages or None, seed=c.seed)
-  knowledge_jobs = [AdapterJob(d.title, texts=[d.text], metadata={"title": d.title})
-                    for d in bench.documents]
+  bench = build_fanoutqa(
+    c.library_size or None, num_evidence_pages=c.num_evidence_pages or None, seed=c.seed
+  )
+  knowledge_jobs = [
+    AdapterJob(d.title, texts=[d.text], metadata={"title": d.title}) for d in bench.documents
+  ]
   examples = bench.split(c.split) if c.split != "all" else list(bench.examples)
   if c.max_questions:
-    examples = examples[:c.max_questions]
+    examples = examples[: c.max_questions]
   other = build_fanoutqa(None, seed=c.seed + 1000)  # questions on pages NOT in the library
   library_titles = {d.title for d in bench.documents}
   task_examples = [ex for ex in other.examples if ex.provenance[0] not in library_titles]
-  return (knowledge_jobs, examples, {"qa": task_examples[:c.task_examples]},
-          list(bench.documents), {"qa": "QA"})
+  return (
+    knowledge_jobs,
+    examples,
+    {"qa": task_examples[: c.task_examples]},
+    list(bench.documents),
+    {"qa": "QA"},
+  )
 
 
 def _kilt(config):
@@ -90,15 +103,17 @@ def _kilt(config):
     per = collections.defaultdict(list)
     for ex in examples:
       per[ex.dataset].append(ex)
-    examples = [ex for exs in per.values() for ex in exs[:c.max_per_dataset]]
-  knowledge_jobs = [AdapterJob(d.title, texts=[d.text], metadata={"title": d.title})
-                    for d in documents]
+    examples = [ex for exs in per.values() for ex in exs[: c.max_per_dataset]]
+  knowledge_jobs = [
+    AdapterJob(d.title, texts=[d.text], metadata={"title": d.title}) for d in documents
+  ]
   task_data = collections.defaultdict(list)
   for path in common.split_list(c.task_train_files):
     exs, _ = read_kilt(path)
     # Task adapters must not learn the library's facts: their provenance lies outside.
-    task_data[KILT_DATASETS.get(dataset_from_filename(path) or "", exs[0].task if exs else "qa")
-              ] += [ex for ex in exs if not set(ex.provenance) & have][:c.task_examples]
+    task_data[
+      KILT_DATASETS.get(dataset_from_filename(path) or "", exs[0].task if exs else "qa")
+    ] += [ex for ex in exs if not set(ex.provenance) & have][: c.task_examples]
   families = {ex.task: harness.FAMILY_OF_TASK[ex.task] for ex in examples}
   return knowledge_jobs, examples, dict(task_data), documents, families
 
@@ -110,23 +125,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer = Tokenizer.from_dir(folder)
   builders = {"synthetic": _synthetic, "fanoutqa": _fanoutqa, "kilt": _kilt}
   if config.benchmark not in builders:
-    raise ValueError(f"config field 'benchmark'={config.benchmark!r}: choose from "
-                     f"{sorted(builders)}")
+    raise ValueError(
+      f"config field 'benchmark'={config.benchmark!r}: choose from {sorted(builders)}"
+    )
   knowledge_jobs, examples, task_data, documents, families = builders[config.benchmark](config)
   root = config.library_root or workdir
 
   t0 = time.perf_counter()
   # Knowledge texts end with the document separator, not the chat turn's end.
   doc_eos = "<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None else None
-  knowledge = build_library(knowledge_jobs, model, tokenizer, os.path.join(root, "knowledge"),
-                            _train_config(config.knowledge_training), eos_token=doc_eos)
+  knowledge = build_library(
+    knowledge_jobs,
+    model,
+    tokenizer,
+    os.path.join(root, "knowledge"),
+    _train_config(config.knowledge_training),
+    eos_token=doc_eos,
+  )
   task_jobs = []
   for task, exs in task_data.items():
     pairs = [(harness.render_prompt(tokenizer, ex)[0], ex.answers[0]) for ex in exs]
     task_jobs.append(AdapterJob(task, pairs=pairs, metadata={"task": task}))
-  task_lib = build_library(task_jobs, model, tokenizer, os.path.join(root, "task"),
-                           _train_config(config.task_training)) if config.use_task_library \
-      else None
+  task_lib = (
+    build_library(
+      task_jobs, model, tokenizer, os.path.join(root, "task"), _train_config(config.task_training)
+    )
+    if config.use_task_library
+    else None
+  )
   t_build = time.perf_counter() - t0
 
   retrieved = None
@@ -136,44 +162,58 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     index = BM25Index.build(documents)
     ids, _ = index.search([ex.input for ex in examples], 1)
     retrieved = [int(i) for i in ids[:, 0]]
-  gold = [knowledge.names.index(ex.provenance[0]) if ex.provenance[0] in knowledge.names
-          else -1 for ex in examples]
-  task_ids = ([task_lib.names.index(ex.task) for ex in examples] if task_lib else None)
-  setting = harness.Setting(model=model, tokenizer=tokenizer, knowledge=knowledge,
-                            task=task_lib, documents=documents,
-                            max_new_tokens=config.max_new_tokens,
-                            batch_size=config.batch_size)
+  gold = [
+    knowledge.names.index(ex.provenance[0]) if ex.provenance[0] in knowledge.names else -1
+    for ex in examples
+  ]
+  task_ids = [task_lib.names.index(ex.task) for ex in examples] if task_lib else None
+  setting = harness.Setting(
+    model=model,
+    tokenizer=tokenizer,
+    knowledge=knowledge,
+    task=task_lib,
+    documents=documents,
+    max_new_tokens=config.max_new_tokens,
+    batch_size=config.batch_size,
+  )
   methods = harness.standard_methods(config.k, with_spectr=len(knowledge) <= config.spectr_max_n)
   methods = [m for m in methods if retrieved is not None or not (m.rag or m.knowledge == "prag")]
   if config.methods:
     wanted = set(common.split_list(config.methods))
     methods = [m for m in methods if m.name in wanted or m.name.split("(")[0] in wanted]
-  results = [harness.run_method(setting, m, examples, gold, task_ids, retrieved)
-             for m in methods]
+  results = [harness.run_method(setting, m, examples, gold, task_ids, retrieved) for m in methods]
   sweep = []
   for k in [int(v) for v in common.split_list(config.k_sweep)]:
     m = harness.Method(f"LAG(k={k})", "lag", "lag", k=k)
     r = next((r for r in results if r.method == m.name), None) or harness.run_method(
-        setting, m, examples, gold, task_ids, retrieved)
+      setting, m, examples, gold, task_ids, retrieved
+    )
     sweep.append((k, r))
-  table = harness.summarize(results, {harness.dataset_of(ex): families[ex.task]
-                                      for ex in examples})
-  sweep_table = harness.summarize([r for _, r in sweep] + [r for r in results
-                                                           if r.method == "Oracle"],
-                                  {harness.dataset_of(ex): families[ex.task]
-                                   for ex in examples}) if sweep else {}
+  table = harness.summarize(results, {harness.dataset_of(ex): families[ex.task] for ex in examples})
+  sweep_table = (
+    harness.summarize(
+      [r for _, r in sweep] + [r for r in results if r.method == "Oracle"],
+      {harness.dataset_of(ex): families[ex.task] for ex in examples},
+    )
+    if sweep
+    else {}
+  )
   report = {
-      "benchmark": config.benchmark, "num_examples": len(examples),
-      "num_knowledge_adapters": len(knowledge),
-      "num_task_adapters": 0 if task_lib is None else len(task_lib),
-      "build_seconds": t_build, "total_seconds": time.perf_counter() - t_start,
-      "methods": table,
-      "k_sweep": {str(k): sweep_table.get(r.method) for k, r in sweep},
-      "predictions": {r.method: [{"id": ex.id, "input": ex.input, "answers": list(ex.answers),
-                                  "prediction": p, **s}
-                                 for ex, p, s in zip(examples, r.predictions, r.scores,
-                                                     strict=True)]
-                      for r in results},
+    "benchmark": config.benchmark,
+    "num_examples": len(examples),
+    "num_knowledge_adapters": len(knowledge),
+    "num_task_adapters": 0 if task_lib is None else len(task_lib),
+    "build_seconds": t_build,
+    "total_seconds": time.perf_counter() - t_start,
+    "methods": table,
+    "k_sweep": {str(k): sweep_table.get(r.method) for k, r in sweep},
+    "predictions": {
+      r.method: [
+        {"id": ex.id, "input": ex.input, "answers": list(ex.answers), "prediction": p, **s}
+        for ex, p, s in zip(examples, r.predictions, r.scores, strict=True)
+      ]
+      for r in results
+    },
   }
   common.write_json_atomic(os.path.join(workdir, "results.json"), report)
   markdown = harness.markdown_table(report)
@@ -185,4 +225,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(markdown)
   logging.info("evaluate: %.1fs in all (library builds %.1fs)", report["total_seconds"], t_build)
   return report
-

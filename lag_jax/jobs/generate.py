@@ -34,16 +34,22 @@ def _prompts(config) -> list[str]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Loads model, tokenizer and adapters, generates, writes ``generations.json``."""
   folder = common.resolve_checkpoint(config.checkpoint)
-  model = load_model(folder, param_dtype=common.dtype("param_dtype", config.param_dtype),
-                     dtype=common.dtype("dtype", config.dtype))
+  model = load_model(
+    folder,
+    param_dtype=common.dtype("param_dtype", config.param_dtype),
+    dtype=common.dtype("dtype", config.dtype),
+  )
   tokenizer = Tokenizer.from_dir(folder)
 
-  adapters = [load_peft_adapter(p, allow_pickle=config.allow_pickle)
-              for p in common.split_list(config.adapters)]
+  adapters = [
+    load_peft_adapter(p, allow_pickle=config.allow_pickle)
+    for p in common.split_list(config.adapters)
+  ]
   weights = [float(w) for w in common.split_list(config.adapter_weights)] or None
   if weights is not None and len(weights) != len(adapters):
-    raise ValueError(f"config field 'adapter_weights' has {len(weights)} values for "
-                     f"{len(adapters)} adapters")
+    raise ValueError(
+      f"config field 'adapter_weights' has {len(weights)} values for {len(adapters)} adapters"
+    )
   for a in adapters:
     validate_adapter(a, model.config)
   lora = None
@@ -55,35 +61,53 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   texts = _prompts(config)
   libraries = _libraries(config, model.config)
   if libraries:
-    hook = RoutedAdapters(tuple(routed(lib, len(texts), spec, fixed_ids=fixed)
-                                for lib, spec, fixed in libraries), static=lora)
+    hook = RoutedAdapters(
+      tuple(routed(lib, len(texts), spec, fixed_ids=fixed) for lib, spec, fixed in libraries),
+      static=lora,
+    )
     lora = hook
   if config.chat_template:
-    messages = [([{"role": "system", "content": config.system_prompt}]
-                 if config.system_prompt else []) + [{"role": "user", "content": t}]
-                for t in texts]
+    messages = [
+      ([{"role": "system", "content": config.system_prompt}] if config.system_prompt else [])
+      + [{"role": "user", "content": t}]
+      for t in texts
+    ]
     rendered = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in messages]
   else:
     rendered = texts
   prompt_ids = [tokenizer.encode(r) for r in rendered]
   g = config.generation
-  sampler = make_sampler(g.sampler, temperature=g.temperature, top_k=g.top_k or None,
-                         top_p=g.top_p if g.top_p < 1.0 else None)
-  out = generate(model, prompt_ids, max_new_tokens=g.max_new_tokens, sampler=sampler,
-                 stop_tokens=tokenizer.eos_token_ids, seed=g.seed, lora=lora,
-                 return_routing=bool(libraries) and config.save_routing)
+  sampler = make_sampler(
+    g.sampler,
+    temperature=g.temperature,
+    top_k=g.top_k or None,
+    top_p=g.top_p if g.top_p < 1.0 else None,
+  )
+  out = generate(
+    model,
+    prompt_ids,
+    max_new_tokens=g.max_new_tokens,
+    sampler=sampler,
+    stop_tokens=tokenizer.eos_token_ids,
+    seed=g.seed,
+    lora=lora,
+    return_routing=bool(libraries) and config.save_routing,
+  )
   results = []
   for text, ids, reason in zip(texts, out.tokens, out.finish_reason, strict=True):
     reply = tokenizer.decode(ids, skip_special_tokens=True)
-    results.append({"prompt": text, "completion": reply, "finish_reason": reason,
-                    "num_tokens": len(ids)})
+    results.append(
+      {"prompt": text, "completion": reply, "finish_reason": reason, "num_tokens": len(ids)}
+    )
     print(f"\n>>> {text}\n{reply}")
-  logging.info("Prefill %.2fs, decode %.2fs for %d steps", out.prefill_s, out.decode_s,
-               out.num_decode_steps)
+  logging.info(
+    "Prefill %.2fs, decode %.2fs for %d steps", out.prefill_s, out.decode_s, out.num_decode_steps
+  )
   common.write_json_atomic(os.path.join(workdir, "generations.json"), results)
   if out.routing is not None:
-    _save_routing(os.path.join(workdir, "routing.npz"), out.routing,
-                  [lib for lib, _, _ in libraries])
+    _save_routing(
+      os.path.join(workdir, "routing.npz"), out.routing, [lib for lib, _, _ in libraries]
+    )
   return results
 
 
@@ -91,19 +115,23 @@ def _libraries(config, model_config):
   """(library, router, fixed ids) for each library the config names."""
   out = []
   for field, router, modules in (
-      ("library", config.router, KNOWLEDGE_MODULES),
-      ("task_library", config.task_router or config.router, TASK_MODULES)):
+    ("library", config.router, KNOWLEDGE_MODULES),
+    ("task_library", config.task_router or config.router, TASK_MODULES),
+  ):
     path = getattr(config, field)
     if not path:
       continue
-    lib = load_or_build_library(common.resolve_adapters_dir(path), model_config, modules,
-                                allow_pickle=config.allow_pickle)
+    lib = load_or_build_library(
+      common.resolve_adapters_dir(path), model_config, modules, allow_pickle=config.allow_pickle
+    )
     spec = RouterSpec(router, k=config.k, temperature=config.temperature)
     fixed = None
     if router == "fixed":
       if config.fixed_adapter not in lib.names:
-        raise ValueError(f"config field 'fixed_adapter'={config.fixed_adapter!r} is not in "
-                         f"{field} (names: {list(lib.names)[:5]} ...)")
+        raise ValueError(
+          f"config field 'fixed_adapter'={config.fixed_adapter!r} is not in "
+          f"{field} (names: {list(lib.names)[:5]} ...)"
+        )
       fixed = [config.fixed_adapter] * len(_prompts(config))
     out.append((lib, spec, fixed))
   return out

@@ -5,5 +5,11 @@ from lag_jax.model.kv_cache import KVCache
 from lag_jax.model.layers import LoraWeights
 from lag_jax.model.transformer import ADAPTABLE_MODULES, CausalLM
 
-__all__ = ["ADAPTABLE_MODULES", "CausalLM", "KVCache", "LoraWeights", "ModelConfig",
-           "UnsupportedConfigError"]
+__all__ = [
+  "ADAPTABLE_MODULES",
+  "CausalLM",
+  "KVCache",
+  "LoraWeights",
+  "ModelConfig",
+  "UnsupportedConfigError",
+]

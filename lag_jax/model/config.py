@@ -58,8 +58,8 @@ class ModelConfig:
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
       raise UnsupportedConfigError(
-          f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-          f"num_key_value_heads={self.num_key_value_heads}"
+        f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+        f"num_key_value_heads={self.num_key_value_heads}"
       )
 
   @property
@@ -71,13 +71,13 @@ class ModelConfig:
     D, F, E = self.hidden_size, self.intermediate_size, self.head_dim
     H, K = self.num_attention_heads, self.num_key_value_heads
     return {
-        "q_proj": (H * E, D),
-        "k_proj": (K * E, D),
-        "v_proj": (K * E, D),
-        "o_proj": (D, H * E),
-        "gate_proj": (F, D),
-        "up_proj": (F, D),
-        "down_proj": (D, F),
+      "q_proj": (H * E, D),
+      "k_proj": (K * E, D),
+      "v_proj": (K * E, D),
+      "o_proj": (D, H * E),
+      "gate_proj": (F, D),
+      "up_proj": (F, D),
+      "down_proj": (D, F),
     }
 
   @classmethod
@@ -90,11 +90,16 @@ class ModelConfig:
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
       fail(
-          f"unknown architecture model_type={model_type!r} "
-          f"(architectures={d.get('architectures')}); supported: {SUPPORTED_MODEL_TYPES}"
+        f"unknown architecture model_type={model_type!r} "
+        f"(architectures={d.get('architectures')}); supported: {SUPPORTED_MODEL_TYPES}"
       )
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads"):
+    for key in (
+      "vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+    ):
       if not isinstance(d.get(key), int) or d[key] <= 0:
         fail(f"field {key!r} must be a positive integer, got {d.get(key)!r}")
     act = d.get("hidden_act", d.get("hidden_activation", "silu"))
@@ -123,10 +128,10 @@ class ModelConfig:
     if rope_type == "llama3":
       try:
         scaling = RopeScaling(
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+          factor=float(rope["factor"]),
+          low_freq_factor=float(rope["low_freq_factor"]),
+          high_freq_factor=float(rope["high_freq_factor"]),
+          original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
         )
       except KeyError as e:
         fail(f"rope scaling of type 'llama3' lacks field {e.args[0]!r}")
@@ -147,26 +152,26 @@ class ModelConfig:
     eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
     window = d.get("sliding_window") if model_type == "mistral" else None
     return cls(
-        model_type=model_type,
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_hidden_layers=d["num_hidden_layers"],
-        num_attention_heads=H,
-        num_key_value_heads=K,
-        head_dim=E,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=attention_bias,
-        o_proj_bias=o_bias,
-        mlp_bias=bool(d.get("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
-        sliding_window=int(window) if window else None,
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=eos,
+      model_type=model_type,
+      vocab_size=d["vocab_size"],
+      hidden_size=d["hidden_size"],
+      intermediate_size=d["intermediate_size"],
+      num_hidden_layers=d["num_hidden_layers"],
+      num_attention_heads=H,
+      num_key_value_heads=K,
+      head_dim=E,
+      rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+      rope_theta=theta,
+      rope_scaling=scaling,
+      max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+      attention_bias=attention_bias,
+      o_proj_bias=o_bias,
+      mlp_bias=bool(d.get("mlp_bias", False)),
+      qk_norm=model_type == "qwen3",
+      sliding_window=int(window) if window else None,
+      bos_token_id=d.get("bos_token_id"),
+      eos_token_id=eos,
     )
 
   @classmethod

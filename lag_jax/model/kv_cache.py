@@ -30,8 +30,7 @@ class KVCache:
 
   @classmethod
   def zeros(cls, config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length,
-             config.head_dim)
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
   @property
@@ -39,8 +38,7 @@ class KVCache:
     return self.k.shape[3]
 
 
-def write(stack: jax.Array, layer: jax.Array, new: jax.Array,
-          positions: jax.Array) -> jax.Array:
+def write(stack: jax.Array, layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
   """stack [L, B, K, S, E] <- new [B, T, K, E] at ``layer``, slots positions [B, T].
 
   A scatter into the whole stack rather than into a per-layer slice: carried

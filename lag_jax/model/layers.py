@@ -42,8 +42,7 @@ class AdapterHook(Protocol):
   Implementations are pytrees (they are arguments of jitted functions).
   """
 
-  def per_layer(self) -> Any:
-    ...
+  def per_layer(self) -> Any: ...
 
   def delta(self, layer_xs: Any, name: str, x: jax.Array) -> tuple[jax.Array | None, Any]:
     """The delta [..., O] to add to module ``name``'s output for input x [..., I]
@@ -98,15 +97,21 @@ class Linear(nnx.Module):
     name: the HF module name ('q_proj', ...), which adapters are keyed by.
   """
 
-  def __init__(self, in_features: int, out_features: int, *, name: str = "",
-               use_bias: bool = False, stack: tuple[int, ...] = (),
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    name: str = "",
+    use_bias: bool = False,
+    stack: tuple[int, ...] = (),
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.name = name
     shape = (*stack, out_features, in_features)
-    self.weight = nnx.Param(
-        (0.02 * jax.random.normal(rngs.params(), shape)).astype(param_dtype))
-    self.bias = (nnx.Param(jnp.zeros((*stack, out_features), param_dtype))
-                 if use_bias else None)
+    self.weight = nnx.Param((0.02 * jax.random.normal(rngs.params(), shape)).astype(param_dtype))
+    self.bias = nnx.Param(jnp.zeros((*stack, out_features), param_dtype)) if use_bias else None
 
   def __call__(self, x: jax.Array, adapters: LayerAdapters | None = None) -> jax.Array:
     """x [..., I] -> [..., O] in x's dtype (the compute dtype)."""
@@ -123,8 +128,9 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
   """HF's RMSNorm: normalise in float32, cast back, then scale."""
 
-  def __init__(self, dim: int, eps: float, *, stack: tuple[int, ...] = (),
-               param_dtype: Dtype = jnp.float32):
+  def __init__(
+    self, dim: int, eps: float, *, stack: tuple[int, ...] = (), param_dtype: Dtype = jnp.float32
+  ):
     self.weight = nnx.Param(jnp.ones((*stack, dim), param_dtype))
     self.eps = eps
 
@@ -137,10 +143,10 @@ class RMSNorm(nnx.Module):
 class Embedding(nnx.Module):
   """Token embedding, ``weight`` [V, D]; also the tied output projection."""
 
-  def __init__(self, vocab: int, dim: int, *, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, vocab: int, dim: int, *, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.weight = nnx.Param(
-        (0.02 * jax.random.normal(rngs.params(), (vocab, dim))).astype(param_dtype))
+      (0.02 * jax.random.normal(rngs.params(), (vocab, dim))).astype(param_dtype)
+    )
 
   def __call__(self, tokens: jax.Array, dtype: Dtype) -> jax.Array:
     """tokens [B, T] -> [B, T, D]."""
@@ -148,5 +154,6 @@ class Embedding(nnx.Module):
 
   def attend(self, h: jax.Array) -> jax.Array:
     """h [B, T, D] -> logits [B, T, V] in float32."""
-    return jnp.einsum("btd,vd->btv", h, self.weight[...].astype(h.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      "btd,vd->btv", h, self.weight[...].astype(h.dtype), preferred_element_type=jnp.float32
+    )

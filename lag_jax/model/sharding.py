@@ -15,32 +15,32 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Parameter name suffix -> logical axes (leading "layers" for stacked layer params).
 _LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
-    "embed_tokens.weight": ("vocab", "embed"),
-    "lm_head.weight": ("vocab", "embed"),
-    "q_proj.weight": ("heads", "embed"),
-    "k_proj.weight": ("kv_heads", "embed"),
-    "v_proj.weight": ("kv_heads", "embed"),
-    "o_proj.weight": ("embed", "heads"),
-    "q_proj.bias": ("heads",),
-    "k_proj.bias": ("kv_heads",),
-    "v_proj.bias": ("kv_heads",),
-    "o_proj.bias": ("embed",),
-    "gate_proj.weight": ("mlp", "embed"),
-    "up_proj.weight": ("mlp", "embed"),
-    "down_proj.weight": ("embed", "mlp"),
-    "gate_proj.bias": ("mlp",),
-    "up_proj.bias": ("mlp",),
-    "down_proj.bias": ("embed",),
+  "embed_tokens.weight": ("vocab", "embed"),
+  "lm_head.weight": ("vocab", "embed"),
+  "q_proj.weight": ("heads", "embed"),
+  "k_proj.weight": ("kv_heads", "embed"),
+  "v_proj.weight": ("kv_heads", "embed"),
+  "o_proj.weight": ("embed", "heads"),
+  "q_proj.bias": ("heads",),
+  "k_proj.bias": ("kv_heads",),
+  "v_proj.bias": ("kv_heads",),
+  "o_proj.bias": ("embed",),
+  "gate_proj.weight": ("mlp", "embed"),
+  "up_proj.weight": ("mlp", "embed"),
+  "down_proj.weight": ("embed", "mlp"),
+  "gate_proj.bias": ("mlp",),
+  "up_proj.bias": ("mlp",),
+  "down_proj.bias": ("embed",),
 }
 
 # Logical axis -> mesh axis. Tensor parallel over "model", FSDP over "fsdp".
 DEFAULT_RULES: dict[str, str | None] = {
-    "vocab": "model",
-    "heads": "model",
-    "kv_heads": "model",
-    "mlp": "model",
-    "embed": "fsdp",
-    "layers": None,
+  "vocab": "model",
+  "heads": "model",
+  "kv_heads": "model",
+  "mlp": "model",
+  "embed": "fsdp",
+  "layers": None,
 }
 
 
@@ -52,8 +52,9 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
   return ("layers",) * (ndim - len(axes)) + tuple(axes)
 
 
-def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
-                   rules: Mapping[str, str | None] = DEFAULT_RULES) -> PartitionSpec:
+def partition_spec(
+  path: str, shape: tuple[int, ...], mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES
+) -> PartitionSpec:
   """The PartitionSpec of a parameter; a dim stays unsharded when the mesh axis is
   absent or does not divide it (e.g. 3 KV heads over 2 devices)."""
   spec = []
@@ -66,8 +67,12 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh,
   return PartitionSpec(*spec)
 
 
-def param_sharding(path: str, shape: tuple[int, ...], mesh: Mesh | None,
-                   rules: Mapping[str, str | None] = DEFAULT_RULES) -> jax.sharding.Sharding:
+def param_sharding(
+  path: str,
+  shape: tuple[int, ...],
+  mesh: Mesh | None,
+  rules: Mapping[str, str | None] = DEFAULT_RULES,
+) -> jax.sharding.Sharding:
   """Target sharding of one parameter; the first local device when there is no mesh."""
   if mesh is None:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -87,6 +92,7 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
       raise ValueError(f"mesh {sizes}: {len(devices)} devices are not divisible by {known}")
     sizes[unknown[0]] = len(devices) // known
   if int(np.prod(list(sizes.values()))) != len(devices):
-    raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, "
-                     f"have {len(devices)}")
+    raise ValueError(
+      f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, have {len(devices)}"
+    )
   return Mesh(np.array(devices).reshape(tuple(sizes.values())), tuple(sizes))

@@ -14,14 +14,14 @@ from flax import nnx
 from lag_jax.model import kv_cache as kvc
 from lag_jax.model.config import ModelConfig
 from lag_jax.model.layers import (
-    AdapterHook,
-    Dtype,
-    Embedding,
-    LayerAdapters,
-    Linear,
-    LoraWeights,
-    RMSNorm,
-    StaticLora,
+  AdapterHook,
+  Dtype,
+  Embedding,
+  LayerAdapters,
+  Linear,
+  LoraWeights,
+  RMSNorm,
+  StaticLora,
 )
 from lag_jax.model.rope import apply_rope, inverse_frequencies
 
@@ -34,7 +34,6 @@ _NEG_INF = -1e30
 
 
 class Attention(nnx.Module):
-
   def __init__(self, config: ModelConfig, *, stack, param_dtype, rngs):
     c = config
     D, H, K, E = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -50,8 +49,17 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
     self.config = config
 
-  def __call__(self, x, positions, key_positions, key_valid, cache_k, cache_v,
-               adapters: LayerAdapters | None, layer: jax.Array | None = None):
+  def __call__(
+    self,
+    x,
+    positions,
+    key_positions,
+    key_valid,
+    cache_k,
+    cache_v,
+    adapters: LayerAdapters | None,
+    layer: jax.Array | None = None,
+  ):
     """One layer's attention.
 
     Args:
@@ -87,8 +95,9 @@ class Attention(nnx.Module):
       new_cache = None
 
     q = q.reshape(B, T, K, c.q_per_kv, E)
-    scores = jnp.einsum("btkge,bkse->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (E ** -0.5)
+    scores = jnp.einsum(
+      "btkge,bkse->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+    ) * (E**-0.5)
     qp, kp = positions[:, :, None], key_positions[:, None, :]
     mask = (kp <= qp) & key_valid[:, None, :]  # [B, T, S]
     if c.sliding_window is not None:
@@ -102,7 +111,6 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-
   def __init__(self, config: ModelConfig, *, stack, param_dtype, rngs):
     D, F = config.hidden_size, config.intermediate_size
     kw = dict(use_bias=config.mlp_bias, stack=stack, param_dtype=param_dtype, rngs=rngs)
@@ -126,12 +134,22 @@ class DecoderLayer(nnx.Module):
     eps = config.rms_norm_eps
     self.input_layernorm = RMSNorm(config.hidden_size, eps, stack=stack, param_dtype=param_dtype)
     self.post_attention_layernorm = RMSNorm(
-        config.hidden_size, eps, stack=stack, param_dtype=param_dtype)
+      config.hidden_size, eps, stack=stack, param_dtype=param_dtype
+    )
 
-  def __call__(self, x, positions, key_positions, key_valid, cache_k, cache_v, adapters,
-               layer=None):
-    h, cache = self.self_attn(self.input_layernorm(x), positions, key_positions, key_valid,
-                              cache_k, cache_v, adapters, layer)
+  def __call__(
+    self, x, positions, key_positions, key_valid, cache_k, cache_v, adapters, layer=None
+  ):
+    h, cache = self.self_attn(
+      self.input_layernorm(x),
+      positions,
+      key_positions,
+      key_valid,
+      cache_k,
+      cache_v,
+      adapters,
+      layer,
+    )
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x), adapters)
     return x, cache
@@ -141,10 +159,12 @@ class Decoder(nnx.Module):
   """HF's ``model``: embeddings, the stacked layers, the final norm."""
 
   def __init__(self, config: ModelConfig, *, param_dtype=jnp.float32, rngs):
-    self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
-                                  param_dtype=param_dtype, rngs=rngs)
-    self.layers = DecoderLayer(config, stack=(config.num_hidden_layers,),
-                               param_dtype=param_dtype, rngs=rngs)
+    self.embed_tokens = Embedding(
+      config.vocab_size, config.hidden_size, param_dtype=param_dtype, rngs=rngs
+    )
+    self.layers = DecoderLayer(
+      config, stack=(config.num_hidden_layers,), param_dtype=param_dtype, rngs=rngs
+    )
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
 
 
@@ -156,20 +176,34 @@ class CausalLM(nnx.Module):
     dtype: compute dtype of activations (parameters keep their own dtype).
   """
 
-  def __init__(self, config: ModelConfig, *, param_dtype: Dtype = jnp.float32,
-               dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: ModelConfig,
+    *,
+    param_dtype: Dtype = jnp.float32,
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.config = config
     self.dtype = dtype
     self.model = Decoder(config, param_dtype=param_dtype, rngs=rngs)
-    self.lm_head = (None if config.tie_word_embeddings else
-                    Linear(config.hidden_size, config.vocab_size, param_dtype=param_dtype,
-                           rngs=rngs))
+    self.lm_head = (
+      None
+      if config.tie_word_embeddings
+      else Linear(config.hidden_size, config.vocab_size, param_dtype=param_dtype, rngs=rngs)
+    )
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               cache: kvc.KVCache | None = None,
-               lora: dict[str, LoraWeights] | AdapterHook | None = None, *,
-               attention_mask: jax.Array | None = None, return_hidden: bool = False,
-               return_aux: bool = False):
+  def __call__(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    cache: kvc.KVCache | None = None,
+    lora: dict[str, LoraWeights] | AdapterHook | None = None,
+    *,
+    attention_mask: jax.Array | None = None,
+    return_hidden: bool = False,
+    return_aux: bool = False,
+  ):
     """Runs the decoder.
 
     Args:
@@ -193,21 +227,24 @@ class CausalLM(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if cache is None:
       key_positions = positions
-      key_valid = (jnp.ones((B, T), bool) if attention_mask is None
-                   else attention_mask.astype(bool))
+      key_valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
     else:
       if attention_mask is not None:
-        raise ValueError("attention_mask is only for the cache-free forward pass; with a "
-                         "cache, padding is handled by positions")
-      key_positions = jnp.broadcast_to(jnp.arange(cache.length, dtype=jnp.int32),
-                                       (B, cache.length))
+        raise ValueError(
+          "attention_mask is only for the cache-free forward pass; with a "
+          "cache, padding is handled by positions"
+        )
+      key_positions = jnp.broadcast_to(jnp.arange(cache.length, dtype=jnp.int32), (B, cache.length))
       key_valid = jnp.ones((B, cache.length), bool)
 
     x = self.model.embed_tokens(tokens, self.dtype)
     graphdef, layer_state = nnx.split(self.model.layers)
     hook = StaticLora(lora) if isinstance(lora, dict) else lora
-    xs = (layer_state, None if hook is None else hook.per_layer(),
-          jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32))
+    xs = (
+      layer_state,
+      None if hook is None else hook.per_layer(),
+      jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32),
+    )
 
     # The cache stack is carried through the scan (not scanned over as xs/ys), so
     # each layer writes its new keys in place instead of copying its slice out and
@@ -232,5 +269,6 @@ class CausalLM(nnx.Module):
     """h [B, T, D] -> [B, T, V] float32."""
     if self.lm_head is None:
       return self.model.embed_tokens.attend(h)
-    return jnp.einsum("btd,vd->btv", h, self.lm_head.weight[...].astype(h.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      "btd,vd->btv", h, self.lm_head.weight[...].astype(h.dtype), preferred_element_type=jnp.float32
+    )

@@ -74,9 +74,16 @@ class BM25Index:
     return len(self.documents)
 
   @classmethod
-  def build(cls, documents: Sequence[Document], *, stopwords: str | None = "en",
-            stemmer: str | None = None, k1: float = 1.5, b: float = 0.75,
-            method: str = "lucene") -> BM25Index:
+  def build(
+    cls,
+    documents: Sequence[Document],
+    *,
+    stopwords: str | None = "en",
+    stemmer: str | None = None,
+    k1: float = 1.5,
+    b: float = 0.75,
+    method: str = "lucene",
+  ) -> BM25Index:
     """Indexes ``documents`` (title + text).
 
     Args:
@@ -104,8 +111,13 @@ class BM25Index:
 
     # Strings, not ids: the retriever maps them through the index's own vocabulary
     # (ids from a fresh tokenize call would index a different vocabulary).
-    return bm25s.tokenize(list(queries), stopwords=self._settings.stopwords,
-                          stemmer=self._stem, return_ids=False, show_progress=False)
+    return bm25s.tokenize(
+      list(queries),
+      stopwords=self._settings.stopwords,
+      stemmer=self._stem,
+      return_ids=False,
+      show_progress=False,
+    )
 
   def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` documents for each query, best first.
@@ -129,8 +141,12 @@ class BM25Index:
       return ids, scores
     kk = min(k, len(self.documents))
     found, found_scores = self._retriever.retrieve(
-        self._tokenize_queries(queries), k=kk, show_progress=False,
-        backend_selection="numpy", n_threads=0)
+      self._tokenize_queries(queries),
+      k=kk,
+      show_progress=False,
+      backend_selection="numpy",
+      n_threads=0,
+    )
     ids[:, :kk] = found
     scores[:, :kk] = found_scores
     return ids, scores
@@ -156,8 +172,9 @@ class BM25Index:
       tmp.chmod(0o755)  # mkdtemp makes it private
       if path.exists():
         # A directory rename cannot replace a non-empty directory: move the old aside.
-        old = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.",
-                                            suffix=".old"))
+        old = pathlib.Path(
+          tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")
+        )
         os.replace(path, old / "x")
         shutil.rmtree(old, ignore_errors=True)
       os.rename(tmp, path)

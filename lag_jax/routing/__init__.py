@@ -2,26 +2,26 @@
 
 from lag_jax.routing.hook import RoutedAdapters, RoutedLibrary, routed
 from lag_jax.routing.library import (
-    KNOWLEDGE_MODULES,
-    TASK_MODULES,
-    AdapterLibrary,
-    LibraryWeights,
-    load_or_build_library,
+  KNOWLEDGE_MODULES,
+  TASK_MODULES,
+  AdapterLibrary,
+  LibraryWeights,
+  load_or_build_library,
 )
 from lag_jax.routing.routers import ROUTERS, RouterSpec
 from lag_jax.routing.signatures import spectral_align, spectral_align_stacked
 
 __all__ = [
-    "KNOWLEDGE_MODULES",
-    "ROUTERS",
-    "TASK_MODULES",
-    "AdapterLibrary",
-    "LibraryWeights",
-    "RoutedAdapters",
-    "RoutedLibrary",
-    "RouterSpec",
-    "load_or_build_library",
-    "routed",
-    "spectral_align",
-    "spectral_align_stacked",
+  "KNOWLEDGE_MODULES",
+  "ROUTERS",
+  "TASK_MODULES",
+  "AdapterLibrary",
+  "LibraryWeights",
+  "RoutedAdapters",
+  "RoutedLibrary",
+  "RouterSpec",
+  "load_or_build_library",
+  "routed",
+  "spectral_align",
+  "spectral_align_stacked",
 ]

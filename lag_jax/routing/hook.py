@@ -49,13 +49,21 @@ class RoutedLibrary:
     if extra <= 0:
       return self
     return self.replace(
-        mask=jnp.pad(self.mask, ((0, extra), (0, 0)), constant_values=True),
-        fixed_ids=jnp.pad(self.fixed_ids, (0, extra), constant_values=-1),
-        router_index=jnp.pad(self.router_index, (0, extra)))
+      mask=jnp.pad(self.mask, ((0, extra), (0, 0)), constant_values=True),
+      fixed_ids=jnp.pad(self.fixed_ids, (0, extra), constant_values=-1),
+      router_index=jnp.pad(self.router_index, (0, extra)),
+    )
 
 
-def routed(library: AdapterLibrary, batch: int, router: RouterSpec | Sequence[RouterSpec],
-           *, mask=None, fixed_ids=None, router_index=None) -> RoutedLibrary:
+def routed(
+  library: AdapterLibrary,
+  batch: int,
+  router: RouterSpec | Sequence[RouterSpec],
+  *,
+  mask=None,
+  fixed_ids=None,
+  router_index=None,
+) -> RoutedLibrary:
   """Checks and packs per-request routing inputs for ``library``.
 
   Args:
@@ -75,16 +83,19 @@ def routed(library: AdapterLibrary, batch: int, router: RouterSpec | Sequence[Ro
   if mask.ndim == 1:
     mask = np.broadcast_to(mask, (batch, N))
   if mask.shape != (batch, N):
-    raise ValueError(f"routing mask has shape {mask.shape}, expected {(batch, N)} "
-                     f"(requests x adapters of the library)")
+    raise ValueError(
+      f"routing mask has shape {mask.shape}, expected {(batch, N)} "
+      f"(requests x adapters of the library)"
+    )
   empty = np.flatnonzero(~mask.any(axis=1))
   if empty.size:
     raise ValueError(f"routing mask allows no adapter for request(s) {empty.tolist()}")
   if fixed_ids is None:
     fixed_ids = np.full((batch,), -1, np.int32)
   else:
-    fixed_ids = np.asarray([library.id(i) if isinstance(i, str) else int(i)
-                            for i in fixed_ids], np.int32)
+    fixed_ids = np.asarray(
+      [library.id(i) if isinstance(i, str) else int(i) for i in fixed_ids], np.int32
+    )
     bad = [int(i) for i in fixed_ids if not -1 <= i < N]
     if bad or fixed_ids.shape != (batch,):
       raise ValueError(f"fixed_ids must be {batch} ids in [-1, {N}), got {fixed_ids.tolist()}")
@@ -93,11 +104,11 @@ def routed(library: AdapterLibrary, batch: int, router: RouterSpec | Sequence[Ro
       raise ValueError("several routers given: router_index must say which request uses which")
     router_index = np.zeros((batch,), np.int32)
   router_index = np.asarray(router_index, np.int32)
-  if router_index.shape != (batch,) or router_index.min() < 0 or \
-      router_index.max() >= len(routers):
+  if router_index.shape != (batch,) or router_index.min() < 0 or router_index.max() >= len(routers):
     raise ValueError(f"router_index must be {batch} values in [0, {len(routers)})")
-  return RoutedLibrary(library.weights, jnp.asarray(mask), jnp.asarray(fixed_ids),
-                       jnp.asarray(router_index), routers)
+  return RoutedLibrary(
+    library.weights, jnp.asarray(mask), jnp.asarray(fixed_ids), jnp.asarray(router_index), routers
+  )
 
 
 @struct.dataclass
@@ -127,8 +138,7 @@ class RoutedAdapters:
     for lib, w in zip(self.libraries, lib_weights, strict=True):
       if name not in w.a:
         continue
-      layer_lib = LayerLibrary(a=w.a[name], b=w.b[name], arrows=w.arrows[name],
-                               valid=w.valid[name])
+      layer_lib = LayerLibrary(a=w.a[name], b=w.b[name], arrows=w.arrows[name], valid=w.valid[name])
       d, c = route_batch(lib.routers, lib.router_index, x, layer_lib, lib.mask, lib.fixed_ids)
       total = d if total is None else total + d
       chosen.append(c)

@@ -102,10 +102,17 @@ class AdapterLibrary:
   # --- building -------------------------------------------------------------------
 
   @classmethod
-  def from_adapters(cls, adapters: Sequence[LoraAdapter], config: ModelConfig,
-                    modules: Sequence[str] | None = None, *, rank: int | None = None,
-                    dtype=jnp.float32, chunk: int = 64,
-                    metadata: dict[str, dict] | None = None) -> AdapterLibrary:
+  def from_adapters(
+    cls,
+    adapters: Sequence[LoraAdapter],
+    config: ModelConfig,
+    modules: Sequence[str] | None = None,
+    *,
+    rank: int | None = None,
+    dtype=jnp.float32,
+    chunk: int = 64,
+    metadata: dict[str, dict] | None = None,
+  ) -> AdapterLibrary:
     """Validates, spectrally aligns and stacks adapters.
 
     Args:
@@ -125,40 +132,65 @@ class AdapterLibrary:
       raise AdapterError(f"duplicate adapter names in the library: {dupes}")
     for a in adapters:
       validate_adapter(a, config)
-    covered = sorted({m.module for a in adapters for m in a.modules.values()},
-                     key=ADAPTABLE_MODULES.index)
+    covered = sorted(
+      {m.module for a in adapters for m in a.modules.values()}, key=ADAPTABLE_MODULES.index
+    )
     modules = tuple(covered if modules is None else modules)
     for a in adapters:
       extra = sorted({m.module for m in a.modules.values()} - set(modules))
       if extra:
-        raise AdapterError(f"adapter {a.name!r} adapts {extra}, which this library "
-                           f"(modules {list(modules)}) does not hold")
+        raise AdapterError(
+          f"adapter {a.name!r} adapts {extra}, which this library "
+          f"(modules {list(modules)}) does not hold"
+        )
     ranks = tuple(max(m.r for m in a.modules.values()) for a in adapters)
     rank = max(ranks) if rank is None else rank
     if rank < max(ranks):
       raise AdapterError(f"library rank {rank} is below adapter rank {max(ranks)}")
     arrays = {m: _align_module(adapters, config, m, rank, dtype, chunk) for m in modules}
-    weights = LibraryWeights(**{f: {m: arrays[m][f] for m in modules}
-                                for f in ("a", "b", "arrows", "valid")})
+    weights = LibraryWeights(
+      **{f: {m: arrays[m][f] for m in modules} for f in ("a", "b", "arrows", "valid")}
+    )
     return cls(tuple(names), modules, rank, ranks, weights, dict(metadata or {}))
 
-  def add(self, adapters: Sequence[LoraAdapter], config: ModelConfig, *, chunk: int = 64,
-          metadata: dict[str, dict] | None = None) -> AdapterLibrary:
+  def add(
+    self,
+    adapters: Sequence[LoraAdapter],
+    config: ModelConfig,
+    *,
+    chunk: int = 64,
+    metadata: dict[str, dict] | None = None,
+  ) -> AdapterLibrary:
     """A new library with ``adapters`` appended; only their signatures are computed."""
     if not adapters:
       raise AdapterError("no adapters to add to the library")
     new = AdapterLibrary.from_adapters(
-        adapters, config, self.modules, rank=max(self.rank, *(
-            max(m.r for m in a.modules.values()) for a in adapters)),
-        dtype=next(iter(self.weights.a.values())).dtype, chunk=chunk, metadata=metadata)
+      adapters,
+      config,
+      self.modules,
+      rank=max(self.rank, *(max(m.r for m in a.modules.values()) for a in adapters)),
+      dtype=next(iter(self.weights.a.values())).dtype,
+      chunk=chunk,
+      metadata=metadata,
+    )
     clash = sorted(set(self.names) & set(new.names))
     if clash:
       raise AdapterError(f"adapters already in the library: {clash}")
     old = self if new.rank == self.rank else self._padded(new.rank)
-    w = jax.tree.map(lambda x, y, axis: jnp.concatenate([x, y], axis=axis),
-                     old.weights, new.weights, _n_axes(old.weights))
-    return AdapterLibrary(self.names + new.names, self.modules, new.rank,
-                          self.ranks + new.ranks, w, {**self.metadata, **new.metadata})
+    w = jax.tree.map(
+      lambda x, y, axis: jnp.concatenate([x, y], axis=axis),
+      old.weights,
+      new.weights,
+      _n_axes(old.weights),
+    )
+    return AdapterLibrary(
+      self.names + new.names,
+      self.modules,
+      new.rank,
+      self.ranks + new.ranks,
+      w,
+      {**self.metadata, **new.metadata},
+    )
 
   def _padded(self, rank: int) -> AdapterLibrary:
     pad = rank - self.rank
@@ -183,9 +215,14 @@ class AdapterLibrary:
       with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(tmp, "arrays"), _to_tree(self.weights))
         ckptr.wait_until_finished()
-      meta = {"format_version": _FORMAT_VERSION, "names": list(self.names),
-              "modules": list(self.modules), "rank": self.rank, "ranks": list(self.ranks),
-              "metadata": self.metadata}
+      meta = {
+        "format_version": _FORMAT_VERSION,
+        "names": list(self.names),
+        "modules": list(self.modules),
+        "rank": self.rank,
+        "ranks": list(self.ranks),
+        "metadata": self.metadata,
+      }
       with open(os.path.join(tmp, "library.json"), "w") as f:
         json.dump(meta, f, indent=1)
       # Move the old library aside rather than deleting it first, so that a kill at
@@ -218,23 +255,35 @@ class AdapterLibrary:
       raise AdapterError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
     with ocp.StandardCheckpointer() as ckptr:
       tree = ckptr.restore(os.path.join(path, "arrays"))
-    weights = LibraryWeights(**{f: {m: jnp.asarray(tree[m][f]) for m in meta["modules"]}
-                                for f in ("a", "b", "arrows", "valid")})
+    weights = LibraryWeights(
+      **{
+        f: {m: jnp.asarray(tree[m][f]) for m in meta["modules"]}
+        for f in ("a", "b", "arrows", "valid")
+      }
+    )
     logging.info("Loaded library of %d adapters from %s", len(meta["names"]), path)
-    return cls(tuple(meta["names"]), tuple(meta["modules"]), int(meta["rank"]),
-               tuple(meta["ranks"]), weights, meta.get("metadata", {}))
+    return cls(
+      tuple(meta["names"]),
+      tuple(meta["modules"]),
+      int(meta["rank"]),
+      tuple(meta["ranks"]),
+      weights,
+      meta.get("metadata", {}),
+    )
 
 
 def _n_axes(weights: LibraryWeights):
   """The adapter axis of every leaf: 1 for a/b/valid ([L, N, ...]), 2 for arrows."""
-  return LibraryWeights(a={m: 1 for m in weights.a}, b={m: 1 for m in weights.b},
-                        arrows={m: 2 for m in weights.arrows},
-                        valid={m: 1 for m in weights.valid})
+  return LibraryWeights(
+    a={m: 1 for m in weights.a},
+    b={m: 1 for m in weights.b},
+    arrows={m: 2 for m in weights.arrows},
+    valid={m: 1 for m in weights.valid},
+  )
 
 
 def _to_tree(w: LibraryWeights) -> dict:
-  return {m: {"a": w.a[m], "b": w.b[m], "arrows": w.arrows[m], "valid": w.valid[m]}
-          for m in w.a}
+  return {m: {"a": w.a[m], "b": w.b[m], "arrows": w.arrows[m], "valid": w.valid[m]} for m in w.a}
 
 
 def _raw_factors(adapters, config: ModelConfig, module: str, rank: int):
@@ -246,15 +295,15 @@ def _raw_factors(adapters, config: ModelConfig, module: str, rank: int):
   for n, adapter in enumerate(adapters):
     for m in adapter.modules.values():
       if m.module == module:
-        a[n, m.layer, :m.r] = m.a.astype(np.float32)
-        b[n, m.layer, :, :m.r] = m.b.astype(np.float32) * np.float32(m.scale)
+        a[n, m.layer, : m.r] = m.a.astype(np.float32)
+        b[n, m.layer, :, : m.r] = m.b.astype(np.float32) * np.float32(m.scale)
   return a, b
 
 
 def _align_module(adapters, config, module, rank, dtype, chunk):
   parts = []
   for start in range(0, len(adapters), chunk):
-    a, b = _raw_factors(adapters[start:start + chunk], config, module, rank)
+    a, b = _raw_factors(adapters[start : start + chunk], config, module, rank)
     a_star, b_star, _, valid = spectral_align_stacked(jnp.asarray(a), jnp.asarray(b))
     parts.append((a_star.astype(dtype), b_star.astype(dtype), valid))
   a_star = jnp.concatenate([p[0] for p in parts]).swapaxes(0, 1)  # [L, N, R, I]
@@ -267,13 +316,20 @@ def _align_module(adapters, config, module, rank, dtype, chunk):
 def peft_adapter_dirs(folder: str | os.PathLike) -> list[str]:
   """Sub-folders of ``folder`` holding a PEFT adapter (adapter_config.json), sorted."""
   folder = os.fspath(folder)
-  return sorted(os.path.join(folder, d) for d in os.listdir(folder)
-                if os.path.exists(os.path.join(folder, d, "adapter_config.json")))
+  return sorted(
+    os.path.join(folder, d)
+    for d in os.listdir(folder)
+    if os.path.exists(os.path.join(folder, d, "adapter_config.json"))
+  )
 
 
-def load_or_build_library(path: str | os.PathLike, config: ModelConfig,
-                          modules: Sequence[str] | None = None, *,
-                          allow_pickle: bool = False) -> AdapterLibrary:
+def load_or_build_library(
+  path: str | os.PathLike,
+  config: ModelConfig,
+  modules: Sequence[str] | None = None,
+  *,
+  allow_pickle: bool = False,
+) -> AdapterLibrary:
   """A saved library (a folder with library.json), or one built from a folder whose
   sub-folders are PEFT adapters (named after their folders)."""
   from lag_jax.adapters.peft_io import load_peft_adapter
@@ -285,7 +341,9 @@ def load_or_build_library(path: str | os.PathLike, config: ModelConfig,
     return AdapterLibrary.load(path)
   dirs = peft_adapter_dirs(path)
   if not dirs:
-    raise AdapterError(f"{path}: neither a saved library (library.json) nor a folder of "
-                       "PEFT adapters (sub-folders with adapter_config.json)")
+    raise AdapterError(
+      f"{path}: neither a saved library (library.json) nor a folder of "
+      "PEFT adapters (sub-folders with adapter_config.json)"
+    )
   adapters = [load_peft_adapter(d, allow_pickle=allow_pickle) for d in dirs]
   return AdapterLibrary.from_adapters(adapters, config, modules)

@@ -85,8 +85,9 @@ def _apply_selected(z_sel: jax.Array, b: jax.Array, sel: jax.Array) -> jax.Array
 
 def arrow_scores(x: jax.Array, lib: LayerLibrary, allowed: jax.Array) -> jax.Array:
   """|arrow_i . x| for all N: [B, T, N] (float32), -inf where not allowed ([B, N])."""
-  s = jnp.abs(jnp.einsum("bti,in->btn", x, lib.arrows.astype(x.dtype),
-                         preferred_element_type=jnp.float32))
+  s = jnp.abs(
+    jnp.einsum("bti,in->btn", x, lib.arrows.astype(x.dtype), preferred_element_type=jnp.float32)
+  )
   return jnp.where(allowed[:, None, :], s, _NEG)
 
 
@@ -225,7 +226,7 @@ def route_batch(specs: tuple[RouterSpec, ...], router_index, x, lib, mask, fixed
   delta, chosen = None, None
   for i, spec in enumerate(specs):
     d, c = route(spec, x, lib, mask, fixed_ids)
-    pick = (router_index == i)
+    pick = router_index == i
     if delta is None:
       delta, chosen = d, c
     else:

@@ -63,8 +63,12 @@ def spectral_align_stacked(a: jax.Array, b: jax.Array):
   fb = b.reshape((-1, *b.shape[-2:]))
   a_star, b_star, s = jax.vmap(spectral_align)(fa, fb)
   valid = s[:, 0] > 0
-  return (a_star.reshape(a.shape), b_star.reshape(b.shape), s.reshape((*lead, -1)),
-          valid.reshape(lead))
+  return (
+    a_star.reshape(a.shape),
+    b_star.reshape(b.shape),
+    s.reshape((*lead, -1)),
+    valid.reshape(lead),
+  )
 
 
 def arrows_of(a_star: jax.Array) -> jax.Array:

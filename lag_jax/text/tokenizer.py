@@ -71,14 +71,16 @@ def _compile_template(source: str) -> jinja2.Template:
 
   def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # Jinja's own tojson escapes HTML characters, which would change prompts.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(
+      x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
   def strftime_now(fmt):
     return datetime.datetime.now().strftime(fmt)
 
   env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+  )
   env.filters["tojson"] = tojson
   env.globals["raise_exception"] = raise_exception
   env.globals["strftime_now"] = strftime_now
@@ -95,10 +97,15 @@ class Tokenizer:
     chat_template: the jinja2 source of the chat template, or None.
   """
 
-  def __init__(self, backend: tokenizers.Tokenizer, tokenizer_config: Mapping[str, Any],
-               model_config: Mapping[str, Any] | None = None,
-               generation_config: Mapping[str, Any] | None = None,
-               chat_template: str | None = None, path: str | os.PathLike = "<memory>"):
+  def __init__(
+    self,
+    backend: tokenizers.Tokenizer,
+    tokenizer_config: Mapping[str, Any],
+    model_config: Mapping[str, Any] | None = None,
+    generation_config: Mapping[str, Any] | None = None,
+    chat_template: str | None = None,
+    path: str | os.PathLike = "<memory>",
+  ):
     """Wraps a loaded tokenizer; most callers want ``Tokenizer.from_dir``.
 
     Args:
@@ -122,11 +129,15 @@ class Tokenizer:
 
     # transformers registers the named special tokens as special added tokens, so
     # that they are matched whole and dropped by skip_special_tokens.
-    missing = [t for t in (self.bos_token, self.eos_token, self.pad_token, self.unk_token)
-               if t is not None and t not in self._special_contents()]
+    missing = [
+      t
+      for t in (self.bos_token, self.eos_token, self.pad_token, self.unk_token)
+      if t is not None and t not in self._special_contents()
+    ]
     if missing:
-      backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                                  for t in dict.fromkeys(missing)])
+      backend.add_special_tokens(
+        [tokenizers.AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)]
+      )
 
     # tokenizer.json's post-processor alone decides what add_special_tokens adds
     # (e.g. Llama 3's BOS): transformers >= 5 drops tokenizer_config's
@@ -144,8 +155,11 @@ class Tokenizer:
     self.bos_token_id = self._id(self.bos_token)
     if self.bos_token_id is None and model_config.get("bos_token_id") is not None:
       self.bos_token_id = int(model_config["bos_token_id"])
-    eos = [self._id(self.eos_token)] + _as_ids(model_config.get("eos_token_id")) + _as_ids(
-        generation_config.get("eos_token_id"))
+    eos = (
+      [self._id(self.eos_token)]
+      + _as_ids(model_config.get("eos_token_id"))
+      + _as_ids(generation_config.get("eos_token_id"))
+    )
     self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in eos if i is not None))
     pad = self._id(self.pad_token)
     if pad is None and model_config.get("pad_token_id") is not None:
@@ -179,11 +193,14 @@ class Tokenizer:
       # transformers saves the template here instead of in tokenizer_config.json
       # since 4.43, and prefers it when both exist.
       template = jinja_file.read_text(encoding="utf-8")
-    return cls(backend,
-               tokenizer_config=_read_json(path / "tokenizer_config.json", required=False),
-               model_config=_read_json(path / "config.json", required=False),
-               generation_config=_read_json(path / "generation_config.json", required=False),
-               chat_template=template, path=path)
+    return cls(
+      backend,
+      tokenizer_config=_read_json(path / "tokenizer_config.json", required=False),
+      model_config=_read_json(path / "config.json", required=False),
+      generation_config=_read_json(path / "generation_config.json", required=False),
+      chat_template=template,
+      path=path,
+    )
 
   @property
   def vocab_size(self) -> int:
@@ -210,7 +227,8 @@ class Tokenizer:
     """Token ids [T] -> text, by default without special tokens."""
     text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
     if self._config.get("clean_up_tokenization_spaces") and not isinstance(
-        self.backend.model, tokenizers.models.BPE):
+      self.backend.model, tokenizers.models.BPE
+    ):
       # transformers >= 5 skips this WordPiece-era cleanup for BPE, where it would
       # delete real spaces.
       text = _clean_up_tokenization(text)
@@ -219,8 +237,12 @@ class Tokenizer:
   def token_to_id(self, token: str) -> int | None:
     return self.backend.token_to_id(token)
 
-  def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
-                          add_generation_prompt: bool = True, **template_vars: Any) -> str:
+  def apply_chat_template(
+    self,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = True,
+    **template_vars: Any,
+  ) -> str:
     """Renders a conversation with the checkpoint's own chat template.
 
     Args:
@@ -239,16 +261,22 @@ class Tokenizer:
     """
     if self.chat_template is None:
       raise TokenizerFileError(
-          f"{self.path / 'tokenizer_config.json'}: no 'chat_template' (and no "
-          f"{self.path / 'chat_template.jinja'}); this checkpoint has no chat template")
+        f"{self.path / 'tokenizer_config.json'}: no 'chat_template' (and no "
+        f"{self.path / 'chat_template.jinja'}); this checkpoint has no chat template"
+      )
     if self._compiled is None:
       self._compiled = _compile_template(self.chat_template)
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    variables = {"bos_token": self.bos_token, "eos_token": self.eos_token,
-                 "pad_token": self.pad_token, "unk_token": self.unk_token}
+    variables = {
+      "bos_token": self.bos_token,
+      "eos_token": self.eos_token,
+      "pad_token": self.pad_token,
+      "unk_token": self.unk_token,
+    }
     variables.update(template_vars)
-    return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                 **variables)
+    return self._compiled.render(
+      messages=messages, add_generation_prompt=add_generation_prompt, **variables
+    )
 
   def _special_contents(self) -> set[str]:
     return {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
@@ -259,7 +287,17 @@ class Tokenizer:
 
 def _clean_up_tokenization(text: str) -> str:
   """transformers' ``clean_up_tokenization``: drops spaces before punctuation."""
-  for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-               (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+  for a, b in (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+  ):
     text = text.replace(a, b)
   return text

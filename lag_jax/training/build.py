@@ -38,22 +38,22 @@ from lag_jax.adapters.peft_io import LoraAdapter, load_peft_adapter, save_peft_a
 from lag_jax.model.transformer import CausalLM
 from lag_jax.routing.library import AdapterLibrary
 from lag_jax.training.data import (
-    AdapterJob,
-    AdapterRows,
-    adapter_seeds,
-    build_seq_len,
-    folder_name,
-    make_rows,
-    tokenize_job,
+  AdapterJob,
+  AdapterRows,
+  adapter_seeds,
+  build_seq_len,
+  folder_name,
+  make_rows,
+  tokenize_job,
 )
 from lag_jax.training.lora_trainer import (
-    SlotTrainer,
-    TrainConfig,
-    check_finite,
-    example_keys,
-    module_shapes,
-    peft_modules,
-    token_losses,
+  SlotTrainer,
+  TrainConfig,
+  check_finite,
+  example_keys,
+  module_shapes,
+  peft_modules,
+  token_losses,
 )
 
 _BUILD_FILE = "build.json"
@@ -86,11 +86,17 @@ def _check_build_file(out_dir: str, config: TrainConfig, T: int) -> int:
     with open(path) as f:
       have = json.load(f)
     if {k: v for k, v in have.items() if k != "seq_len"} != {
-        k: v for k, v in want.items() if k != "seq_len"}:
-      diff = sorted(k for k in set(have.get("train", {})) | set(want["train"])
-                    if have.get("train", {}).get(k) != want["train"].get(k))
-      raise ValueError(f"{out_dir} holds a build made with other settings ({diff}); "
-                       "use another folder, or the same settings to resume it")
+      k: v for k, v in want.items() if k != "seq_len"
+    }:
+      diff = sorted(
+        k
+        for k in set(have.get("train", {})) | set(want["train"])
+        if have.get("train", {}).get(k) != want["train"].get(k)
+      )
+      raise ValueError(
+        f"{out_dir} holds a build made with other settings ({diff}); "
+        "use another folder, or the same settings to resume it"
+      )
     return int(have["seq_len"])
   _atomic_write_json(path, want)
   return T
@@ -107,11 +113,17 @@ class _Slot:
   started: float = 0.0
 
 
-def build_library(jobs: Sequence[AdapterJob], model: CausalLM, tokenizer,
-                  out_dir: str | os.PathLike, config: TrainConfig | None = None, *,
-                  eos_token: str | None = None,
-                  on_adapter_saved: Callable[[str], None] | None = None,
-                  progress: bool = True) -> AdapterLibrary:
+def build_library(
+  jobs: Sequence[AdapterJob],
+  model: CausalLM,
+  tokenizer,
+  out_dir: str | os.PathLike,
+  config: TrainConfig | None = None,
+  *,
+  eos_token: str | None = None,
+  on_adapter_saved: Callable[[str], None] | None = None,
+  progress: bool = True,
+) -> AdapterLibrary:
   """Trains one LoRA adapter per job and packs them into a library; resumable.
 
   Args:
@@ -154,37 +166,56 @@ def build_library(jobs: Sequence[AdapterJob], model: CausalLM, tokenizer,
 
   eos_id = None
   if config.add_eos:
-    eos_id = (tokenizer.token_to_id(eos_token) if eos_token is not None
-              else (tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None))
+    eos_id = (
+      tokenizer.token_to_id(eos_token)
+      if eos_token is not None
+      else (tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None)
+    )
     if eos_id is None:
       raise ValueError(f"add_eos: the tokenizer has no token {eos_token or 'EOS'!r}")
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   examples = [tokenize_job(j, tokenizer, eos_id) for j in jobs]
-  T = _check_build_file(out_dir, config, build_seq_len(
-      examples, config.epochs, config.max_seq_len, config.pack))
+  T = _check_build_file(
+    out_dir, config, build_seq_len(examples, config.epochs, config.max_seq_len, config.pack)
+  )
 
   def rows_of(i: int) -> AdapterRows:
     _, np_seed = adapter_seeds(config.seed, names[i])
-    return make_rows(examples[i], epochs=config.epochs, T=T, pack=config.pack,
-                     pad_id=pad_id, np_seed=np_seed, max_targets=config.token_budget)
+    return make_rows(
+      examples[i],
+      epochs=config.epochs,
+      T=T,
+      pack=config.pack,
+      pad_id=pad_id,
+      np_seed=np_seed,
+      max_targets=config.token_budget,
+    )
 
   def folder(i: int) -> str:
     return os.path.join(adapters_dir, folders[i])
 
   def metadata(i: int, rows: AdapterRows) -> dict:
-    return {**dict(jobs[i].metadata), "train_targets": rows.targets,
-            "train_steps": rows.steps(config.batch_size)}
+    return {
+      **dict(jobs[i].metadata),
+      "train_targets": rows.targets,
+      "train_steps": rows.steps(config.batch_size),
+    }
 
   library = None
   if os.path.exists(os.path.join(library_dir, "library.json")):
     library = AdapterLibrary.load(library_dir)
   in_library = set(library.names) if library is not None else set()
-  finished = [os.path.exists(os.path.join(folder(i), "adapter_config.json"))
-              or names[i] in in_library for i in range(len(jobs))]
+  finished = [
+    os.path.exists(os.path.join(folder(i), "adapter_config.json")) or names[i] in in_library
+    for i in range(len(jobs))
+  ]
   for i in range(len(jobs)):
     if names[i] in in_library and not os.path.exists(folder(i)):
-      logging.warning("Adapter %r is in the library but its PEFT folder %s is missing; "
-                      "not retraining it", names[i], folder(i))
+      logging.warning(
+        "Adapter %r is in the library but its PEFT folder %s is missing; not retraining it",
+        names[i],
+        folder(i),
+      )
 
   def flush(force: bool) -> None:
     """Appends the finished prefix of the job list that the library lacks."""
@@ -197,27 +228,44 @@ def build_library(jobs: Sequence[AdapterJob], model: CausalLM, tokenizer,
         break
       addable.append(i)
     size = 0 if library is None else len(library)
-    if not addable or (not force and len(addable) < max(
-        1, math.ceil(config.library_flush_fraction * size))):
+    if not addable or (
+      not force and len(addable) < max(1, math.ceil(config.library_flush_fraction * size))
+    ):
       return
     t0 = time.perf_counter()
     adapters = [load_peft_adapter(folder(i), name=names[i]) for i in addable]
     meta = {names[i]: metadata(i, rows_of(i)) for i in addable}
     if library is None:
       library = AdapterLibrary.from_adapters(
-          adapters, model_config, trainer_modules, dtype=jnp.dtype(config.library_dtype),
-          metadata=meta)
+        adapters,
+        model_config,
+        trainer_modules,
+        dtype=jnp.dtype(config.library_dtype),
+        metadata=meta,
+      )
     else:
       library = library.add(adapters, model_config, metadata=meta)
     library.save(library_dir)
     in_library.update(names[i] for i in addable)
-    logging.info("Library %s: +%d adapters -> %d (%.1f s)", library_dir, len(addable),
-                 len(library), time.perf_counter() - t0)
+    logging.info(
+      "Library %s: +%d adapters -> %d (%.1f s)",
+      library_dir,
+      len(addable),
+      len(library),
+      time.perf_counter() - t0,
+    )
 
   queue = collections.deque(i for i in range(len(jobs)) if not finished[i])
-  logging.info("Building %d adapters in %s: %d finished, %d to train; %d slots x %d rows x "
-               "%d tokens", len(jobs), out_dir, sum(finished), len(queue), config.n_slots,
-               config.batch_size, T)
+  logging.info(
+    "Building %d adapters in %s: %d finished, %d to train; %d slots x %d rows x %d tokens",
+    len(jobs),
+    out_dir,
+    sum(finished),
+    len(queue),
+    config.n_slots,
+    config.batch_size,
+    T,
+  )
   flush(force=not queue)
   if not queue:
     return library
@@ -225,8 +273,14 @@ def build_library(jobs: Sequence[AdapterJob], model: CausalLM, tokenizer,
   trainer = SlotTrainer(model, config)
   n, bs = config.n_slots, config.batch_size
   slots: list[_Slot | None] = [None] * n
-  bar = tqdm.tqdm(total=len(jobs), initial=sum(finished), unit="adapter",
-                  disable=not progress, dynamic_ncols=True, desc="adapters")
+  bar = tqdm.tqdm(
+    total=len(jobs),
+    initial=sum(finished),
+    unit="adapter",
+    disable=not progress,
+    dynamic_ncols=True,
+    desc="adapters",
+  )
   log_path = os.path.join(out_dir, "train_log.jsonl")
   steps_done, t_start = 0, time.perf_counter()
   try:
@@ -256,14 +310,16 @@ def build_library(jobs: Sequence[AdapterJob], model: CausalLM, tokenizer,
           continue
         part = slice(s.step * bs, (s.step + 1) * bs)
         k = s.rows.tokens[part].shape[0]
-        tokens[j * bs:j * bs + k] = s.rows.tokens[part]
-        loss_mask[j * bs:j * bs + k] = s.rows.loss_mask[part]
-        ex_keys[j * bs:(j + 1) * bs] = s.key
-        ex_steps[j * bs:(j + 1) * bs] = s.step
-      batch = {"tokens": tokens, "loss_mask": loss_mask,
-               "ids": np.repeat(np.arange(n, dtype=np.int32), bs)}
-      rng = (np.asarray(example_keys(ex_keys, ex_steps, ex_rows))
-             if config.dropout > 0 else None)
+        tokens[j * bs : j * bs + k] = s.rows.tokens[part]
+        loss_mask[j * bs : j * bs + k] = s.rows.loss_mask[part]
+        ex_keys[j * bs : (j + 1) * bs] = s.key
+        ex_steps[j * bs : (j + 1) * bs] = s.step
+      batch = {
+        "tokens": tokens,
+        "loss_mask": loss_mask,
+        "ids": np.repeat(np.arange(n, dtype=np.int32), bs),
+      }
+      rng = np.asarray(example_keys(ex_keys, ex_steps, ex_rows)) if config.dropout > 0 else None
       metrics = trainer.step(batch, rng)
       steps_done += 1
       check_finite(metrics, [None if s is None else names[s.job] for s in slots])
@@ -277,20 +333,43 @@ def build_library(jobs: Sequence[AdapterJob], model: CausalLM, tokenizer,
           continue
         i = s.job
         adapter = LoraAdapter.from_arrays(
-            names[i], peft_modules(trainer.factors(j)), config.rank, config.alpha,
-            use_rslora=config.use_rslora, target_modules=list(trainer_modules))
+          names[i],
+          peft_modules(trainer.factors(j)),
+          config.rank,
+          config.alpha,
+          use_rslora=config.use_rslora,
+          target_modules=list(trainer_modules),
+        )
         save_peft_adapter(adapter, folder(i))
         finished[i] = True
         slots[j] = None
         seconds = time.perf_counter() - s.started
-        logging.info("Adapter %r: %d steps, %d target tokens, loss %.4f -> %.4f (%.1f s)",
-                     names[i], s.total, s.rows.targets, s.losses[0], s.losses[-1], seconds)
+        logging.info(
+          "Adapter %r: %d steps, %d target tokens, loss %.4f -> %.4f (%.1f s)",
+          names[i],
+          s.total,
+          s.rows.targets,
+          s.losses[0],
+          s.losses[-1],
+          seconds,
+        )
         with open(log_path, "a") as f:
-          f.write(json.dumps({"name": names[i], "steps": s.total, "targets": s.rows.targets,
-                              "losses": [round(x, 5) for x in s.losses]}) + "\n")
+          f.write(
+            json.dumps(
+              {
+                "name": names[i],
+                "steps": s.total,
+                "targets": s.rows.targets,
+                "losses": [round(x, 5) for x in s.losses],
+              }
+            )
+            + "\n"
+          )
         bar.update(1)
-        bar.set_postfix(loss=f"{s.losses[-1]:.3f}",
-                        steps_per_s=f"{steps_done / (time.perf_counter() - t_start):.2f}")
+        bar.set_postfix(
+          loss=f"{s.losses[-1]:.3f}",
+          steps_per_s=f"{steps_done / (time.perf_counter() - t_start):.2f}",
+        )
         if on_adapter_saved is not None:
           on_adapter_saved(names[i])
         flush(force=False)
@@ -300,8 +379,14 @@ def build_library(jobs: Sequence[AdapterJob], model: CausalLM, tokenizer,
   return library
 
 
-def text_losses(model: CausalLM, tokenizer, texts: Sequence[str],
-                adapter: LoraAdapter | None = None, *, max_seq_len: int = 512) -> np.ndarray:
+def text_losses(
+  model: CausalLM,
+  tokenizer,
+  texts: Sequence[str],
+  adapter: LoraAdapter | None = None,
+  *,
+  max_seq_len: int = 512,
+) -> np.ndarray:
   """Mean next-token loss of each text [len(texts)] (its first max_seq_len tokens),
   on the base model or with ``adapter`` applied."""
   ids = [tokenizer.encode(t)[:max_seq_len] for t in texts]
@@ -309,7 +394,7 @@ def text_losses(model: CausalLM, tokenizer, texts: Sequence[str],
   tokens = np.zeros((len(ids), T), np.int32)
   mask = np.zeros((len(ids), T), bool)
   for r, x in enumerate(ids):
-    tokens[r, :len(x)] = x
-    mask[r, :len(x)] = True
+    tokens[r, : len(x)] = x
+    mask[r, : len(x)] = True
   lora = None if adapter is None else stack_lora(adapter, model.config)
   return token_losses(model, tokens, mask, lora)

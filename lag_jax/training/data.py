@@ -100,11 +100,10 @@ def tokenize_job(job: AdapterJob, tokenizer, eos_id: int | None) -> Examples:
       raise ValueError(f"adapter {job.name!r}: pair {k} has an empty answer")
     ids = np.asarray(prompt + answer + extra, np.int32)
     mask = np.zeros(len(ids), bool)
-    mask[len(prompt):] = True
+    mask[len(prompt) :] = True
     pairs.append((ids, mask))
   if not texts and not pairs:
-    raise ValueError(f"adapter {job.name!r} has no training data (no non-empty texts, no "
-                     "pairs)")
+    raise ValueError(f"adapter {job.name!r} has no training data (no non-empty texts, no pairs)")
   return Examples(texts, pairs)
 
 
@@ -119,8 +118,9 @@ def longest_row(examples: Examples, epochs: int, max_seq_len: int, pack: bool) -
   return max(lengths)
 
 
-def build_seq_len(all_examples: Sequence[Examples], epochs: int, max_seq_len: int,
-                  pack: bool) -> int:
+def build_seq_len(
+  all_examples: Sequence[Examples], epochs: int, max_seq_len: int, pack: bool
+) -> int:
   """T of a build: max_seq_len, or less when every row of every job is shorter.
 
   It depends on the whole job list only, so a resumed build uses the same T (the
@@ -135,12 +135,20 @@ def _chunks(ids: np.ndarray, mask: np.ndarray, T: int):
   previous row's last, so every token after the first is a target exactly once."""
   start = 0
   while start < len(ids) - 1:
-    yield ids[start:start + T], mask[start:start + T]
+    yield ids[start : start + T], mask[start : start + T]
     start += T - 1
 
 
-def make_rows(examples: Examples, *, epochs: int, T: int, pack: bool, pad_id: int,
-              np_seed: int, max_targets: int | None = None) -> AdapterRows:
+def make_rows(
+  examples: Examples,
+  *,
+  epochs: int,
+  T: int,
+  pack: bool,
+  pad_id: int,
+  np_seed: int,
+  max_targets: int | None = None,
+) -> AdapterRows:
   """Rows of every epoch, in the adapter's own deterministic order.
 
   Texts: each epoch visits them in a fresh random order; with ``pack`` all epochs
@@ -168,7 +176,7 @@ def make_rows(examples: Examples, *, epochs: int, T: int, pack: bool, pad_id: in
       if len(ids) > T:
         first_answer = int(np.argmax(mask))
         start = min(len(ids) - T, max(first_answer - 1, 0))
-        ids, mask = ids[start:start + T], mask[start:start + T]
+        ids, mask = ids[start : start + T], mask[start : start + T]
       pair_rows.append((ids, mask))
   rows = text_rows + pair_rows
   if text_rows and pair_rows:
@@ -176,8 +184,8 @@ def make_rows(examples: Examples, *, epochs: int, T: int, pack: bool, pad_id: in
   tokens = np.full((len(rows), T), pad_id, np.int32)
   loss_mask = np.zeros((len(rows), T), bool)
   for r, (ids, mask) in enumerate(rows):
-    tokens[r, :len(ids)] = ids
-    loss_mask[r, :len(ids)] = mask
+    tokens[r, : len(ids)] = ids
+    loss_mask[r, : len(ids)] = mask
   loss_mask[:, 0] = False
   if max_targets is not None:
     keep = max(1, int(np.sum(np.cumsum(loss_mask.sum(axis=1)) <= max_targets)))

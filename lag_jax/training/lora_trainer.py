@@ -40,10 +40,10 @@ from flax import nnx, struct
 from lag_jax.adapters.peft_io import lora_scale
 from lag_jax.model.transformer import ADAPTABLE_MODULES, MLP_MODULES, CausalLM
 from lag_jax.training.per_example import (
-    DELTA_MODES,
-    PerExampleLora,
-    SlotLora,
-    init_slot_lora,
+  DELTA_MODES,
+  PerExampleLora,
+  SlotLora,
+  init_slot_lora,
 )
 
 SCHEDULES = ("cosine", "constant")
@@ -122,8 +122,10 @@ class TrainConfig:
     object.__setattr__(self, "target_modules", tuple(self.target_modules))
     bad = sorted(set(self.target_modules) - set(ADAPTABLE_MODULES))
     if bad or not self.target_modules:
-      raise ValueError(f"target_modules={list(self.target_modules)}: choose a non-empty "
-                       f"subset of {list(ADAPTABLE_MODULES)}")
+      raise ValueError(
+        f"target_modules={list(self.target_modules)}: choose a non-empty "
+        f"subset of {list(ADAPTABLE_MODULES)}"
+      )
     for field in ("rank", "epochs", "batch_size", "max_seq_len", "n_slots"):
       if getattr(self, field) < 1:
         raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
@@ -181,8 +183,9 @@ def slot_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   parts = []
   if config.max_grad_norm is not None:
     parts.append(optax.clip_by_global_norm(config.max_grad_norm))
-  parts.append(optax.adamw(1.0, b1=config.b1, b2=config.b2, eps=config.eps,
-                           weight_decay=config.weight_decay))
+  parts.append(
+    optax.adamw(1.0, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
+  )
   return optax.chain(*parts)
 
 
@@ -239,15 +242,18 @@ def _inner_axes(config: TrainConfig, lora: SlotLora):
 def init_opt_state(config: TrainConfig, lora: SlotLora) -> SlotOptState:
   """Fresh optimizer state for every slot (zero moments, step 0, 1 planned step)."""
   tx = slot_optimizer(config)
-  inner = jax.vmap(tx.init, in_axes=(_slot_axes(_one_slot(lora)),),
-                   out_axes=_inner_axes(config, lora))(jax.tree.map(jnp.asarray, lora))
+  inner = jax.vmap(
+    tx.init, in_axes=(_slot_axes(_one_slot(lora)),), out_axes=_inner_axes(config, lora)
+  )(jax.tree.map(jnp.asarray, lora))
   n = lora.n_slots
-  return SlotOptState(inner=inner, step=jnp.zeros((n,), jnp.int32),
-                      total_steps=jnp.ones((n,), jnp.int32))
+  return SlotOptState(
+    inner=inner, step=jnp.zeros((n,), jnp.int32), total_steps=jnp.ones((n,), jnp.int32)
+  )
 
 
-def slot_losses(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array, ids: jax.Array,
-                n_slots: int) -> tuple[jax.Array, jax.Array]:
+def slot_losses(
+  logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array, ids: jax.Array, n_slots: int
+) -> tuple[jax.Array, jax.Array]:
   """Next-token cross entropy, averaged per slot over that slot's masked targets.
 
   Args:
@@ -261,7 +267,8 @@ def slot_losses(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array, ids:
     (loss [n] mean loss of each slot (0 where it has no target), count [n] targets).
   """
   nll = optax.losses.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), tokens[:, 1:])  # [B, T-1]
+    logits[:, :-1].astype(jnp.float32), tokens[:, 1:]
+  )  # [B, T-1]
   mask = loss_mask[:, 1:].astype(jnp.float32)
   # Per row first, then per slot: a slot's sum never mixes in other slots' rows.
   row_sum = jnp.sum(nll * mask, axis=1)
@@ -298,8 +305,9 @@ def make_train_step(config: TrainConfig):
     ids = batch["ids"].astype(jnp.int32)
 
     def loss_fn(lora):
-      hook = PerExampleLora(lora, ids, scale=config.scale, dropout=config.dropout, rng=rng,
-                            mode=config.delta_mode)
+      hook = PerExampleLora(
+        lora, ids, scale=config.scale, dropout=config.dropout, rng=rng, mode=config.delta_mode
+      )
       logits, _ = model(batch["tokens"], lora=hook)
       loss, count = slot_losses(logits, batch["tokens"], batch["loss_mask"], ids, n)
       # d(sum)/d(loss_j) = 1: each slot gets exactly its own mean-loss gradient.
@@ -317,12 +325,11 @@ def make_train_step(config: TrainConfig):
       return optax.apply_updates(p, u), s, optax.global_norm(g)
 
     new_lora, new_inner, gnorm = jax.vmap(
-        update, in_axes=(param_axes, inner_axes, param_axes, 0),
-        out_axes=(param_axes, inner_axes, 0))(grads, opt_state.inner, lora, lr)
+      update, in_axes=(param_axes, inner_axes, param_axes, 0), out_axes=(param_axes, inner_axes, 0)
+    )(grads, opt_state.inner, lora, lr)
     new_lora = _select(active, new_lora, lora, param_axes)
     new_inner = _select(active, new_inner, opt_state.inner, inner_axes)
-    new_opt = opt_state.replace(inner=new_inner,
-                                step=opt_state.step + active.astype(jnp.int32))
+    new_opt = opt_state.replace(inner=new_inner, step=opt_state.step + active.astype(jnp.int32))
     metrics = {"loss": loss, "tokens": count, "active": active, "lr": lr, "grad_norm": gnorm}
     return new_lora, new_opt, metrics
 
@@ -330,8 +337,7 @@ def make_train_step(config: TrainConfig):
 
 
 @functools.cache
-def make_load_slots(config: TrainConfig, shapes: tuple[tuple[str, int, int], ...],
-                    num_layers: int):
+def make_load_slots(config: TrainConfig, shapes: tuple[tuple[str, int, int], ...], num_layers: int):
   """The jitted ``load(lora, opt_state, reset [n] bool, keys [n, 2], total_steps [n])``:
   slots where ``reset`` restart from PEFT init (drawn from their keys) with fresh
   optimizer state; the others are returned unchanged."""
@@ -346,9 +352,10 @@ def make_load_slots(config: TrainConfig, shapes: tuple[tuple[str, int, int], ...
     lora = _select(reset, fresh, lora, axes)
     inner = _select(reset, fresh_opt.inner, opt_state.inner, inner_axes)
     return lora, SlotOptState(
-        inner=inner, step=jnp.where(reset, 0, opt_state.step),
-        total_steps=jnp.where(reset, jnp.asarray(total_steps, jnp.int32),
-                              opt_state.total_steps))
+      inner=inner,
+      step=jnp.where(reset, 0, opt_state.step),
+      total_steps=jnp.where(reset, jnp.asarray(total_steps, jnp.int32), opt_state.total_steps),
+    )
 
   return jax.jit(load, donate_argnums=(0, 1))
 
@@ -378,8 +385,9 @@ def _replicated_like(params) -> jax.sharding.Sharding:
   if len(sharding.device_set) == 1:
     return sharding
   devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
-  return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("devices",)),
-                                    jax.sharding.PartitionSpec())
+  return jax.sharding.NamedSharding(
+    jax.sharding.Mesh(devices, ("devices",)), jax.sharding.PartitionSpec()
+  )
 
 
 class SlotTrainer:
@@ -404,14 +412,15 @@ class SlotTrainer:
     L, R = model.config.num_hidden_layers, config.rank
 
     def empty():
-      lora = SlotLora(a={m: jnp.zeros((L, n, R, i), jnp.float32) for m, _, i in self.shapes},
-                      b={m: jnp.zeros((L, n, o, R), jnp.float32) for m, o, _ in self.shapes})
+      lora = SlotLora(
+        a={m: jnp.zeros((L, n, R, i), jnp.float32) for m, _, i in self.shapes},
+        b={m: jnp.zeros((L, n, o, R), jnp.float32) for m, o, _ in self.shapes},
+      )
       return lora, init_opt_state(config, lora)
 
     # Committed to the base model's devices (replicated over its mesh), as the step's
     # outputs will be: uncommitted first arguments would compile the step twice.
-    self.lora, self.opt_state = jax.jit(empty, out_shardings=_replicated_like(
-        self.base_params))()
+    self.lora, self.opt_state = jax.jit(empty, out_shardings=_replicated_like(self.base_params))()
 
   @property
   def n_slots(self) -> int:
@@ -420,40 +429,52 @@ class SlotTrainer:
   def load(self, reset: np.ndarray, keys: np.ndarray, total_steps: np.ndarray) -> None:
     """Restarts the slots where ``reset`` [n] (keys [n, 2] uint32, total_steps [n])."""
     self.lora, self.opt_state = self._load(
-        self.lora, self.opt_state, jnp.asarray(reset, bool), jnp.asarray(keys, jnp.uint32),
-        jnp.asarray(total_steps, jnp.int32))
+      self.lora,
+      self.opt_state,
+      jnp.asarray(reset, bool),
+      jnp.asarray(keys, jnp.uint32),
+      jnp.asarray(total_steps, jnp.int32),
+    )
 
   def step(self, batch: dict[str, np.ndarray], rng: np.ndarray | None) -> dict[str, np.ndarray]:
     """One update of every slot that has targets in ``batch``; returns host metrics."""
     self.lora, self.opt_state, metrics = self._step(
-        self.graphdef, self.base_params, self.lora, self.opt_state, batch, rng)
+      self.graphdef, self.base_params, self.lora, self.opt_state, batch, rng
+    )
     return jax.device_get(metrics)
 
   def factors(self, slot: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Slot's raw factors: module name -> (a [L, R, I], b [L, O, R]) float32."""
-    return {m: (np.asarray(self.lora.a[m][:, slot]), np.asarray(self.lora.b[m][:, slot]))
-            for m in self.lora.modules}
+    return {
+      m: (np.asarray(self.lora.a[m][:, slot]), np.asarray(self.lora.b[m][:, slot]))
+      for m in self.lora.modules
+    }
 
 
-def peft_modules(factors: dict[str, tuple[np.ndarray, np.ndarray]]
-                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def peft_modules(
+  factors: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Slot factors -> LoraAdapter.from_arrays' {'model.layers.{i}.mlp.gate_proj': (a, b)}."""
   out = {}
   for m, (a, b) in factors.items():
     parent = "mlp" if m in MLP_MODULES else "self_attn"
     for i in range(a.shape[0]):
-      out[f"model.layers.{i}.{parent}.{m}"] = (np.ascontiguousarray(a[i]),
-                                               np.ascontiguousarray(b[i]))
+      out[f"model.layers.{i}.{parent}.{m}"] = (
+        np.ascontiguousarray(a[i]),
+        np.ascontiguousarray(b[i]),
+      )
   return out
 
 
-def token_losses(model: CausalLM, tokens: np.ndarray, loss_mask: np.ndarray,
-                 lora=None) -> np.ndarray:
+def token_losses(
+  model: CausalLM, tokens: np.ndarray, loss_mask: np.ndarray, lora=None
+) -> np.ndarray:
   """Mean next-token loss of each row [B] (loss_mask as in slot_losses), with a
   static adapter (``lora``: a dict from ``stack_lora``) or none."""
   graphdef, params = nnx.split(model)
-  return np.asarray(_row_losses(graphdef, params, jnp.asarray(tokens),
-                                jnp.asarray(loss_mask), lora))
+  return np.asarray(
+    _row_losses(graphdef, params, jnp.asarray(tokens), jnp.asarray(loss_mask), lora)
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -467,8 +488,12 @@ def _row_losses(graphdef, params, tokens, loss_mask, lora):
 
 def check_finite(metrics: dict[str, np.ndarray], names: list[str | None]) -> None:
   """Raises FloatingPointError naming the adapters whose loss went NaN or Inf."""
-  bad = [n for n, loss, a in zip(names, metrics["loss"], metrics["active"], strict=True)
-         if n is not None and a and not math.isfinite(float(loss))]
+  bad = [
+    n
+    for n, loss, a in zip(names, metrics["loss"], metrics["active"], strict=True)
+    if n is not None and a and not math.isfinite(float(loss))
+  ]
   if bad:
-    raise FloatingPointError(f"non-finite training loss for adapters {bad}; lower "
-                             "learning_rate or check their data")
+    raise FloatingPointError(
+      f"non-finite training loss for adapters {bad}; lower learning_rate or check their data"
+    )

@@ -51,8 +51,9 @@ def module_index(name: str) -> int:
   return ADAPTABLE_MODULES.index(name)
 
 
-def init_slot_lora(keys: jax.Array, shapes: dict[str, tuple[int, int]], num_layers: int,
-                   rank: int, dtype=jnp.float32) -> SlotLora:
+def init_slot_lora(
+  keys: jax.Array, shapes: dict[str, tuple[int, int]], num_layers: int, rank: int, dtype=jnp.float32
+) -> SlotLora:
   """PEFT's initialisation for n slots: A ~ kaiming_uniform(a=sqrt(5)), B = 0.
 
   PEFT calls ``nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))``: the bound
@@ -99,8 +100,16 @@ class PerExampleLora:
       backend uses; its cost grows with n).
   """
 
-  def __init__(self, factors: SlotLora, ids: jax.Array, *, scale: float,
-               dropout: float = 0.0, rng: jax.Array | None = None, mode: str = "gather"):
+  def __init__(
+    self,
+    factors: SlotLora,
+    ids: jax.Array,
+    *,
+    scale: float,
+    dropout: float = 0.0,
+    rng: jax.Array | None = None,
+    mode: str = "gather",
+  ):
     if mode not in DELTA_MODES:
       raise ValueError(f"mode must be one of {DELTA_MODES}, got {mode!r}")
     self.factors, self.ids, self.rng = factors, ids, rng
@@ -122,7 +131,8 @@ class PerExampleLora:
       ex = jax.random.wrap_key_data(self.rng)  # [B]
       # [L, B] keys: a fresh mask per layer (and, in delta, per module).
       per = jax.vmap(lambda layer: jax.vmap(lambda k: jax.random.fold_in(k, layer))(ex))(
-          jnp.arange(L))
+        jnp.arange(L)
+      )
       keys = jax.random.key_data(per)  # [L, B, 2]
     return self.factors.a, self.factors.b, keys
 
@@ -135,7 +145,8 @@ class PerExampleLora:
     if keys is not None:
       p = self.dropout
       mkeys = jax.vmap(lambda k: jax.random.fold_in(k, module_index(name)))(
-          jax.random.wrap_key_data(keys))
+        jax.random.wrap_key_data(keys)
+      )
       keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - p, x.shape[1:]))(mkeys)
       x = jnp.where(keep, x / jnp.asarray(1.0 - p, x.dtype), jnp.zeros((), x.dtype))
     if self.mode == "gather":
@@ -148,4 +159,3 @@ class PerExampleLora:
     r = jnp.einsum("bti,bri->btr", x, a_sel.astype(x.dtype))
     d = jnp.einsum("btr,bor->bto", r, b_sel.astype(x.dtype))
     return d * jnp.asarray(self.scale, d.dtype), None
-

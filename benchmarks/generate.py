@@ -1,0 +1,316 @@
+"""Decode and prefill throughput: lag_jax ``generate`` against HF transformers (torch CPU).
+
+Run from the repository root (the malloc settings keep glibc from returning and
+re-faulting large buffers between steps, which makes CPU timings erratic here):
+
+  MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \
+  MALLOC_TOP_PAD_=1073741824 python -m benchmarks.generate --runs=3
+
+Both sides run greedy decoding of the same prompts (``--prompt_len`` pseudo-random
+ids each, so HF needs no padding) to exactly ``--max_new_tokens`` new tokens, with
+EOS disabled, in float32, on the same cores; the runs are interleaved (ours, HF,
+ours, HF, ...) and the median is reported. Our compilation happens in a warm-up
+call per batch size and is reported separately; HF gets a warm-up call too.
+
+Definitions, the same for both sides:
+  prefill tok/s = B * prompt_len / prefill time. Ours: the prefill call of
+    ``generate`` (forward over the padded batch + first token). HF: one forward
+    over the prompt batch with ``use_cache=True``.
+  decode tok/s = B * (max_new_tokens - 1) / decode time. The first new token comes
+    out of the prefill pass, so decoding runs max_new_tokens - 1 forward steps.
+    Ours: the decode loop of ``generate``. HF: generate time - prefill time.
+
+Writes the table between ``<!-- generate:begin -->`` and ``<!-- generate:end -->``
+in BENCHMARKS.md (other sections are left alone) and all numbers to
+benchmarks/results/generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from lag_jax.checkpoints.safetensors_loader import load_model
+from lag_jax.generation.generate import generate
+from lag_jax.generation.sampling import Greedy
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- generate:begin -->", "<!-- generate:end -->"
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument(
+    "--checkpoint",
+    default=None,
+    help="HF checkpoint folder; default the packaged SmolLM2-135M-Instruct",
+  )
+  p.add_argument("--batch_sizes", default="1,16", help="comma-separated batch sizes")
+  p.add_argument("--prompt_len", type=int, default=128, help="tokens per prompt")
+  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--runs", type=int, default=3, help="timed runs per side (median reported)")
+  p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+  p.add_argument(
+    "--markdown",
+    default=str(ROOT / "BENCHMARKS.md"),
+    help="file whose generate section is rewritten; '' to skip",
+  )
+  p.add_argument(
+    "--json",
+    default=str(ROOT / "benchmarks" / "results" / "generate.json"),
+    help="results file; '' to skip",
+  )
+  return p.parse_args(argv)
+
+
+def make_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+  """Pseudo-random ids away from the special tokens at the start of the vocabulary."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(100, vocab, (batch, length)).tolist()
+
+
+def read_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+  """Memory read bandwidth (GB/s): the best of 5 jitted max-reductions over 1 GiB,
+  far larger than the caches, so every byte comes from DRAM."""
+  x = jnp.ones((64, nbytes // 256), jnp.float32)
+  f = jax.jit(lambda a: jnp.max(a, axis=1))
+  f(x).block_until_ready()
+  times = []
+  for _ in range(5):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return nbytes / min(times) / 1e9
+
+
+class HFRunner:
+  """HF transformers on torch CPU, greedy, EOS disabled."""
+
+  def __init__(self, folder: str, max_new_tokens: int):
+    self.model = transformers.AutoModelForCausalLM.from_pretrained(
+      folder, dtype=torch.float32
+    ).eval()
+    self.config = transformers.GenerationConfig(
+      do_sample=False,
+      max_new_tokens=max_new_tokens,
+      min_new_tokens=max_new_tokens,
+      eos_token_id=None,
+      pad_token_id=0,
+    )
+    self.max_new_tokens = max_new_tokens
+
+  @torch.inference_mode()
+  def run(self, prompts: list[list[int]]) -> tuple[float, float]:
+    """(prefill seconds, generate seconds) for one batch."""
+    ids = torch.tensor(prompts)
+    t0 = time.perf_counter()
+    self.model(ids, use_cache=True)
+    t1 = time.perf_counter()
+    out = self.model.generate(ids, generation_config=self.config)
+    t2 = time.perf_counter()
+    assert out.shape == (len(prompts), ids.shape[1] + self.max_new_tokens), out.shape
+    return t1 - t0, t2 - t1
+
+
+class CompileTimer:
+  """Sums JAX's own trace / lowering / XLA compile durations, from its monitoring
+  events: compile time measured directly, not as first call minus a later one."""
+
+  EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+  )
+
+  def __init__(self):
+    self.seconds = 0.0
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, name, duration, **kwargs):
+    del kwargs
+    if name in self.EVENTS:
+      self.seconds += duration
+
+
+def run_ours(model, prompts, max_new_tokens):
+  out = generate(model, prompts, max_new_tokens=max_new_tokens, sampler=Greedy())
+  assert all(len(t) == max_new_tokens for t in out.tokens)
+  assert out.num_decode_steps == max_new_tokens - 1
+  return out.prefill_s, out.decode_s
+
+
+def benchmark(args) -> dict:
+  folder = args.checkpoint
+  if folder is None:
+    from lag_jax.assets import smollm2_checkpoint
+
+    folder = str(smollm2_checkpoint())
+  torch.set_num_threads(args.threads)
+  model = load_model(folder)
+  hf = HFRunner(folder, args.max_new_tokens)
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
+  load_before = os.getloadavg()[0]
+  compile_timer = CompileTimer()
+  P, N = args.prompt_len, args.max_new_tokens
+  decode_steps = N - 1
+  rows = []
+  for B in [int(b) for b in args.batch_sizes.split(",")]:
+    prompts = make_prompts(B, P, model.config.vocab_size)
+    compiled_before = compile_timer.seconds
+    run_ours(model, prompts, N)  # compiles prefill and decode for this shape
+    compile_s = compile_timer.seconds - compiled_before
+    hf.run(prompts)  # warm-up: torch allocations, kernel selection
+    ours, theirs = [], []
+    for _ in range(args.runs):
+      ours.append(run_ours(model, prompts, N))
+      theirs.append(hf.run(prompts))
+    ours_prefill = statistics.median(o[0] for o in ours)
+    ours_decode = statistics.median(o[1] for o in ours)
+    hf_prefill = statistics.median(h[0] for h in theirs)
+    hf_decode = statistics.median(h[1] - h[0] for h in theirs)
+    row = dict(
+      batch=B,
+      ours_decode_tok_s=B * decode_steps / ours_decode,
+      hf_decode_tok_s=B * decode_steps / hf_decode,
+      ours_prefill_tok_s=B * P / ours_prefill,
+      hf_prefill_tok_s=B * P / hf_prefill,
+      ours_step_ms=1e3 * ours_decode / decode_steps,
+      hf_step_ms=1e3 * hf_decode / decode_steps,
+      ours_compile_s=compile_s,
+      ours_runs_s=[list(o) for o in ours],
+      hf_runs_s=[[h[0], h[1] - h[0]] for h in theirs],
+    )
+    row["decode_ratio"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
+    row["prefill_ratio"] = row["ours_prefill_tok_s"] / row["hf_prefill_tok_s"]
+    print(
+      json.dumps(
+        {
+          k: round(v, 3) if isinstance(v, float) else v
+          for k, v in row.items()
+          if not k.endswith("runs_s")
+        }
+      ),
+      flush=True,
+    )
+    rows.append(row)
+  bandwidth = read_bandwidth_gbs()
+  return dict(
+    command=command_line(),
+    checkpoint=folder,
+    model_type=model.config.model_type,
+    param_bytes=param_bytes,
+    prompt_len=P,
+    max_new_tokens=N,
+    runs=args.runs,
+    cpu_count=os.cpu_count(),
+    # Other processes on the same cores distort both sides (torch's spinning
+    # threads most): the 1-minute load average before and after the runs.
+    load_average=[load_before, os.getloadavg()[0]],
+    torch_threads=args.threads,
+    machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+    read_bandwidth_gbs=bandwidth,
+    # A decode step reads every parameter at least once: its floor on time.
+    bandwidth_bound_step_ms=1e3 * param_bytes / (bandwidth * 1e9),
+    versions=dict(
+      jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__
+    ),
+    rows=rows,
+  )
+
+
+def command_line() -> str:
+  env = " ".join(
+    f"{k}={os.environ[k]}"
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+    if k in os.environ
+  )
+  cmd = "python -m benchmarks.generate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  return f"{env} {cmd}".strip()
+
+
+def markdown(res: dict) -> str:
+  lines = [
+    BEGIN,
+    "## Generation throughput (`benchmarks/generate.py`)",
+    "",
+    f"`{res['model_type']}` checkpoint `{pathlib.Path(res['checkpoint']).name}` "
+    f"({res['param_bytes'] / 1e6:.0f} MB float32), prompts of {res['prompt_len']} tokens, "
+    f"{res['max_new_tokens']} new tokens, greedy, EOS disabled; median of {res['runs']} "
+    f"interleaved runs. Machine: {res['cpu_count']} CPUs ({res['machine']}), 1-min load "
+    f"average {res['load_average'][0]:.1f} -> {res['load_average'][1]:.1f}, torch threads "
+    f"{res['torch_threads']}; jax {res['versions']['jax']}, torch "
+    f"{res['versions']['torch']}, transformers {res['versions']['transformers']}.",
+    "",
+    "| batch | ours decode tok/s | HF decode tok/s | ratio | ours prefill tok/s "
+    "| HF prefill tok/s | ratio | ours compile s |",
+    "|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in res["rows"]:
+    lines.append(
+      f"| {r['batch']} | {r['ours_decode_tok_s']:.1f} | {r['hf_decode_tok_s']:.1f} "
+      f"| {r['decode_ratio']:.2f}x | {r['ours_prefill_tok_s']:.0f} "
+      f"| {r['hf_prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f}x "
+      f"| {r['ours_compile_s']:.1f} |"
+    )
+  steps = ", ".join(
+    f"batch {r['batch']}: ours {r['ours_step_ms']:.1f} ms, HF {r['hf_step_ms']:.1f} ms"
+    for r in res["rows"]
+  )
+  lines += [
+    "",
+    f"Decode step time: {steps}. Reading the parameters once at the measured "
+    f"{res['read_bandwidth_gbs']:.1f} GB/s read bandwidth takes "
+    f"{res['bandwidth_bound_step_ms']:.1f} ms, the floor for a step.",
+    "",
+    "Decode tok/s = batch x (new tokens - 1) / decode time (the first new token comes "
+    "from the prefill pass); prefill tok/s = batch x prompt tokens / prefill time. HF "
+    "prefill is one forward over the prompt batch; HF decode is generate time minus that.",
+    "",
+    "```",
+    res["command"],
+    "```",
+    END,
+  ]
+  return "\n".join(lines)
+
+
+def write_markdown(path: str, section: str) -> None:
+  p = pathlib.Path(path)
+  text = p.read_text() if p.exists() else "# Benchmarks\n"
+  if BEGIN in text and END in text:
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    text = head + section + tail
+  else:
+    text = text.rstrip("\n") + "\n\n" + section + "\n"
+  p.write_text(text)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  res = benchmark(args)
+  if args.json:
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(res, f, indent=2)
+      f.write("\n")
+  if args.markdown:
+    write_markdown(args.markdown, markdown(res))
+  print(markdown(res))
+
+
+if __name__ == "__main__":
+  main()
