@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.use_task_library = True
   c.retrieval = True
+  c.rag_max_chars = 4000  # of the retrieved page, in the RAG prompt
   c.k = 20
   c.k_sweep = "1,2,5,10,20,50"
   c.spectr_max_n = 1000
@@ -95,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.k = 2
     c.k_sweep = "1"
     c.max_new_tokens = 4
+    c.rag_max_chars = 200  # the tiny model's byte tokenizer and 512-token context
     c.batch_size = 8
   elif arg:
     raise ValueError(f"configs/llama3_2_3b_kilt.py: unknown variant {arg!r} (use 'tiny')")

@@ -100,6 +100,7 @@ class Setting:
       (then RAG / PRAG methods are skipped).
     max_new_tokens, batch_size: decoding settings.
     system_prompt: optional system message.
+    rag_max_chars: RAG puts at most this many characters of the page in the prompt.
   """
 
   model: CausalLM
@@ -111,6 +112,7 @@ class Setting:
   max_new_tokens: int = 16
   batch_size: int = 16
   system_prompt: str = ""
+  rag_max_chars: int = 4000
 
 
 def render_prompt(
@@ -196,7 +198,8 @@ def run_method(
   tok = setting.tokenizer
   rendered, types = [], []
   for i, ex in enumerate(examples):
-    context = setting.documents[retrieved[i]].text if method.rag else None
+    # The retrieved page, cut to fit the context window (whole pages can be long).
+    context = setting.documents[retrieved[i]].text[: setting.rag_max_chars] if method.rag else None
     text, q, e = render_prompt(tok, ex, context, setting.system_prompt)
     enc = tok.backend.encode(text, add_special_tokens=False)
     rendered.append(list(enc.ids))

@@ -175,6 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     documents=documents,
     max_new_tokens=config.max_new_tokens,
     batch_size=config.batch_size,
+    rag_max_chars=config.rag_max_chars,
   )
   methods = harness.standard_methods(config.k, with_spectr=len(knowledge) <= config.spectr_max_n)
   methods = [m for m in methods if retrieved is not None or not (m.rag or m.knowledge == "prag")]
