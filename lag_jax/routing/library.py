@@ -305,6 +305,9 @@ def _align_module(adapters, config, module, rank, dtype, chunk):
   for start in range(0, len(adapters), chunk):
     a, b = _raw_factors(adapters[start : start + chunk], config, module, rank)
     a_star, b_star, _, valid = spectral_align_stacked(jnp.asarray(a), jnp.asarray(b))
+    # Wait for each chunk before dispatching more work: with many batched LAPACK
+    # calls in flight, the CPU runtime was seen to stall forever under load.
+    jax.block_until_ready((a_star, b_star, valid))
     parts.append((a_star.astype(dtype), b_star.astype(dtype), valid))
   a_star = jnp.concatenate([p[0] for p in parts]).swapaxes(0, 1)  # [L, N, R, I]
   b_star = jnp.concatenate([p[1] for p in parts]).swapaxes(0, 1)  # [L, N, O, R]
