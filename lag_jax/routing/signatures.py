@@ -40,7 +40,7 @@ def spectral_align(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, ja
   qb, rb = jnp.linalg.qr(b)  # [O, R], [R, R]
   # A data dependency that orders the two QRs: jaxlib 0.10's CPU runtime can
   # deadlock when two batched LAPACK calls run at once on a small intra-op pool.
-  a = a + 0.0 * rb[:1, :1]
+  a = a + 0.0 * (qb[:1, :1] + rb[:1, :1])
   qa, ra = jnp.linalg.qr(a.T)  # [I, R], [R, R]
   uc, s, vct = jnp.linalg.svd(rb @ ra.T)  # b a = qb (rb ra^T) qa^T
   u = qb @ uc  # [O, R]
