@@ -301,19 +301,36 @@ def _raw_factors(adapters, config: ModelConfig, module: str, rank: int):
 
 
 def _align_module(adapters, config, module, rank, dtype, chunk):
-  parts = []
-  for start in range(0, len(adapters), chunk):
-    a, b = _raw_factors(adapters[start : start + chunk], config, module, rank)
+  """Signatures of one module for all adapters, chunk by chunk.
+
+  The results are written into preallocated host arrays in the library's layout and
+  dtype, so peak memory is the finished library plus one chunk (concatenating the
+  chunks and swapping axes afterwards held three copies of the library).
+  """
+  L, n = config.num_hidden_layers, len(adapters)
+  O, I = config.module_shapes()[module]
+  np_dtype = jnp.dtype(dtype)
+  a_all = np.empty((L, n, rank, I), np_dtype)
+  b_all = np.empty((L, n, O, rank), np_dtype)
+  valid_all = np.empty((L, n), bool)
+  for start in range(0, n, chunk):
+    stop = min(start + chunk, n)
+    a, b = _raw_factors(adapters[start:stop], config, module, rank)
     a_star, b_star, _, valid = spectral_align_stacked(jnp.asarray(a), jnp.asarray(b))
-    # Wait for each chunk before dispatching more work: with many batched LAPACK
-    # calls in flight, the CPU runtime was seen to stall forever under load.
-    jax.block_until_ready((a_star, b_star, valid))
-    parts.append((a_star.astype(dtype), b_star.astype(dtype), valid))
-  a_star = jnp.concatenate([p[0] for p in parts]).swapaxes(0, 1)  # [L, N, R, I]
-  b_star = jnp.concatenate([p[1] for p in parts]).swapaxes(0, 1)  # [L, N, O, R]
-  valid = jnp.concatenate([p[2] for p in parts]).swapaxes(0, 1)  # [L, N]
-  arrows = a_star[:, :, 0, :].swapaxes(1, 2)  # [L, I, N]
-  return {"a": a_star, "b": b_star, "arrows": arrows, "valid": valid}
+    del a, b
+    # Copying the chunk out also waits for it before more work is dispatched: with
+    # many batched LAPACK calls in flight, the CPU runtime was seen to stall under load.
+    a_all[:, start:stop] = np.asarray(a_star.astype(dtype)).swapaxes(0, 1)
+    b_all[:, start:stop] = np.asarray(b_star.astype(dtype)).swapaxes(0, 1)
+    valid_all[:, start:stop] = np.asarray(valid).swapaxes(0, 1)
+    del a_star, b_star, valid
+  arrows = np.ascontiguousarray(a_all[:, :, 0, :].swapaxes(1, 2))  # [L, I, N]
+  return {
+    "a": jnp.asarray(a_all),  # [L, N, R, I]
+    "b": jnp.asarray(b_all),  # [L, N, O, R]
+    "arrows": jnp.asarray(arrows),
+    "valid": jnp.asarray(valid_all),  # [L, N]
+  }
 
 
 def peft_adapter_dirs(folder: str | os.PathLike) -> list[str]:

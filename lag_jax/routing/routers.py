@@ -78,6 +78,29 @@ def _argmax_low_id(values: jax.Array, ids: jax.Array) -> jax.Array:
   return jnp.argmin(tied, axis=-1)
 
 
+def gather_adapters(a: jax.Array, ids: jax.Array) -> jax.Array:
+  """a[ids] for a [N, R, I] and ids [...] -> [..., R, I], as one row gather.
+
+  Viewing A* as [N * R, I] rows and gathering R rows per id lowers to a plain row
+  gather; indexing the [N, R, I] blocks directly was 3-8x slower on XLA:CPU
+  (benchmarks/routing.py, profile part).
+  """
+  N, R, I = a.shape
+  rows = ids[..., None] * R + jnp.arange(R, dtype=ids.dtype)  # [..., R]
+  return jnp.take(a.reshape(N * R, I), rows, axis=0, mode="clip")
+
+
+def project_all(x: jax.Array, a: jax.Array) -> jax.Array:
+  """A*_n x for every adapter: x [B, T, I], a [N, R, I] -> [B, T, N, R].
+
+  One [B*T, I] x [I, N*R] matmul over A* as stored (rows contiguous); contracting the
+  4-D 'nri' form made XLA:CPU transpose the whole library first (5-7x slower).
+  """
+  N, R, I = a.shape
+  z = jnp.einsum("bti,ji->btj", x, a.reshape(N * R, I).astype(x.dtype))
+  return z.reshape(*x.shape[:2], N, R)
+
+
 def _apply_selected(z_sel: jax.Array, b: jax.Array, sel: jax.Array) -> jax.Array:
   """B*_sel z_sel: z_sel [B, T, R], sel [B, T] -> [B, T, O] (gathers only sel's B*)."""
   return jnp.einsum("btr,btor->bto", z_sel, b[sel].astype(z_sel.dtype))
@@ -112,11 +135,11 @@ def route_lag(x, lib: LayerLibrary, allowed, k: int):
   if B * T * C >= N:
     # Many tokens (prefill): one dense [B, T, N, R] projection is cheaper than
     # gathering B*T*C candidate matrices of R x I.
-    z_all = jnp.einsum("bti,nri->btnr", x, lib.a.astype(x.dtype))
+    z_all = project_all(x, lib.a)
     z = jnp.take_along_axis(z_all, cand[..., None], axis=2)  # [B, T, C, R]
   else:
     # Few tokens (decode): gather only the candidates' A* rows.
-    z = jnp.einsum("bti,btcri->btcr", x, lib.a[cand].astype(x.dtype))
+    z = jnp.einsum("bti,btcri->btcr", x, gather_adapters(lib.a, cand).astype(x.dtype))
   norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
   norms = jnp.where(jnp.isfinite(vals), norms, -1.0)  # disallowed candidates lose
   best = _argmax_low_id(norms, cand)  # [B, T]
@@ -132,13 +155,13 @@ def route_arrow(x, lib: LayerLibrary, allowed):
   ids = jnp.arange(scores.shape[-1], dtype=jnp.int32)
   sel = _argmax_low_id(scores, ids)
   ok = jnp.isfinite(jnp.max(scores, axis=-1))
-  z_sel = jnp.einsum("bti,btri->btr", x, lib.a[sel].astype(x.dtype))
+  z_sel = jnp.einsum("bti,btri->btr", x, gather_adapters(lib.a, sel).astype(x.dtype))
   return _hard(sel, ok, z_sel, lib)
 
 
 def route_spectr(x, lib: LayerLibrary, allowed):
   """SpectR over the whole library: argmax_i ||A*_i x||."""
-  z = jnp.einsum("bti,nri->btnr", x, lib.a.astype(x.dtype))
+  z = project_all(x, lib.a)
   norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
   norms = jnp.where(allowed[:, None, :], norms, _NEG)
   ids = jnp.arange(norms.shape[-1], dtype=jnp.int32)
@@ -155,7 +178,7 @@ def route_arrow_softmax(x, lib: LayerLibrary, allowed, k: int, temperature: floa
   w = jax.nn.softmax(jnp.where(ok[..., None], vals, 0.0) / temperature, axis=-1)
   w = jnp.where(jnp.isfinite(vals), w, 0.0)
   w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
-  z = jnp.einsum("bti,btcri->btcr", x, lib.a[cand].astype(x.dtype))
+  z = jnp.einsum("bti,btcri->btcr", x, gather_adapters(lib.a, cand).astype(x.dtype))
   delta = jnp.einsum("btc,btcr,btcor->bto", w.astype(x.dtype), z, lib.b[cand].astype(x.dtype))
   return jnp.where(ok[..., None], delta, 0), jnp.where(ok, cand[..., 0], -1)
 
@@ -169,7 +192,7 @@ def route_uniform(x, lib: LayerLibrary, mask):
   w = mask.astype(jnp.float32)
   count = jnp.sum(w, axis=-1, keepdims=True)
   w = (w / jnp.maximum(count, 1.0)).astype(x.dtype)  # [B, N]
-  z = jnp.einsum("bti,nri->btnr", x, lib.a.astype(x.dtype))
+  z = project_all(x, lib.a)
   delta = jnp.einsum("bn,btnr,nor->bto", w, z, lib.b.astype(x.dtype))
   B, T = x.shape[:2]
   chosen = jnp.full((B, T), -1, jnp.int32)
@@ -181,7 +204,7 @@ def route_fixed(x, lib: LayerLibrary, allowed, fixed_ids):
   B, T = x.shape[:2]
   ids = jnp.clip(fixed_ids, 0, lib.a.shape[0] - 1)
   ok = (fixed_ids >= 0) & jnp.take_along_axis(allowed, ids[:, None], axis=1)[:, 0]
-  z = jnp.einsum("bti,bri->btr", x, lib.a[ids].astype(x.dtype))
+  z = jnp.einsum("bti,bri->btr", x, gather_adapters(lib.a, ids).astype(x.dtype))
   sel = jnp.broadcast_to(ids[:, None], (B, T))
   return _hard(sel, jnp.broadcast_to(ok[:, None], (B, T)), z, lib)
 
