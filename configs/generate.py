@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.router = "lag"  # none | fixed | uniform | arrow | arrow_softmax | spectr | lag
   c.k = 20  # LAG / arrow_softmax candidates; clamped to the library size
   c.temperature = 1.0  # arrow_softmax
+  # How lag projects its k candidates: auto | gather | dense | grouped (see RouterSpec).
+  c.projection = "auto"
   c.task_router = ""  # default: the same as router
   c.fixed_adapter = ""  # adapter name for router 'fixed'
   c.save_routing = False  # write the chosen adapter per token, layer and module

@@ -270,6 +270,11 @@ ROUTER_CASES = {
   "lag-k3": RouterSpec("lag", k=3),
   "lag-kN": RouterSpec("lag", k=N_K),
   "lag-k>N": RouterSpec("lag", k=N_K + 7),
+  # Every way of projecting the candidates, whatever ``auto`` would pick here.
+  "lag-k3-gather": RouterSpec("lag", k=3, projection="gather"),
+  "lag-k3-dense": RouterSpec("lag", k=3, projection="dense"),
+  "lag-k3-grouped": RouterSpec("lag", k=3, projection="grouped"),
+  "lag-kN-grouped": RouterSpec("lag", k=N_K, projection="grouped"),
 }
 
 
@@ -298,7 +303,8 @@ def route_inputs(kind: str, batch: int, tokens: int, seed: int = 2):
 @pytest.mark.parametrize("case", sorted(ROUTER_CASES))
 def test_router_matches_reference(case, shape):
   """Rows: 0 may use every adapter, 1 a random half, 2 (prefill) one adapter only.
-  Decode's few tokens take the gather path of ``lag``, prefill the dense one."""
+  With ``auto``, decode's few tokens take the gather path of ``lag``, prefill the
+  dense one; the ``-gather`` / ``-dense`` / ``-grouped`` cases force each."""
   spec = ROUTER_CASES[case]
   xs, mask, fixed = route_inputs("mixed", *shape)
   for module, x in xs.items():
@@ -1071,6 +1077,8 @@ def test_router_spec_validation():
       RouterSpec("lag", k=k)
   with pytest.raises(ValueError, match="temperature must be > 0"):
     RouterSpec("arrow_softmax", temperature=0.0)
+  with pytest.raises(ValueError, match="projection 'sparse' is unknown"):
+    RouterSpec("lag", projection="sparse")
   with pytest.raises(ValueError, match="router 'lga' is unknown"):
     RouterSpec("lga")
 

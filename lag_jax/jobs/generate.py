@@ -124,7 +124,9 @@ def _libraries(config, model_config):
     lib = load_or_build_library(
       common.resolve_adapters_dir(path), model_config, modules, allow_pickle=config.allow_pickle
     )
-    spec = RouterSpec(router, k=config.k, temperature=config.temperature)
+    spec = RouterSpec(
+      router, k=config.k, temperature=config.temperature, projection=config.projection
+    )
     fixed = None
     if router == "fixed":
       if config.fixed_adapter not in lib.names:

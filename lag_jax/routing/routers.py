@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 ROUTERS = ("none", "fixed", "uniform", "arrow", "arrow_softmax", "spectr", "lag")
+PROJECTIONS = ("auto", "gather", "dense", "grouped")
 _NEG = -jnp.inf
 
 
@@ -38,11 +39,21 @@ class RouterSpec:
     k: candidates for ``lag`` and ``arrow_softmax``; clamped to the library size N
       (so k >= N is SpectR, resp. a softmax over all adapters).
     temperature: softmax temperature of ``arrow_softmax``.
+    projection: how ``lag`` computes its candidates' A* x (same result every way):
+      ``gather`` reads only the k candidates' rows per token (decode), ``dense``
+      projects onto all N adapters with one matmul ([B*T, I] x [I, N*R]: R times the
+      Arrow scores' work, linear in N like them, but a single dense matmul),
+      ``grouped`` sorts (token, candidate) pairs by adapter and runs one grouped
+      matmul (``jax.lax.ragged_dot_general``: k-proportional work, meant for TPU /
+      GPU prefill; XLA:CPU lowers it densely and is ~700x slower there), ``auto``
+      gathers when the gathered rows (B*T*k) are fewer than the library's N and
+      projects densely otherwise.
   """
 
   name: str = "lag"
   k: int = 20
   temperature: float = 1.0
+  projection: str = "auto"
 
   def __post_init__(self):
     if self.name not in ROUTERS:
@@ -51,6 +62,11 @@ class RouterSpec:
       raise ValueError(f"router {self.name!r}: k must be >= 1, got {self.k}")
     if self.temperature <= 0:
       raise ValueError(f"router {self.name!r}: temperature must be > 0")
+    if self.projection not in PROJECTIONS:
+      raise ValueError(
+        f"router {self.name!r}: projection {self.projection!r} is unknown; choose from "
+        f"{PROJECTIONS}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,20 +142,46 @@ def _hard(sel, ok, z_sel, lib):
   return jnp.where(ok[..., None], delta, 0), jnp.where(ok, sel, -1).astype(jnp.int32)
 
 
-def route_lag(x, lib: LayerLibrary, allowed, k: int):
+def project_grouped(x: jax.Array, a: jax.Array, cand: jax.Array) -> jax.Array:
+  """A*_c x for each token's candidates by one grouped matmul: [B, T, C, R].
+
+  The B*T*C (token, candidate) pairs are sorted by adapter id, so each adapter's
+  rows are read once and multiplied with the tokens that chose it as a candidate.
+  """
+  B, T, I = x.shape
+  C = cand.shape[-1]
+  N = a.shape[0]
+  ids = cand.reshape(-1)
+  order = jnp.argsort(ids, stable=True)
+  lhs = x.reshape(B * T, I)[order // C]  # [B*T*C, I], grouped by adapter
+  sizes = jnp.bincount(ids, length=N).astype(jnp.int32)
+  dims = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])),
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[0],
+  )
+  z_sorted = jax.lax.ragged_dot_general(lhs, a.astype(x.dtype), sizes, dims)
+  z = jnp.zeros_like(z_sorted).at[order].set(z_sorted)
+  return z.reshape(B, T, C, -1)
+
+
+def _project_candidates(x, a, cand, projection: str):
+  """A* x of each token's candidates, [B, T, C, R], by the chosen method."""
+  B, T, C = cand.shape
+  if projection == "auto":
+    projection = "gather" if a.shape[0] > B * T * C else "dense"
+  if projection == "dense":
+    return jnp.take_along_axis(project_all(x, a), cand[..., None], axis=2)
+  if projection == "grouped":
+    return project_grouped(x, a, cand)
+  return jnp.einsum("bti,btcri->btcr", x, gather_adapters(a, cand).astype(x.dtype))
+
+
+def route_lag(x, lib: LayerLibrary, allowed, k: int, projection: str = "auto"):
   """Arrow filter to k, SpectR rerank among them, apply the winner (k=N: SpectR)."""
-  N = lib.a.shape[0]
   scores = arrow_scores(x, lib, allowed)
   vals, cand = _candidates(scores, k)  # [B, T, C]
-  B, T, C = cand.shape
-  if B * T * C >= N:
-    # Many tokens (prefill): one dense [B, T, N, R] projection is cheaper than
-    # gathering B*T*C candidate matrices of R x I.
-    z_all = project_all(x, lib.a)
-    z = jnp.take_along_axis(z_all, cand[..., None], axis=2)  # [B, T, C, R]
-  else:
-    # Few tokens (decode): gather only the candidates' A* rows.
-    z = jnp.einsum("bti,btcri->btcr", x, gather_adapters(lib.a, cand).astype(x.dtype))
+  z = _project_candidates(x, lib.a, cand, projection)  # [B, T, C, R]
   norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
   norms = jnp.where(jnp.isfinite(vals), norms, -1.0)  # disallowed candidates lose
   best = _argmax_low_id(norms, cand)  # [B, T]
@@ -235,7 +277,7 @@ def route(spec: RouterSpec, x, lib: LayerLibrary, mask, fixed_ids):
     return route_arrow_softmax(x, lib, allowed, spec.k, spec.temperature)
   if spec.name == "spectr":
     return route_spectr(x, lib, allowed)
-  return route_lag(x, lib, allowed, spec.k)
+  return route_lag(x, lib, allowed, spec.k, spec.projection)
 
 
 def route_batch(specs: tuple[RouterSpec, ...], router_index, x, lib, mask, fixed_ids):
