@@ -344,13 +344,19 @@ def build_library(
         finished[i] = True
         slots[j] = None
         seconds = time.perf_counter() - s.started
+        # Means over the first and last quarter of steps: a single step's loss is noisy
+        # (a packed stream's last row can be a few tokens with little context).
+        q = max(1, len(s.losses) // 4)
         logging.info(
-          "Adapter %r: %d steps, %d target tokens, loss %.4f -> %.4f (%.1f s)",
+          "Adapter %r: %d steps, %d target tokens, mean loss %.3f (first %d steps) -> "
+          "%.3f (last %d) (%.1f s)",
           names[i],
           s.total,
           s.rows.targets,
-          s.losses[0],
-          s.losses[-1],
+          sum(s.losses[:q]) / q,
+          q,
+          sum(s.losses[-q:]) / q,
+          q,
           seconds,
         )
         with open(log_path, "a") as f:
@@ -367,7 +373,7 @@ def build_library(
           )
         bar.update(1)
         bar.set_postfix(
-          loss=f"{s.losses[-1]:.3f}",
+          loss=f"{sum(s.losses[-q:]) / q:.3f}",
           steps_per_s=f"{steps_done / (time.perf_counter() - t_start):.2f}",
         )
         if on_adapter_saved is not None:
