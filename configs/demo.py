@@ -35,6 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fanoutqa.max_questions = 0
   c.fanoutqa.task_examples = 256
   c.fanoutqa.seed = 0
+  c.fanoutqa.answerable_only = False
+  # Title-anchored restatements of each page's first sentences (lag_jax.data.restate).
+  c.fanoutqa.restate_sentences = 8
 
   # Chosen for SmolLM2 on 2 CPU cores (see RESULTS.md); the paper's recipe is in
   # configs/llama3_2_3b_kilt.py.

@@ -38,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.kilt.num_pages = 1000
   c.kilt.max_per_dataset = 0
   c.kilt.task_examples = 10000
+  # The paper's rewrites come from the base model; 0 trains on the pages alone.
+  c.kilt.restate_sentences = 0
 
   c.knowledge_training = ml_collections.ConfigDict(
     dict(

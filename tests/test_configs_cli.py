@@ -66,7 +66,7 @@ def _check_outputs(job, workdir):
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_parses(path):
   module = _load(path)
-  for arg in (None, _tiny_arg(path)):
+  for arg in (None, _tiny_arg(path), *getattr(module, "VARIANTS", ())):
     config = module.get_config(arg)
     assert isinstance(config, ml_collections.ConfigDict)
     assert config.job

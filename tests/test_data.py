@@ -24,6 +24,7 @@ from lag_jax.data import (
   split_of,
   write_kilt,
 )
+from lag_jax.data.restate import restatements, sentences
 from lag_jax.data.synthetic import RELATIONS, TRAIN_QA, make_world
 from lag_jax.eval.metrics import normalize_answer
 
@@ -515,6 +516,41 @@ def test_fanoutqa_builder_on_a_fixture(tmp_path):
   assert all(e.meta["split"] == split_of(e.provenance[0]) for e in bench.examples)
   with pytest.raises(ValueError):
     bench.split("train")
+
+
+def test_fanoutqa_answerable_only(tmp_path):
+  qpath, spath = _fanoutqa_fixture(tmp_path)
+  kw = {"questions_path": qpath, "summaries_path": spath}
+  full = build_fanoutqa(**kw)
+  only = build_fanoutqa(12, answerable_only=True, **kw)
+  want = {e.id for e in full.examples if e.meta["answer_in_document"]}
+  assert {e.id for e in only.examples} == want and "cap-cn" in want and "pop-mo" not in want
+  assert set(only.evidence_titles) == {e.provenance[0] for e in only.examples}
+  assert len(only.documents) == 12 and only.stats["answer_in_document"] == len(want)
+
+
+def test_restatements_tie_each_sentence_to_the_title():
+  text = (
+    "Macau is a city in China.  It had 680,000 people in 2020! Is it big? yes. "
+    "U.S. Army. J. F. Kennedy."
+  )
+  assert sentences(text) == [
+    "Macau is a city in China.",
+    "It had 680,000 people in 2020!",
+    "Is it big? yes.",
+    "U.S. Army.",
+    "J. F. Kennedy.",
+  ]
+  out = restatements("Macau", text, max_sentences=2)
+  assert out == [
+    "Macau: Macau is a city in China.",
+    "Macau: It had 680,000 people in 2020!",
+    "Q: What is one fact about Macau? A: Macau is a city in China.",
+    "Q: What is one fact about Macau? A: It had 680,000 people in 2020!",
+  ]
+  assert restatements("Macau", text, max_sentences=0) == []
+  with pytest.raises(ValueError, match="max_sentences"):
+    restatements("Macau", text, max_sentences=-1)
 
 
 def test_fanoutqa_distractors_are_seeded_and_nest(tmp_path):

@@ -33,6 +33,13 @@ def _train_config(c: ml_collections.ConfigDict) -> TrainConfig:
   return TrainConfig(**kw)
 
 
+def _knowledge_texts(document, restate_sentences: int) -> list[str]:
+  """The page, plus title-anchored restatements of its first sentences (0: none)."""
+  from lag_jax.data.restate import restatements
+
+  return [document.text, *restatements(document.title, document.text, restate_sentences)]
+
+
 def _synthetic(config):
   from lag_jax.data.synthetic import make_world
 
@@ -61,10 +68,15 @@ def _fanoutqa(config):
 
   c = config.fanoutqa
   bench = build_fanoutqa(
-    c.library_size or None, num_evidence_pages=c.num_evidence_pages or None, seed=c.seed
+    c.library_size or None,
+    num_evidence_pages=c.num_evidence_pages or None,
+    answerable_only=c.answerable_only,
+    seed=c.seed,
   )
+  logging.info("FanOutQA: %s", bench.stats)
   knowledge_jobs = [
-    AdapterJob(d.title, texts=[d.text], metadata={"title": d.title}) for d in bench.documents
+    AdapterJob(d.title, texts=_knowledge_texts(d, c.restate_sentences), metadata={"title": d.title})
+    for d in bench.documents
   ]
   examples = bench.split(c.split) if c.split != "all" else list(bench.examples)
   if c.max_questions:
@@ -105,7 +117,8 @@ def _kilt(config):
       per[ex.dataset].append(ex)
     examples = [ex for exs in per.values() for ex in exs[: c.max_per_dataset]]
   knowledge_jobs = [
-    AdapterJob(d.title, texts=[d.text], metadata={"title": d.title}) for d in documents
+    AdapterJob(d.title, texts=_knowledge_texts(d, c.restate_sentences), metadata={"title": d.title})
+    for d in documents
   ]
   task_data = collections.defaultdict(list)
   for path in common.split_list(c.task_train_files):
