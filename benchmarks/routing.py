@@ -7,7 +7,8 @@ re-faulting large buffers between steps, which makes CPU timings erratic here):
   MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \
   MALLOC_TOP_PAD_=1073741824 python -m benchmarks.routing
 
-The default takes about 20 minutes on 2 cores. The full sweep (adds the 3B-shaped slice
+The default took about 20 minutes on 2 cores before the prefill part and the extra
+profile rows were added. The full sweep (adds the 3B-shaped slice
 at N = 10,000 with a one-layer 8.7 GB library, 9 rounds, PEFT's loading timed for 15 min):
 
   MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 \
@@ -25,8 +26,14 @@ Parts (``--parts``, comma-separated):
               medians; measured ratio to base next to the cost-model ratio (LAG.md).
               The layer stack is timed (``return_hidden=True``: embedding, L layers, final
               norm; no LM head), so the 3B slice uses a reduced vocabulary (4096).
-  profile     per-op micro-benchmarks of one layer's routed modules (arrow scores, top-k,
-              candidate gather, apply, whole routers) to explain the decode ratios.
+  profile     per-op micro-benchmarks of one layer's routed modules at decode shapes
+              ([B, 1]): arrow scores, top-k, the library's candidate projections
+              (``gather_adapters``, ``project_all``), apply, whole routers (``route_lag``
+              with each projection), and the previous block gather / 4-D einsum for
+              comparison, to explain the decode ratios.
+  prefill     one layer's LAG routing (gate/up/down, SmolLM2 shapes) for a [1, T] prefill
+              at N = 100 and 1000: ``route_lag`` with projection gather / dense / auto (and
+              grouped where it is affordable on CPU), against the arrow scores alone.
   peft        our ``arrow_softmax`` (top_k 3) against PEFT's ``create_arrow_model`` on the
               real packaged SmolLM2, same prompts, greedy, tokens/s.
 
@@ -37,13 +44,10 @@ adapters (``random_lora``) and ``AdapterLibrary.from_adapters`` (the real path);
 table marks which. Depths are reduced where a library would exceed
 ``--max_library_gb``; each row states its depth, and ratios compare equal depths.
 
-Every unit of work (signatures, memory, each decode and profile row, PEFT) runs in its
-own spawned process, so multi-GB libraries are returned to the OS in between (with the
-malloc settings above glibc keeps freed heap memory). jaxlib 0.10.2 on CPU can deadlock
-in batched LAPACK calls: ``from_adapters`` is first probed on 10 adapters in a child
-process with a timeout; if that (or the signature unit) hangs, this run builds libraries
-with the same ``from_adapters`` code but the QRs of the spectral alignment serialised
-(``_serialized_align_stacked``), and the results say so.
+Every unit of work (signatures, memory, each decode and profile row, prefill, PEFT) runs
+in its own spawned process, so multi-GB libraries are returned to the OS in between (with
+the malloc settings above glibc keeps freed heap memory); ``--child_timeout_s`` bounds
+each unit's wall time (a unit past it is killed and recorded as failed).
 
 Writes benchmarks/results/routing.json, benchmarks/results/routing.png and the section
 between ``<!-- routing:begin -->`` and ``<!-- routing:end -->`` of BENCHMARKS.md
@@ -80,14 +84,15 @@ from lag_jax.adapters.peft_io import random_lora
 from lag_jax.model.config import ModelConfig
 from lag_jax.model.kv_cache import KVCache
 from lag_jax.model.transformer import ATTENTION_MODULES, MLP_MODULES, CausalLM
-from lag_jax.routing import library as library_module
 from lag_jax.routing.hook import RoutedAdapters, routed
 from lag_jax.routing.library import AdapterLibrary, LibraryWeights
 from lag_jax.routing.routers import (
   LayerLibrary,
   RouterSpec,
   _apply_selected,
+  _project_candidates,
   arrow_scores,
+  project_all,
   route_arrow,
   route_lag,
   route_spectr,
@@ -143,7 +148,7 @@ def parse_args(argv):
     action="store_true",
     help="full sweep: 3B slice at N=10000 (1 layer, 8.7 GB), 9 rounds, PEFT load cap 900 s",
   )
-  p.add_argument("--parts", default="memory,signatures,decode,profile,peft")
+  p.add_argument("--parts", default="memory,signatures,decode,profile,prefill,peft")
   p.add_argument(
     "--render",
     action="store_true",
@@ -185,14 +190,9 @@ def parse_args(argv):
   p.add_argument(
     "--child_timeout_s",
     type=float,
-    default=900.0,
-    help="limit for the signature unit (a hang there is retried with serialised QRs)",
-  )
-  p.add_argument(
-    "--probe_timeout_s",
-    type=float,
-    default=60.0,
-    help="limit for the 10-adapter real-path probe in a child process",
+    default=6 * 3600.0,
+    help="wall-clock limit of each unit's child process (a safety net; past it the unit "
+    "is killed and recorded as failed)",
   )
   p.add_argument("--memory_n", type=int, default=20)
   p.add_argument("--profile_reps", type=int, default=5)
@@ -201,6 +201,20 @@ def parse_args(argv):
     type=int,
     default=8,
     help="layers scanned in the per-op profile (data streams from memory)",
+  )
+  p.add_argument("--prefill_ns", default="100,1000", help="library sizes of the prefill part")
+  p.add_argument("--prefill_t", type=int, default=128, help="prefill length T")
+  p.add_argument(
+    "--prefill_grouped_ns",
+    default="100",
+    help="N at which the prefill part also times projection='grouped' (XLA:CPU lowers "
+    "ragged_dot densely: hundreds of times slower)",
+  )
+  p.add_argument(
+    "--prefill_grouped_max_s",
+    type=float,
+    default=20.0,
+    help="skip the grouped projection if one call takes longer than this",
   )
   p.add_argument("--peft_ns", default="10,100")
   p.add_argument(
@@ -374,81 +388,14 @@ def real_library(
   return lib, time.perf_counter() - t
 
 
-# --- the jax 0.10.2 LAPACK deadlock: detection and workaround ------------------------
-
-_PATCH = {"active": False}
+# --- child processes ----------------------------------------------------------------
 
 
-def _spectral_align_serialized(a, b):
-  """lag_jax.routing.signatures.spectral_align with the two QR calls serialised.
+def run_child(target, timeout_s: float, **kwargs) -> tuple[dict | None, str | None]:
+  """Runs ``target(out_path, **kwargs)`` in a spawned process.
 
-  Same maths line for line; the only change is a data dependency of a on b's QR
-  (a + 0 * ...), so XLA cannot run the two batched LAPACK calls at once. Two
-  concurrent batched LAPACK calls deadlock jaxlib 0.10.2's ParallelBatchMap on a
-  2-thread intra-op pool.
+  Returns (result, None), or (None, reason) if it timed out or failed.
   """
-  from lag_jax.routing.signatures import RELATIVE_TOL
-
-  a = a.astype(jnp.float32)
-  b = b.astype(jnp.float32)
-  qb, rb = jnp.linalg.qr(b)
-  a = a + 0.0 * (qb[:1, :1] + rb[:1, :1])
-  qa, ra = jnp.linalg.qr(a.T)
-  uc, s, vct = jnp.linalg.svd(rb @ ra.T)
-  u = qb @ uc
-  v = qa @ vct.T
-  pivot = jnp.take_along_axis(v, jnp.argmax(jnp.abs(v), axis=0)[None], axis=0)[0]
-  sign = jnp.where(pivot < 0, -1.0, 1.0)
-  keep = s > RELATIVE_TOL * s[0]
-  a_star = jnp.where(keep[:, None], (v * sign).T, 0.0)
-  b_star = jnp.where(keep[None, :], u * sign * s, 0.0)
-  return a_star, b_star, jnp.where(keep, s, 0.0)
-
-
-@jax.jit
-def _serialized_align_jit(a, b):
-  lead = a.shape[:-2]
-  fa = a.reshape((-1, *a.shape[-2:]))
-  fb = b.reshape((-1, *b.shape[-2:]))
-  a_star, b_star, s = jax.vmap(_spectral_align_serialized)(fa, fb)
-  valid = s[:, 0] > 0
-  return (
-    a_star.reshape(a.shape),
-    b_star.reshape(b.shape),
-    s.reshape((*lead, -1)),
-    valid.reshape(lead),
-  )
-
-
-def _serialized_align_stacked(a, b):
-  # Blocking keeps two chunks' executions from overlapping (each holds LAPACK calls).
-  return jax.block_until_ready(_serialized_align_jit(a, b))
-
-
-def apply_workaround() -> None:
-  library_module.spectral_align_stacked = _serialized_align_stacked
-  _PATCH["active"] = True
-
-
-def _child_signatures(out_path: str, n: int, chunk: int) -> None:
-  """Child process: build the N-adapter SmolLM2 library with the unmodified lag_jax."""
-  config = SHAPES["smollm2"]
-  t = time.perf_counter()
-  adapters = random_adapters(config, n, KNOW_RANK, KNOW_ALPHA, KNOW_MODULES, 0, "k")
-  gen_s = time.perf_counter() - t
-  t = time.perf_counter()
-  lib = AdapterLibrary.from_adapters(adapters, config, KNOW_MODULES, chunk=chunk)
-  jax.block_until_ready(lib.weights)
-  build_s = time.perf_counter() - t
-  with open(out_path, "w") as f:
-    json.dump({"gen_s": gen_s, "build_s": build_s, "nbytes": lib.nbytes()}, f)
-
-
-_LAST_CHILD: dict = {}
-
-
-def run_child(target, timeout_s: float, **kwargs) -> dict | None:
-  """Runs ``target(out_path, **kwargs)`` in a spawned process; None on timeout/failure."""
   ctx = multiprocessing.get_context("spawn")
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "result.json")
@@ -460,30 +407,38 @@ def run_child(target, timeout_s: float, **kwargs) -> dict | None:
       proc.kill()
       proc.join()
       log(f"child {target.__name__} did not finish in {timeout_s:.0f} s: killed")
-      _LAST_CHILD["reason"] = "timeout"
-      return None
+      return None, f"timeout ({timeout_s:.0f} s)"
     if proc.exitcode != 0 or not os.path.exists(out):
       log(f"child {target.__name__} failed (exit code {proc.exitcode})")
-      _LAST_CHILD["reason"] = f"exit code {proc.exitcode}"
-      return None
-    _LAST_CHILD["reason"] = None
+      return None, f"exit code {proc.exitcode}"
     with open(out) as f:
       res = json.load(f)
     res["wall_s"] = time.perf_counter() - t
-    return res
+    return res, None
 
 
 # --- timing helpers -----------------------------------------------------------------
 
 
-def time_fn(fn, min_s: float, reps: int) -> dict:
-  """Median seconds per call of ``fn()`` (which must block), over ``reps`` samples."""
+def time_fn(fn, min_s: float, reps: int, limit_s: float | None = None) -> dict:
+  """Median seconds per call of ``fn()`` (which must block), over ``reps`` samples.
+
+  With ``limit_s``, a first (compiling) or second call slower than that ends it early:
+  the result then has ``skipped`` (why) instead of ``median_s``.
+  """
   t = time.perf_counter()
   fn()
   first = time.perf_counter() - t
+  if limit_s is not None and first > limit_s:
+    return {
+      "skipped": f"first call (with compile) took {first:.1f} s > {limit_s:g} s",
+      "first_s": first,
+    }
   t = time.perf_counter()
   fn()
   warm = time.perf_counter() - t
+  if limit_s is not None and warm > limit_s:
+    return {"skipped": f"a call took {warm:.1f} s > {limit_s:g} s", "first_s": first}
   calls = max(1, min(200, math.ceil(min_s / max(warm, 1e-6))))
   samples = []
   for _ in range(reps):
@@ -604,8 +559,7 @@ def decode_part(args, results: dict) -> None:
       build_s = time.perf_counter() - t
       log(
         f"{shape} N={n} depth={depth}: library {klib.nbytes() / 1e9:.2f} GB built in "
-        f"{build_s:.1f} s ({'from_adapters' if real else 'synthetic'}"
-        f"{', serialised-QR workaround' if real and _PATCH['active'] else ''}; "
+        f"{build_s:.1f} s ({'from_adapters' if real else 'synthetic'}; "
         f"{n * depth * 3 / max(build_s, 1e-9):.0f} adapter-modules/s)"
       )
       for batch in batches:
@@ -634,7 +588,6 @@ def decode_part(args, results: dict) -> None:
           "depth": depth,
           "k": args.k,
           "library": "from_adapters" if real else "synthetic",
-          "workaround": bool(real and _PATCH["active"]),
           "library_gb": klib.nbytes() / 1e9,
           "load_avg": [load0, load_avg()],
           "variants": {},
@@ -716,6 +669,24 @@ def _op_topk(scores, k):
 
 @jax.jit
 def _op_gather(layer_xs, xin):
+  """route_lag's candidate projection with projection='gather' (the library's code path:
+  ``gather_adapters``, rows of A* viewed as [N R, I], then A*_c x)."""
+  return _scan_layers(
+    lambda t, xin: [_project_candidates(x, a, c, "gather") for x, a, c in zip(xin, *t)],
+    layer_xs,
+    xin,
+  )
+
+
+@jax.jit
+def _op_project_all(a, xin):
+  """The library's projection onto all N adapters (``project_all``: one 2-D matmul)."""
+  return _scan_layers(lambda al, xin: [project_all(x, ai) for x, ai in zip(xin, al)], a, xin)
+
+
+@jax.jit
+def _op_prev_gather_block(layer_xs, xin):
+  """Previous implementation, for comparison: the [N, R, I] blocks indexed directly."""
   return _scan_layers(
     lambda t, xin: [jnp.einsum("bti,btcri->btcr", x, a[c]) for x, a, c in zip(xin, *t)],
     layer_xs,
@@ -724,16 +695,24 @@ def _op_gather(layer_xs, xin):
 
 
 @jax.jit
+def _op_prev_project_4d(a, xin):
+  """Previous implementation, for comparison: the 4-D einsum 'bti,nri->btnr'."""
+  return _scan_layers(
+    lambda al, xin: [jnp.einsum("bti,nri->btnr", x, ai) for x, ai in zip(xin, al)], a, xin
+  )
+
+
+@jax.jit
 def _op_apply(layer_xs):
   return _scan_layers(lambda t: [_apply_selected(z, b, s) for z, b, s in zip(*t)], layer_xs)
 
 
-@functools.partial(jax.jit, static_argnames=("name", "k"))
-def _op_router(lib_xs, xin, allowed, name, k):
+@functools.partial(jax.jit, static_argnames=("name", "k", "projection"))
+def _op_router(lib_xs, xin, allowed, name, k, projection="auto"):
   def fn(t, xin, allowed):
     libs = _lib_list(*t)
     if name == "lag":
-      return [route_lag(x, ll, allowed, k)[0] for x, ll in zip(xin, libs)]
+      return [route_lag(x, ll, allowed, k, projection)[0] for x, ll in zip(xin, libs)]
     if name == "arrow":
       return [route_arrow(x, ll, allowed)[0] for x, ll in zip(xin, libs)]
     return [route_spectr(x, ll, allowed)[0] for x, ll in zip(xin, libs)]
@@ -741,31 +720,32 @@ def _op_router(lib_xs, xin, allowed, name, k):
   return _scan_layers(fn, lib_xs, xin, allowed)
 
 
-@jax.jit
-def _op_gather_rows(layer_xs, xin):
-  """The candidates' A* gathered as rows of A* viewed as [N R, I] (same result)."""
-
-  def fn(t, xin):
-    out = []
-    for x, a, c in zip(xin, *t):
-      n, r, i = a.shape
-      rows = (c[..., None] * r + jnp.arange(r)).reshape(*c.shape[:2], -1)  # [B, T, C R]
-      out.append(jnp.einsum("bti,btji->btj", x, a.reshape(n * r, i)[rows]))
-    return out
-
-  return _scan_layers(fn, layer_xs, xin)
+def auto_projection(n: int, tokens: int, k: int) -> str:
+  """What route_lag's projection='auto' picks (RouterSpec: gather while the gathered
+  candidate rows, tokens * min(k, N), are fewer than the library's N; dense otherwise)."""
+  return "gather" if n > tokens * min(k, n) else "dense"
 
 
-@jax.jit
-def _op_dense_2d(a, xin):
-  """SpectR's projection on all N adapters with A* viewed as a 2-D [N R, I] matrix."""
-  return _scan_layers(
-    lambda al, xin: [
-      jnp.einsum("bti,ji->btj", x, ai.reshape(-1, ai.shape[-1])) for x, ai in zip(xin, al)
-    ],
-    a,
-    xin,
-  )
+# Per-op profile columns: (key, label). Keys of the previous version of this benchmark
+# (hand-written copies of the router pieces) are kept so an old routing.json renders.
+PROFILE_OPS = (
+  ("base_matvec", "base matvecs"),
+  ("arrow_scores", "arrow scores"),
+  ("top_k", "top-k"),
+  ("gather_adapters_project", "`gather_adapters` + project (k cand.)"),
+  ("prev_gather_block_project", "previous: A*[cand] block gather + project"),
+  ("gather_project", "A*[cand] block gather + project (old run)"),
+  ("gather_rows_project", "rows of [N R, I] gather + project (old run, benchmark's copy)"),
+  ("apply_B", "apply B*"),
+  ("project_all", "`project_all` (all N)"),
+  ("prev_project_4d", "previous: 4-D einsum 'bti,nri->btnr'"),
+  ("spectr_proj_2d", "projection on [N R, I] (old run, benchmark's copy)"),
+  ("route_lag", "route_lag"),
+  ("route_lag_gather", "route_lag gather"),
+  ("route_lag_dense", "route_lag dense"),
+  ("route_arrow", "route_arrow"),
+  ("route_spectr", "route_spectr"),
+)
 
 
 def profile_part(args, results: dict) -> None:
@@ -773,7 +753,8 @@ def profile_part(args, results: dict) -> None:
 
   Every op gets its arrays as arguments and runs inside a lax.scan over the layers
   (like the decoder), so data streams from memory instead of sitting in the 32 MB L3
-  between calls. Times are per layer.
+  between calls. Times are per layer. The candidate projections and routers are the
+  library's own functions; the two ``prev_*`` ops are the implementations they replaced.
   """
   out = results.setdefault("profile", [])
   ns = [int(n) for n in args.ns.split(",")]
@@ -808,28 +789,38 @@ def profile_part(args, results: dict) -> None:
         z = _op_gather((a, cand), xin)
         z_sel = [zi[:, :, :, 0] for zi in z]
         sel = [c[..., 0] for c in cand]
+        lib_xs = (a, b, arrows, valid)
+        router = functools.partial(_op_router, k=args.k)
         ops = {
           "base_matvec": (_op_base, (ws, xin)),
           "arrow_scores": (_op_scores, (arrows, xin, allowed)),
           "top_k": (functools.partial(_op_topk, k=k), (scores,)),
-          "gather_project": (_op_gather, ((a, cand), xin)),
-          "gather_rows_project": (_op_gather_rows, ((a, cand), xin)),
+          "gather_adapters_project": (_op_gather, ((a, cand), xin)),
+          "prev_gather_block_project": (_op_prev_gather_block, ((a, cand), xin)),
           "apply_B": (_op_apply, ((z_sel, b, sel),)),
-          "route_lag": (
-            functools.partial(_op_router, name="lag", k=args.k),
-            ((a, b, arrows, valid), xin, allowed),
+          "project_all": (_op_project_all, (a, xin)),
+          "prev_project_4d": (_op_prev_project_4d, (a, xin)),
+          "route_lag": (functools.partial(router, name="lag"), (lib_xs, xin, allowed)),
+          "route_lag_gather": (
+            functools.partial(router, name="lag", projection="gather"),
+            (lib_xs, xin, allowed),
           ),
-          "route_arrow": (
-            functools.partial(_op_router, name="arrow", k=1),
-            ((a, b, arrows, valid), xin, allowed),
+          "route_lag_dense": (
+            functools.partial(router, name="lag", projection="dense"),
+            (lib_xs, xin, allowed),
           ),
-          "route_spectr": (
-            functools.partial(_op_router, name="spectr", k=1),
-            ((a, b, arrows, valid), xin, allowed),
-          ),
-          "spectr_proj_2d": (_op_dense_2d, (a, xin)),
+          "route_arrow": (functools.partial(router, name="arrow"), (lib_xs, xin, allowed)),
+          "route_spectr": (functools.partial(router, name="spectr"), (lib_xs, xin, allowed)),
         }
-        row = {"shape": shape, "n": n, "batch": batch, "k": k, "layers": depth, "ops_ms": {}}
+        row = {
+          "shape": shape,
+          "n": n,
+          "batch": batch,
+          "k": k,
+          "layers": depth,
+          "auto_projection": auto_projection(n, batch, args.k),
+          "ops_ms": {},
+        }
         for name, (fn, fargs) in ops.items():
           res = time_fn(
             lambda fn=fn, fargs=fargs: jax.block_until_ready(fn(*fargs)),
@@ -841,13 +832,118 @@ def profile_part(args, results: dict) -> None:
         log(
           f"profile {shape} N={n} B={batch} ({depth} layers; ms per layer, 3 MLP modules): "
           + ", ".join(f"{k_}={v:.3f}" for k_, v in o.items())
-          + f"; route_lag / base {o['route_lag'] / o['base_matvec']:.2f}"
+          + f"; route_lag ({row['auto_projection']}) / base "
+          f"{o['route_lag'] / o['base_matvec']:.2f}"
         )
         out.append(row)
         del scores, cand, z, z_sel, sel
       del lib, w, a, b, arrows, valid, ws
       gc.collect()
       write_json(args, results)
+
+
+# --- prefill ------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("k", "projection"))
+def _prefill_lag(lib_xs, xin, mask, k, projection):
+  """One layer's route_lag on the three knowledge modules: (deltas, chosen ids)."""
+  outs = [
+    route_lag(x, ll, mask & ll.valid[None, :], k, projection)
+    for x, ll in zip(xin, _lib_list(*lib_xs))
+  ]
+  return [o[0] for o in outs], [o[1] for o in outs]
+
+
+@jax.jit
+def _prefill_scores(lib_xs, xin, mask):
+  """The floor: only the arrow scores of the three modules."""
+  return [arrow_scores(x, ll, mask & ll.valid[None, :]) for x, ll in zip(xin, _lib_list(*lib_xs))]
+
+
+@jax.jit
+def _prefill_base(ws, xin):
+  """The three modules' own (base) matmuls, for scale."""
+  return [jnp.einsum("bti,oi->bto", x, w) for x, w in zip(xin, ws)]
+
+
+def prefill_part(args, results: dict) -> None:
+  """One layer's LAG routing for a [1, T] prefill, by projection, SmolLM2 shapes.
+
+  route_lag on gate/up/down of one layer (jitted, arrays as arguments), with the
+  candidates' A* x computed by gathering, by one dense matmul onto all N adapters, by
+  'auto' (what the library picks), and by the grouped ragged_dot where asked for; next
+  to the arrow scores alone (the floor any projection adds to) and the base matmuls.
+  Medians over --profile_reps samples, ms per layer.
+  """
+  config = depth_config(SHAPES["smollm2"], 1)
+  shapes = config.module_shapes()
+  T, batch = args.prefill_t, 1
+  grouped_ns = {int(n) for n in args.prefill_grouped_ns.split(",") if n}
+  rng = np.random.default_rng(11)
+  xin = [
+    jnp.asarray(rng.standard_normal((batch, T, shapes[m][1]), np.float32)) for m in KNOW_MODULES
+  ]
+  ws = [jnp.asarray(rng.standard_normal(shapes[m], np.float32) * 0.02) for m in KNOW_MODULES]
+  rows = results.setdefault("prefill", [])
+  for n in [int(n) for n in args.prefill_ns.split(",")]:
+    lib = synthetic_library(config, n, KNOW_RANK, KNOW_MODULES, n, "k")
+    w = lib.weights
+    lib_xs = tuple(
+      [f[m][0] for m in KNOW_MODULES] for f in (w.a, w.b, w.arrows, w.valid)
+    )  # one layer: a [N, R, I], b [N, O, R], arrows [I, N], valid [N] per module
+    mask = jnp.ones((batch, n), bool)
+    k = min(args.k, n)
+    row = {
+      "shape": "smollm2",
+      "n": n,
+      "t": T,
+      "batch": batch,
+      "k": k,
+      "rank": KNOW_RANK,
+      "auto_projection": auto_projection(n, batch * T, args.k),
+      "reps": args.profile_reps,
+      "ms": {},
+      "first_call_s": {},
+      "skipped": {},
+      "same_choice_as_gather": {},
+    }
+
+    def timed(label, fn, limit_s=None, row=row):
+      res = time_fn(
+        lambda: jax.block_until_ready(fn()), args.min_sample_s, args.profile_reps, limit_s
+      )
+      row["first_call_s"][label] = res["first_s"]
+      if "skipped" in res:
+        row["skipped"][label] = res["skipped"]
+        log(f"prefill N={row['n']} {label}: skipped, {res['skipped']}")
+        return
+      row["ms"][label] = 1e3 * res["median_s"]
+
+    timed("base", functools.partial(_prefill_base, ws, xin))
+    timed("arrow_scores", functools.partial(_prefill_scores, lib_xs, xin, mask))
+    projections = ["gather", "dense", "auto"] + (["grouped"] if n in grouped_ns else [])
+    chosen = {}
+    for proj in projections:
+      limit = args.prefill_grouped_max_s if proj == "grouped" else None
+      fn = functools.partial(_prefill_lag, lib_xs, xin, mask, args.k, proj)
+      timed(proj, fn, limit)
+      if proj in row["ms"]:
+        chosen[proj] = np.concatenate([np.asarray(c).ravel() for c in fn()[1]])
+    for proj, ids in chosen.items():
+      if proj != "gather" and "gather" in chosen:
+        row["same_choice_as_gather"][proj] = float(np.mean(ids == chosen["gather"]))
+    o = row["ms"]
+    log(
+      f"prefill smollm2 N={n} [1, {T}] k={k} (ms per layer, 3 MLP modules; auto -> "
+      f"{row['auto_projection']}): "
+      + ", ".join(f"{p}={v:.2f}" for p, v in o.items())
+      + (f"; skipped {sorted(row['skipped'])}" if row["skipped"] else "")
+    )
+    rows.append(row)
+    del lib, w, lib_xs, chosen
+    gc.collect()
+    write_json(args, results)
 
 
 def scan_slice_part(args, results: dict) -> None:
@@ -935,9 +1031,6 @@ def signatures_part(args, results: dict) -> None:
   del lib
   gc.collect()
   res["ours_s"] = ours
-  res["ours_path"] = (
-    "from_adapters + serialised-QR workaround" if _PATCH["active"] else "from_adapters"
-  )
   log(
     f"  ours: {ours:.1f} s for {modules_total} adapter-modules "
     f"({modules_total / ours:.0f}/s; compile + {len(warm)} adapters first: "
@@ -1130,7 +1223,6 @@ def peft_part(args, results: dict) -> None:
           "ours_decode_step_ms": 1e3 * od,
           "ours_runs_s": [x[0] for x in ours_t],
           "peft_runs_s": theirs_t,
-          "ours_path": ("serialised-QR workaround" if _PATCH["active"] else "from_adapters"),
         }
       )
       rows.append(row)
@@ -1350,6 +1442,29 @@ def plot(args, results: dict) -> None:
   plt.close(fig)
 
 
+def prefill_sentence(pf: list[dict]) -> str:
+  """One sentence on the prefill rows, computed from their numbers."""
+  rows = [r for r in pf if all(x in r["ms"] for x in ("arrow_scores", "gather", "dense", "auto"))]
+  if not rows:
+    return "No prefill row has all of gather, dense and auto timed."
+  r0 = rows[0]
+  faster = ["dense" if r["ms"]["dense"] < r["ms"]["gather"] else "gather" for r in rows]
+  right = sum(r["auto_projection"] == f for r, f in zip(rows, faster))
+  return (
+    f"At T = {r0['t']} ({r0['batch'] * r0['t'] * r0['k']} gathered candidate rows per "
+    f"module), the dense projection took "
+    + " and ".join(f"{r['ms']['dense'] / r['ms']['gather']:.2f}x" for r in rows)
+    + " the gather's time at "
+    + " and ".join(f"N = {r['n']}" for r in rows)
+    + ", so auto's pick ("
+    + ", ".join(f"{r['auto_projection']} at N = {r['n']}" for r in rows)
+    + f") was the faster of the two at {right} of {len(rows)} sizes, and `route_lag` "
+    f"with auto took "
+    + " and ".join(f"{r['ms']['auto'] / r['ms']['arrow_scores']:.1f}x" for r in rows)
+    + " the arrow-scores floor."
+  )
+
+
 def min_ratio(row: dict, name: str) -> float:
   """Fastest sample of a variant over the base's fastest sample, same row."""
   v = row["variants"]
@@ -1454,39 +1569,100 @@ def markdown(results: dict) -> str:
       )
   prof = results.get("profile")
   if prof:
+    cols = [(key, label) for key, label in PROFILE_OPS if any(key in r["ops_ms"] for r in prof)]
+    old_run = any("gather_project" in r["ops_ms"] for r in prof)
+    auto = any("auto_projection" in r for r in prof)
     lines += [
       "",
       "### Where LAG's time goes: the three MLP modules op by op, ms per layer",
       "",
       "Each op runs in a lax.scan over the row's layers with its arrays as "
-      "arguments (data streams from memory, as in a decode step).",
+      "arguments (data streams from memory, as in a decode step)."
+      + (
+        " The projections and routers are the library's functions "
+        "(`lag_jax/routing/routers.py`); 'previous' columns time the implementations they "
+        "replaced, for comparison. 'auto' is the projection `route_lag` picks at that row."
+        if not old_run
+        else " These rows come from a run of an earlier version of this benchmark: the "
+        "routers as they were then, and the benchmark's own copies of the candidate "
+        "gather and projection."
+      ),
       "",
-      "| shape | B | N | layers | base matvecs | arrow scores | top-k | gather A* + "
-      "project | same, gathering rows of [N R, I] | apply B* | route_lag | route_arrow "
-      "| route_spectr | SpectR projection on [N R, I] |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      "| shape | B | N | layers | "
+      + ("auto | " if auto else "")
+      + " | ".join(label for _, label in cols)
+      + " |",
+      "|---|---:|---:|---:|" + ("---|" if auto else "") + "---:|" * len(cols),
     ]
     for r in prof:
       o = r["ops_ms"]
       lines.append(
         f"| {r['shape']} | {r['batch']} | {r['n']} | {r['layers']} | "
-        + " | ".join(
-          f"{o[x]:.3f}" if x in o else "-"
-          for x in (
-            "base_matvec",
-            "arrow_scores",
-            "top_k",
-            "gather_project",
-            "gather_rows_project",
-            "apply_B",
-            "route_lag",
-            "route_arrow",
-            "route_spectr",
-            "spectr_proj_2d",
-          )
-        )
+        + (f"{r.get('auto_projection', '-')} | " if auto else "")
+        + " | ".join(f"{o[key]:.3f}" if key in o else "-" for key, _ in cols)
         + " |"
       )
+  pf = results.get("prefill")
+  if pf:
+    p0 = pf[0]
+    grouped = any("grouped" in r["ms"] or "grouped" in r.get("skipped", {}) for r in pf)
+    lines += [
+      "",
+      f"### Prefill: one layer's LAG routing for a [{p0['batch']}, {p0['t']}] prompt",
+      "",
+      f"SmolLM2 shapes (gate/up/down; hidden 576, intermediate 1536), a random rank-"
+      f"{p0['rank']} library of N adapters, k = {p0['k']}; `route_lag` on the three modules "
+      f"of one layer, jitted with the arrays as arguments, by candidate projection; median "
+      f"of {p0['reps']} samples, ms per layer. The arrow scores alone are the floor every "
+      f"projection adds to; 'auto' gathers while the gathered rows (B T k) are fewer than N "
+      f"and projects densely otherwise.",
+      "",
+      "| N | base matmuls | arrow scores (floor) | gather | dense | auto (picks) "
+      + ("| grouped " if grouped else "")
+      + "|",
+      "|---:|---:|---:|---:|---:|---:|" + ("---:|" if grouped else ""),
+    ]
+    for r in pf:
+      o = r["ms"]
+
+      def cell(key, o=o, r=r):
+        if key in o:
+          return f"{o[key]:.2f}"
+        return "skipped" if key in r.get("skipped", {}) else "-"
+
+      lines.append(
+        f"| {r['n']} | {cell('base')} | {cell('arrow_scores')} | {cell('gather')} "
+        f"| {cell('dense')} | {cell('auto')} ({r['auto_projection']}) "
+        + (f"| {cell('grouped')} " if grouped else "")
+        + "|"
+      )
+    if grouped:
+      g = [r for r in pf if "grouped" in r["ms"] and "dense" in r["ms"]]
+      sk = [r for r in pf if "grouped" in r.get("skipped", {})]
+      lines += [
+        "",
+        "grouped: `jax.lax.ragged_dot_general` over (token, candidate) pairs sorted by "
+        "adapter, meant for TPU / GPU prefill; XLA:CPU lowers ragged_dot densely, hence "
+        "hundreds of times slower here, so it is timed only at "
+        + ", ".join(f"N = {r['n']}" for r in pf if "grouped" in r["first_call_s"])
+        + (
+          " ("
+          + ", ".join(
+            f"{r['ms']['grouped'] / r['ms']['dense']:.0f}x dense at N = {r['n']}" for r in g
+          )
+          + ")"
+          if g
+          else ""
+        )
+        + (
+          "; skipped where one call took too long: "
+          + "; ".join(f"N = {r['n']}: {r['skipped']['grouped']}" for r in sk)
+          if sk
+          else ""
+        )
+        + ".",
+      ]
+    lines += ["", prefill_sentence(pf)]
   sc = results.get("scan_slice")
   if sc:
     lines += [
@@ -1572,7 +1748,7 @@ def markdown(results: dict) -> str:
       "",
       f"N = {sig['n']} SmolLM2-shaped rank-6 adapters on gate/up/down, "
       f"{sig['layers']} layers ({sig['adapter_modules']} adapter-modules), "
-      f"`AdapterLibrary.from_adapters(chunk={sig['chunk']})` ({sig['ours_path']}), float32, "
+      f"`AdapterLibrary.from_adapters(chunk={sig['chunk']})`, float32, "
       f"timed once after compiling on the first {sig['warmup_adapters']} adapters "
       f"({sig['warmup_s']:.1f} s).",
       "",
@@ -1649,7 +1825,7 @@ def analysis(results: dict) -> list[str]:
       f"yet LAG adds {extra:.2f} ms per layer over {routed_modules} routed modules, about "
       f"{extra / routed_modules:.3f} ms each: some twenty small XLA:CPU ops per module "
       f"(scores, mask, top-k, gathers, norms, argmax, selects) and, while B min(k, N) >= N, "
-      f"the transposing dense projection. Next to a "
+      f"the dense projection onto all N adapters. Next to a "
       f"{r['variants']['base']['layer_ms']:.2f} ms layer that is "
       f"{100 * extra / r['variants']['base']['layer_ms']:.0f}%; next to a 3B layer it "
       f"vanishes."
@@ -1666,29 +1842,73 @@ def analysis(results: dict) -> list[str]:
     arrow_bytes = sum(4 * r["n"] * shapes[m][1] for m in KNOW_MODULES)
     cand = min(r["n"], r["batch"] * r["k"])
     gather_bytes = sum(4 * cand * KNOW_RANK * shapes[m][1] for m in KNOW_MODULES)
-    out.append(
+    head = (
       f"- {r['shape']}, B={r['batch']}, N={r['n']}, per layer: the three MLP matvecs take "
       f"{o['base_matvec']:.2f} ms ({base_bytes / 1e6 / o['base_matvec']:.1f} GB/s) and "
-      f"`route_lag` {o['route_lag']:.2f} ms. Arrow scores {o['arrow_scores']:.2f} ms "
-      f"({arrow_bytes / base_bytes:.2f}x the base bytes; measured "
-      f"{o['arrow_scores'] / o['base_matvec']:.2f}x the base time), top-k {o['top_k']:.2f} ms, "
-      f"candidate gather + projection {o['gather_project']:.2f} ms for "
-      f"{gather_bytes / 1e6:.1f} MB ({gather_bytes / 1e6 / o['gather_project']:.1f} GB/s; "
-      f"the cost model prices it at {gather_bytes / base_bytes:.2f}x base), apply "
-      f"{o['apply_B']:.2f} ms. Gathering rows of A* viewed as [N R, I] instead takes "
-      f"{o['gather_rows_project']:.2f} ms."
+      f"`route_lag` {o['route_lag']:.2f} ms"
     )
-  if prof:
+    scores = (
+      f"Arrow scores {o['arrow_scores']:.2f} ms ({arrow_bytes / base_bytes:.2f}x the base "
+      f"bytes; measured {o['arrow_scores'] / o['base_matvec']:.2f}x the base time), top-k "
+      f"{o['top_k']:.2f} ms"
+    )
+    if "gather_adapters_project" in o:
+      g = o["gather_adapters_project"]
+      out.append(
+        f"{head} (auto: {r['auto_projection']}; with gather {o['route_lag_gather']:.2f} ms, "
+        f"dense {o['route_lag_dense']:.2f} ms). {scores}, `gather_adapters` + projection "
+        f"{g:.2f} ms for {gather_bytes / 1e6:.1f} MB ({gather_bytes / 1e6 / g:.1f} GB/s; the "
+        f"cost model prices it at {gather_bytes / base_bytes:.2f}x base), apply "
+        f"{o['apply_B']:.2f} ms. The previous block gather A*[cand] took "
+        f"{o['prev_gather_block_project']:.2f} ms for the same projection "
+        f"({o['prev_gather_block_project'] / g:.1f}x)."
+      )
+    else:  # a routing.json from the previous version of this benchmark
+      out.append(
+        f"{head}. {scores}, candidate gather + projection {o['gather_project']:.2f} ms for "
+        f"{gather_bytes / 1e6:.1f} MB ({gather_bytes / 1e6 / o['gather_project']:.1f} GB/s; "
+        f"the cost model prices it at {gather_bytes / base_bytes:.2f}x base), apply "
+        f"{o['apply_B']:.2f} ms. Gathering rows of A* viewed as [N R, I] instead took "
+        f"{o['gather_rows_project']:.2f} ms."
+      )
+  new_rows = [p for p in prof if "project_all" in p["ops_ms"]]
+  if new_rows:
+    big = max(new_rows, key=lambda p: (p["n"], -p["batch"]))
+    o = big["ops_ms"]
+
+    def spread(key, ref):
+      ratios = [p["ops_ms"][key] / p["ops_ms"][ref] for p in new_rows]
+      return f"{min(ratios):.1f}-{max(ratios):.1f}x"
+
+    right = sum(
+      (p["ops_ms"]["route_lag_dense"] < p["ops_ms"]["route_lag_gather"])
+      == (p["auto_projection"] == "dense")
+      for p in new_rows
+    )
+    out.append(
+      f"- `project_all` (A* as one [N R, I] matrix, a single 2-D matmul) takes "
+      f"{o['project_all']:.1f} ms per layer at {big['shape']} N={big['n']} B={big['batch']}, "
+      f"against {o['prev_project_4d']:.1f} ms for the previous 4-D einsum 'bti,nri->btnr' "
+      f"({o['prev_project_4d'] / o['project_all']:.1f}x); `route_spectr`, built on it, takes "
+      f"{o['route_spectr']:.1f} ms. Over the {len(new_rows)} profile rows the previous block "
+      f"gather took {spread('prev_gather_block_project', 'gather_adapters_project')} the "
+      f"time of `gather_adapters` + projection, and the 4-D einsum "
+      f"{spread('prev_project_4d', 'project_all')} that of `project_all`. `route_lag`'s "
+      f"auto projection (dense while B min(k, N) >= N) picked the faster of gather and "
+      f"dense in {right} of {len(new_rows)} rows."
+    )
+  elif prof:
     big = max(prof, key=lambda p: (p["n"], -p["batch"]))
     o = big["ops_ms"]
     out.append(
-      f"- SpectR is far above its cost model because `route_spectr`'s 4-D einsum "
-      f"'bti,nri->btnr' makes XLA:CPU transpose the layer's whole A* [N, R, I] every step: "
+      f"- In this run `route_spectr` still used a 4-D einsum 'bti,nri->btnr', which made "
+      f"XLA:CPU transpose the layer's whole A* [N, R, I] every step: "
       f"{o['route_spectr']:.1f} ms per layer at {big['shape']} N={big['n']} B={big['batch']}, "
       f"against {o['spectr_proj_2d']:.1f} ms for the same projection with A* reshaped to a "
-      f"2-D [N R, I] matrix (einsum 'bti,ji->btj', no transpose). `route_lag` takes the same "
-      f"dense path whenever B min(k, N) >= N (N <= k at batch 1, N <= 16 k at batch 16), "
-      f"and `uniform` always does."
+      f"2-D [N R, I] matrix (einsum 'bti,ji->btj', no transpose; the library's "
+      f"`project_all` now does this). `route_lag` takes the dense path whenever "
+      f"B min(k, N) >= N (N <= k at batch 1, N <= 16 k at batch 16), and `uniform` always "
+      f"does."
     )
   sc = results.get("scan_slice")
   if sc:
@@ -1704,23 +1924,6 @@ def analysis(results: dict) -> list[str]:
       f"It inflates the 3B base step (so the 3B ratios look better than a faster base "
       f"would give) and LAG's arrow scores at N = 10,000."
     )
-  probe = results.get("real_path_probe", {})
-  if "deadlocked_after_s" not in probe:
-    out.append(
-      f"- `AdapterLibrary.from_adapters` ran unmodified (10-adapter probe in a child process: "
-      f"{probe.get('build_s', 0):.1f} s, no hang): every `from_adapters` library here is the "
-      f"real path."
-    )
-  else:
-    out.append(
-      "- `AdapterLibrary.from_adapters` hangs here: with jaxlib 0.10.2, batched LAPACK "
-      "kernels (geqrf/orgqr behind `jnp.linalg.qr`) split their batch over XLA:CPU's "
-      "intra-op pool and block a pool thread waiting for the pieces; `spectral_align`'s two "
-      "independent QRs run at once and take both threads of this 2-core machine, so "
-      f"nothing runs the pieces (10-adapter probe: no result after "
-      f"{probe['deadlocked_after_s']:.0f} s). This run used the same `from_adapters` with "
-      "the two QRs serialised by a data dependency (`_serialized_align_stacked`)."
-    )
   sig = results.get("signatures")
   if sig:
     out.append(
@@ -1729,10 +1932,9 @@ def analysis(results: dict) -> list[str]:
       f"{sig['speedup']:.0f}x faster than dense SVDs "
       f"({'goal >= 50x met' if sig['speedup'] >= 50 else 'goal >= 50x missed'})."
       + (
-        f" Peak memory is the weak spot: {sig['unit_max_rss_gb']:.1f} GB RSS to build a "
+        f" Peak memory of the signature unit: {sig['unit_max_rss_gb']:.1f} GB RSS to build a "
         f"{sig['library_gb']:.1f} GB library from about {sig['n'] * 4.56e-3:.1f} GB of "
-        f"adapters (`_align_module` keeps every chunk's result, concatenates them and then "
-        f"swaps axes: about three copies of each module's arrays at once)."
+        f"adapters ({sig['unit_max_rss_gb'] / sig['library_gb']:.1f}x the library)."
         if sig.get("unit_max_rss_gb")
         else ""
       )
@@ -1791,19 +1993,19 @@ _PARTS = {
   "decode": "decode_part",
   "profile": "profile_part",
   "scan_slice": "scan_slice_part",
+  "prefill": "prefill_part",
   "peft": "peft_part",
 }
+# Parts in the order they run (scan_slice runs with profile).
+RUN_ORDER = ("signatures", "memory", "decode", "profile", "prefill", "peft")
 
 
-def _child_part(out_path: str, part: str, args_dict: dict, workaround: bool) -> None:
+def _child_part(out_path: str, part: str, args_dict: dict) -> None:
   """Child process: one unit of work; its memory goes back to the OS when it exits."""
   args = argparse.Namespace(**args_dict)
   args.json = ""
-  if workaround:
-    apply_workaround()
   results: dict = {}
   globals()[_PARTS[part]](args, results)
-  results["workaround_active"] = _PATCH["active"]
   results["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
   with open(out_path, "w") as f:
     json.dump(results, f)
@@ -1827,20 +2029,13 @@ def main(argv=None):
   results["machine"] = machine_info()
   log(f"machine: {results['machine']}")
   parts = args.parts.split(",")
-  # Probe the unmodified real path once; a hang switches on the serialised-QR workaround.
-  log("probing AdapterLibrary.from_adapters (10 SmolLM2-shaped adapters) in a child process")
-  probe = run_child(_child_signatures, args.probe_timeout_s, n=10, chunk=args.sig_chunk)
-  results["real_path_probe"] = probe or {"deadlocked_after_s": args.probe_timeout_s}
-  if probe is None:
-    apply_workaround()
-    log(
-      "  from_adapters hung (jaxlib 0.10.2 LAPACK deadlock): this run builds libraries with "
-      "the serialised-QR alignment"
-    )
+  unknown = sorted(set(parts) - set(RUN_ORDER) - {""})
+  if unknown:
+    raise SystemExit(f"unknown --parts {unknown}; choose from {list(RUN_ORDER)}")
   # Every unit runs in its own process: libraries of several GB are freed for sure
   # (with the malloc settings above glibc never returns freed heap memory to the OS).
   units = []
-  for part in ("signatures", "memory", "decode", "profile", "peft"):
+  for part in RUN_ORDER:
     if part not in parts:
       continue
     if part in ("decode", "profile"):
@@ -1854,19 +2049,10 @@ def main(argv=None):
   for part, override in units:
     unit_args = {**vars(args), **override}
     t = time.perf_counter()
-    limit = args.child_timeout_s if part == "signatures" else 6 * 3600
-    res = run_child(_child_part, limit, part=part, args_dict=unit_args, workaround=_PATCH["active"])
-    if res is None and _LAST_CHILD.get("reason") == "timeout" and not _PATCH["active"]:
-      # A hang that the small probe did not catch: retry with the serialised QRs.
-      results.setdefault("failures", []).append({"part": part, **override, "reason": "hung"})
-      apply_workaround()
-      log(f"unit {part} {override} hung; retrying with the serialised-QR alignment")
-      res = run_child(_child_part, limit, part=part, args_dict=unit_args, workaround=True)
+    res, reason = run_child(_child_part, args.child_timeout_s, part=part, args_dict=unit_args)
     if res is None:
-      results.setdefault("failures", []).append(
-        {"part": part, **override, "reason": _LAST_CHILD.get("reason")}
-      )
-      log(f"unit {part} {override} failed (see above); continuing")
+      results.setdefault("failures", []).append({"part": part, **override, "reason": reason})
+      log(f"unit {part} {override} failed ({reason}); continuing")
       continue
     if part == "signatures" and "signatures" in res:
       res["signatures"]["unit_max_rss_gb"] = res.get("max_rss_gb")
@@ -1875,14 +2061,13 @@ def main(argv=None):
       f"(max RSS {res.get('max_rss_gb', 0):.1f} GB)"
     )
     for key, value in res.items():
-      if key in ("workaround_active", "max_rss_gb", "wall_s"):
+      if key in ("max_rss_gb", "wall_s"):
         continue
       if isinstance(value, list):
         results.setdefault(key, []).extend(value)
       else:
         results[key] = value
     write_json(args, results)
-  results["workaround_active"] = _PATCH["active"]
   results["total_s"] = time.perf_counter() - t_start
   results["analysis"] = analysis(results)
   write_json(args, results)
