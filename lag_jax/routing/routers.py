@@ -95,12 +95,8 @@ def _argmax_low_id(values: jax.Array, ids: jax.Array) -> jax.Array:
 
 
 def gather_adapters(a: jax.Array, ids: jax.Array) -> jax.Array:
-  """a[ids] for a [N, R, I] and ids [...] -> [..., R, I], as one row gather.
-
-  Viewing A* as [N * R, I] rows and gathering R rows per id lowers to a plain row
-  gather; indexing the [N, R, I] blocks directly was 3-8x slower on XLA:CPU
-  (benchmarks/routing.py, profile part).
-  """
+  """a[ids] for a [N, R, I] and ids [...] -> [..., R, I], as one row gather of A*
+  viewed as [N * R, I] rows."""
   N, R, I = a.shape
   rows = ids[..., None] * R + jnp.arange(R, dtype=ids.dtype)  # [..., R]
   return jnp.take(a.reshape(N * R, I), rows, axis=0, mode="clip")
@@ -115,6 +111,18 @@ def project_all(x: jax.Array, a: jax.Array) -> jax.Array:
   N, R, I = a.shape
   z = jnp.einsum("bti,ji->btj", x, a.reshape(N * R, I).astype(x.dtype))
   return z.reshape(*x.shape[:2], N, R)
+
+
+def project_gathered(x: jax.Array, a: jax.Array, ids: jax.Array) -> jax.Array:
+  """A*_id x for each token's ids: x [B, T, I], ids [B, T, C] -> [B, T, C, R].
+
+  The gathered rows are contracted as one flat [C*R, I] matrix per token: the 5-D
+  einsum 'bti,btcri->btcr' made XLA:CPU 3-4x slower (benchmarks/routing.py profile).
+  """
+  B, T, C = ids.shape
+  R, I = a.shape[1:]
+  rows = gather_adapters(a, ids).astype(x.dtype).reshape(B, T, C * R, I)
+  return jnp.einsum("bti,btji->btj", x, rows).reshape(B, T, C, R)
 
 
 def _apply_selected(z_sel: jax.Array, b: jax.Array, sel: jax.Array) -> jax.Array:
@@ -174,7 +182,7 @@ def _project_candidates(x, a, cand, projection: str):
     return jnp.take_along_axis(project_all(x, a), cand[..., None], axis=2)
   if projection == "grouped":
     return project_grouped(x, a, cand)
-  return jnp.einsum("bti,btcri->btcr", x, gather_adapters(a, cand).astype(x.dtype))
+  return project_gathered(x, a, cand)
 
 
 def route_lag(x, lib: LayerLibrary, allowed, k: int, projection: str = "auto"):
@@ -197,7 +205,7 @@ def route_arrow(x, lib: LayerLibrary, allowed):
   ids = jnp.arange(scores.shape[-1], dtype=jnp.int32)
   sel = _argmax_low_id(scores, ids)
   ok = jnp.isfinite(jnp.max(scores, axis=-1))
-  z_sel = jnp.einsum("bti,btri->btr", x, gather_adapters(lib.a, sel).astype(x.dtype))
+  z_sel = project_gathered(x, lib.a, sel[..., None])[:, :, 0]
   return _hard(sel, ok, z_sel, lib)
 
 
@@ -220,7 +228,7 @@ def route_arrow_softmax(x, lib: LayerLibrary, allowed, k: int, temperature: floa
   w = jax.nn.softmax(jnp.where(ok[..., None], vals, 0.0) / temperature, axis=-1)
   w = jnp.where(jnp.isfinite(vals), w, 0.0)
   w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
-  z = jnp.einsum("bti,btcri->btcr", x, gather_adapters(lib.a, cand).astype(x.dtype))
+  z = project_gathered(x, lib.a, cand)
   delta = jnp.einsum("btc,btcr,btcor->bto", w.astype(x.dtype), z, lib.b[cand].astype(x.dtype))
   return jnp.where(ok[..., None], delta, 0), jnp.where(ok, cand[..., 0], -1)
 
