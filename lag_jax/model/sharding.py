@@ -33,7 +33,8 @@ _LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
   "down_proj.bias": ("embed",),
 }
 
-# Logical axis -> mesh axis. Tensor parallel over "model", FSDP over "fsdp".
+# Logical axis -> mesh axis. Tensor parallel over "model", FSDP over "fsdp", the
+# adapters of a routed library over "adapter" (lag_jax.routing.sharded).
 DEFAULT_RULES: dict[str, str | None] = {
   "vocab": "model",
   "heads": "model",
@@ -41,6 +42,7 @@ DEFAULT_RULES: dict[str, str | None] = {
   "mlp": "model",
   "embed": "fsdp",
   "layers": None,
+  "adapter": "adapter",
 }
 
 
@@ -96,3 +98,21 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
       f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, have {len(devices)}"
     )
   return Mesh(np.array(devices).reshape(tuple(sizes.values())), tuple(sizes))
+
+
+def mesh_from_sizes(axis_sizes: Mapping[str, int], devices=None) -> Mesh | None:
+  """The mesh a config asks for, or None when every axis has size 1 (one device).
+
+  Without a -1 the mesh may use fewer devices than there are (the first ones), so
+  that e.g. ``adapter=4`` runs on a host with 8.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {k: int(v) for k, v in axis_sizes.items()}
+  if all(v == 1 for v in sizes.values()):
+    return None
+  if -1 not in sizes.values():
+    needed = int(np.prod(list(sizes.values())))
+    if needed > len(devices):
+      raise ValueError(f"mesh {sizes} needs {needed} devices, have {len(devices)}")
+    devices = devices[:needed]
+  return make_mesh(sizes, devices)

@@ -19,6 +19,7 @@ from flax import struct
 from lag_jax.model.layers import LoraWeights, lora_delta
 from lag_jax.routing.library import AdapterLibrary, LibraryWeights
 from lag_jax.routing.routers import LayerLibrary, RouterSpec, route_batch
+from lag_jax.routing.sharded import AdapterSharding, ShardedLibrary, route_batch_sharded
 
 
 @struct.dataclass
@@ -31,6 +32,8 @@ class RoutedLibrary:
     fixed_ids: [B] int32, each request's adapter for the ``fixed`` router (-1: none).
     router_index: [B] int32, each request's router, an index into ``routers``.
     routers: the routers this batch uses (static: part of the compiled shape).
+    sharding: for a ShardedLibrary, its mesh and adapter axis (static); None for a
+      library on one device.
   """
 
   weights: LibraryWeights
@@ -38,6 +41,7 @@ class RoutedLibrary:
   fixed_ids: jax.Array
   router_index: jax.Array
   routers: tuple[RouterSpec, ...] = struct.field(pytree_node=False)
+  sharding: AdapterSharding | None = struct.field(pytree_node=False, default=None)
 
   @property
   def modules(self) -> tuple[str, ...]:
@@ -56,7 +60,7 @@ class RoutedLibrary:
 
 
 def routed(
-  library: AdapterLibrary,
+  library: AdapterLibrary | ShardedLibrary,
   batch: int,
   router: RouterSpec | Sequence[RouterSpec],
   *,
@@ -67,7 +71,7 @@ def routed(
   """Checks and packs per-request routing inputs for ``library``.
 
   Args:
-    library: the adapter library.
+    library: the adapter library, or one sharded over a mesh (``shard_library``).
     batch: B, the number of requests.
     router: one RouterSpec for all requests, or several (then ``router_index`` [B]
       picks each request's).
@@ -106,8 +110,18 @@ def routed(
   router_index = np.asarray(router_index, np.int32)
   if router_index.shape != (batch,) or router_index.min() < 0 or router_index.max() >= len(routers):
     raise ValueError(f"router_index must be {batch} values in [0, {len(routers)})")
+  sharding = None
+  if isinstance(library, ShardedLibrary):
+    # Padding adapters: never allowed, never counted by ``uniform``.
+    mask = np.pad(mask, ((0, 0), (0, library.padded_size - N)))
+    sharding = library.sharding
   return RoutedLibrary(
-    library.weights, jnp.asarray(mask), jnp.asarray(fixed_ids), jnp.asarray(router_index), routers
+    library.weights,
+    jnp.asarray(mask),
+    jnp.asarray(fixed_ids),
+    jnp.asarray(router_index),
+    routers,
+    sharding,
   )
 
 
@@ -139,7 +153,11 @@ class RoutedAdapters:
       if name not in w.a:
         continue
       layer_lib = LayerLibrary(a=w.a[name], b=w.b[name], arrows=w.arrows[name], valid=w.valid[name])
-      d, c = route_batch(lib.routers, lib.router_index, x, layer_lib, lib.mask, lib.fixed_ids)
+      args = (lib.routers, lib.router_index, x, layer_lib, lib.mask, lib.fixed_ids)
+      if lib.sharding is None:
+        d, c = route_batch(*args)
+      else:
+        d, c = route_batch_sharded(*args, lib.sharding)
       total = d if total is None else total + d
       chosen.append(c)
     return total, (tuple(chosen) if chosen else None)

@@ -1,0 +1,454 @@
+"""A library sharded over the ``adapter`` mesh axis, and expert-parallel routing on it.
+
+Placement: every leaf of the library is split along its N axis over the mesh axis
+that the rules table maps the logical ``adapter`` axis to (D devices). N is padded
+up to a multiple of D with invalid all-zero adapters (never chosen, never counted),
+so each device holds N_pad / D adapters: their A*, B*, arrows and valid flags.
+
+Routing (``route_batch_sharded``, a ``shard_map`` manual over the adapter axis
+only; the other mesh axes stay with XLA). Shard d owns global ids
+[d * n, (d + 1) * n) for n = N_pad / D. Per token, nothing proportional to N
+crosses devices:
+
+  1. local |arrow . x| scores [B, T, n] and the local top-k (ids + offset);
+  2. an all-gather of the (score, id) candidates only: [B, T, k] per shard;
+  3. the global top-k of the D * k gathered candidates, the same on every shard;
+  4. lag: each candidate's owner computes ||A* x||^2, a pmax of the [B, T, k]
+     norms gives all of them everywhere, and the winner is picked by the same
+     lower-id tie rule on every shard; arrow / spectr: a global top-1 alike;
+  5. the owner of the chosen adapter(s) computes B* A* x and a psum of [B, T, O]
+     over the adapter axis adds the (single non-zero, or per-owner weighted)
+     contributions.
+
+Ties: lax.top_k prefers the lower index among equal values, each shard's list is
+in id order for equal scores, and shard d's ids all precede shard d + 1's; so the
+top-k over the gathered lists in shard order prefers lower global ids, exactly as
+the single-device routers do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lag_jax.model.sharding import DEFAULT_RULES
+from lag_jax.routing import routers
+from lag_jax.routing.library import AdapterLibrary, LibraryWeights, _n_axes
+from lag_jax.routing.routers import LayerLibrary, RouterSpec
+
+IMPLS = ("shard_map", "jit")
+
+# Logical axes of the library's leaves (per module), resolved by the rules table.
+LIBRARY_LOGICAL_AXES = {
+  "a": ("layers", "adapter", None, None),  # [L, N, R, I]
+  "b": ("layers", "adapter", None, None),  # [L, N, O, R]
+  "arrows": ("layers", None, "adapter"),  # [L, I, N]
+  "valid": ("layers", "adapter"),  # [L, N]
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSharding:
+  """How a routed library is split (static: hashable, part of the compiled shape).
+
+  Attributes:
+    mesh: the device mesh the library lives on.
+    axis: the mesh axis the adapters are split over.
+    impl: ``shard_map`` (explicit expert-parallel routing, the default) or ``jit``
+      (the single-device routers on the sharded arrays, partitioned by XLA).
+  """
+
+  mesh: Mesh
+  axis: str = "adapter"
+  impl: str = "shard_map"
+
+  def __post_init__(self):
+    if self.impl not in IMPLS:
+      raise ValueError(f"sharded routing impl {self.impl!r} is unknown; choose from {IMPLS}")
+    if self.axis not in self.mesh.shape:
+      raise ValueError(f"mesh {dict(self.mesh.shape)} has no axis {self.axis!r}")
+
+  @property
+  def size(self) -> int:
+    return self.mesh.shape[self.axis]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedLibrary:
+  """An AdapterLibrary placed on a mesh, split along N (see the module docstring).
+
+  ``routed(...)`` takes it in place of an AdapterLibrary: masks and ids are over the
+  library's own N adapters, the padding is added there. The model's parameters must
+  live on the same mesh (e.g. ``load_model(folder, mesh=mesh)``), since one jitted
+  call cannot mix arrays committed to different devices.
+
+  Attributes:
+    names, modules, rank, ranks, metadata: as in the AdapterLibrary.
+    weights: the padded arrays, N_pad = ``padded_size`` adapters, sharded.
+    sharding: the mesh, its adapter axis and the routing implementation.
+  """
+
+  names: tuple[str, ...]
+  modules: tuple[str, ...]
+  rank: int
+  ranks: tuple[int, ...]
+  weights: LibraryWeights
+  sharding: AdapterSharding
+  metadata: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def id(self, name: str) -> int:
+    try:
+      return self.names.index(name)
+    except ValueError:
+      raise KeyError(f"adapter {name!r} is not in the library") from None
+
+  @property
+  def padded_size(self) -> int:
+    return next(iter(self.weights.valid.values())).shape[1]
+
+  def nbytes(self) -> int:
+    """Bytes of all (padded) arrays over all devices."""
+    return sum(x.nbytes for x in jax.tree.leaves(self.weights))
+
+  def nbytes_per_device(self) -> dict[int, int]:
+    """Resident bytes on each device (by device id)."""
+    return nbytes_per_device(self.weights)
+
+
+def nbytes_per_device(tree) -> dict[int, int]:
+  """Bytes of a pytree of arrays held on each device, by device id."""
+  out: dict[int, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
+  return out
+
+
+def library_partition_spec(
+  field: str, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES
+) -> PartitionSpec:
+  """PartitionSpec of a library leaf (``a``, ``b``, ``arrows`` or ``valid``)."""
+  spec = []
+  for axis in LIBRARY_LOGICAL_AXES[field]:
+    mesh_axis = rules.get(axis) if axis else None
+    spec.append(mesh_axis if mesh_axis in mesh.shape and mesh_axis not in spec else None)
+  return PartitionSpec(*spec)
+
+
+def shard_library(
+  library: AdapterLibrary,
+  mesh: Mesh,
+  rules: Mapping[str, str | None] = DEFAULT_RULES,
+  *,
+  impl: str = "shard_map",
+) -> ShardedLibrary:
+  """Places ``library`` on ``mesh``, split along N over the rules' ``adapter`` axis.
+
+  N is padded to a multiple of the axis size with zero, invalid adapters. Each leaf
+  goes through host memory and each device receives only its own slice.
+  Raises:
+    ValueError: the rules map ``adapter`` to no axis of the mesh.
+  """
+  axis = rules.get("adapter")
+  if axis not in mesh.shape:
+    raise ValueError(
+      f"sharding rules map 'adapter' to {axis!r}, which is not an axis of mesh {dict(mesh.shape)}"
+    )
+  sharding = AdapterSharding(mesh, axis, impl)
+  N = len(library)
+  pad = math.ceil(N / sharding.size) * sharding.size - N
+
+  def place(field, x, n_axis):
+    host = np.asarray(x)
+    if pad:
+      widths = [(0, 0)] * host.ndim
+      widths[n_axis] = (0, pad)
+      host = np.pad(host, widths)  # zeros; valid pads with False
+    return jax.device_put(host, NamedSharding(mesh, library_partition_spec(field, mesh, rules)))
+
+  w, axes = library.weights, _n_axes(library.weights)
+  weights = LibraryWeights(
+    **{
+      f: {m: place(f, getattr(w, f)[m], getattr(axes, f)[m]) for m in getattr(w, f)}
+      for f in ("a", "b", "arrows", "valid")
+    }
+  )
+  return ShardedLibrary(
+    library.names,
+    library.modules,
+    library.rank,
+    library.ranks,
+    weights,
+    sharding,
+    dict(library.metadata),
+  )
+
+
+# --- Routing on the shards ------------------------------------------------------------
+
+
+def _global_top_k(values, k: int, offset, axis: str):
+  """Global top-k of [B, T, n] local values: (vals, ids) [B, T, C], the same on every
+  shard; ties go to the lower global id. Only the k local candidates are gathered."""
+  vals, ids = jax.lax.top_k(values, min(k, values.shape[-1]))
+  ids = ids.astype(jnp.int32) + offset
+  # One collective for both: the ids travel bit-cast as float32 (moved, never added).
+  packed = jnp.stack([vals.astype(jnp.float32), jax.lax.bitcast_convert_type(ids, jnp.float32)])
+  packed = jax.lax.all_gather(packed, axis, axis=3, tiled=True)  # [2, B, T, D * k]
+  all_vals, all_ids = packed[0], jax.lax.bitcast_convert_type(packed[1], jnp.int32)
+  top, pos = jax.lax.top_k(all_vals, min(k, all_vals.shape[-1]))
+  return top, jnp.take_along_axis(all_ids, pos, axis=-1)
+
+
+def _owned(ids, offset, n: int):
+  """(this shard owns the id, its local index clipped into [0, n))."""
+  local = ids - offset
+  own = (ids >= 0) & (local >= 0) & (local < n)
+  return own, jnp.clip(local, 0, n - 1)
+
+
+def _apply_owned(z_sel, lib: LayerLibrary, local, own_ok):
+  """B* z for tokens whose selected adapter this shard owns (and may apply), else 0."""
+  delta = routers._apply_selected(z_sel, lib.b, local)
+  return jnp.where(own_ok[..., None], delta, 0)
+
+
+def _scores(x, lib: LayerLibrary, allowed):
+  return routers.arrow_scores(x, lib, allowed)
+
+
+def _lag(x, lib, allowed, offset, axis, k: int, projection: str):
+  n = lib.a.shape[0]
+  vals, cand = _global_top_k(_scores(x, lib, allowed), k, offset, axis)  # [B, T, C]
+  own, local = _owned(cand, offset, n)
+  z = routers._project_candidates(x, lib.a, local, projection)  # [B, T, C, R]
+  norms = jnp.where(own, jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1), -jnp.inf)
+  norms = jax.lax.pmax(norms, axis)  # each candidate's norm, from its owner
+  norms = jnp.where(jnp.isfinite(vals), norms, -1.0)  # disallowed candidates lose
+  best = routers._argmax_low_id(norms, cand)[..., None]  # [B, T, 1]
+  sel = jnp.take_along_axis(cand, best, axis=-1)[..., 0]
+  ok = jnp.isfinite(jnp.take_along_axis(vals, best, axis=-1)[..., 0])
+  z_sel = jnp.take_along_axis(z, best[..., None], axis=2)[:, :, 0]
+  own_sel = jnp.take_along_axis(own, best, axis=-1)[..., 0]
+  local_sel = jnp.take_along_axis(local, best, axis=-1)[..., 0]
+  delta = _apply_owned(z_sel, lib, local_sel, ok & own_sel)
+  return delta, jnp.where(ok, sel, -1).astype(jnp.int32)
+
+
+def _top1(values, x, lib, offset, axis, z=None):
+  """The global argmax of [B, T, n] local values, applied by its owner."""
+  n = lib.a.shape[0]
+  vals, sel = _global_top_k(values, 1, offset, axis)
+  vals, sel = vals[..., 0], sel[..., 0]
+  ok = jnp.isfinite(vals)
+  own, local = _owned(sel, offset, n)
+  if z is None:
+    z_sel = jnp.einsum("bti,btri->btr", x, routers.gather_adapters(lib.a, local).astype(x.dtype))
+  else:
+    z_sel = jnp.take_along_axis(z, local[..., None, None], axis=2)[:, :, 0]
+  delta = _apply_owned(z_sel, lib, local, ok & own)
+  return delta, jnp.where(ok, sel, -1).astype(jnp.int32)
+
+
+def _spectr(x, lib, allowed, offset, axis):
+  z = routers.project_all(x, lib.a)  # [B, T, n, R]
+  norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
+  norms = jnp.where(allowed[:, None, :], norms, -jnp.inf)
+  return _top1(norms, x, lib, offset, axis, z=z)
+
+
+def _arrow_softmax(x, lib, allowed, offset, axis, k: int, temperature: float):
+  n = lib.a.shape[0]
+  vals, cand = _global_top_k(_scores(x, lib, allowed), k, offset, axis)
+  ok = jnp.isfinite(vals[..., 0])
+  w = jax.nn.softmax(jnp.where(ok[..., None], vals, 0.0) / temperature, axis=-1)
+  w = jnp.where(jnp.isfinite(vals), w, 0.0)
+  w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
+  own, local = _owned(cand, offset, n)
+  w = jnp.where(own, w, 0.0)  # each shard adds its own candidates' share
+  z = jnp.einsum("bti,btcri->btcr", x, routers.gather_adapters(lib.a, local).astype(x.dtype))
+  delta = jnp.einsum("btc,btcr,btcor->bto", w.astype(x.dtype), z, lib.b[local].astype(x.dtype))
+  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, cand[..., 0], -1).astype(jnp.int32)
+
+
+def _uniform(x, lib, mask, axis):
+  w = mask.astype(jnp.float32)
+  count = jax.lax.psum(jnp.sum(w, axis=-1, keepdims=True), axis)  # [B, 1]: tiny
+  w = (w / jnp.maximum(count, 1.0)).astype(x.dtype)
+  z = routers.project_all(x, lib.a)
+  delta = jnp.einsum("bn,btnr,nor->bto", w, z, lib.b.astype(x.dtype))
+  return delta, jnp.full(x.shape[:2], -1, jnp.int32)
+
+
+def _fixed(x, lib, allowed, fixed_ids, offset, axis):
+  B, T = x.shape[:2]
+  n = lib.a.shape[0]
+  own, local = _owned(fixed_ids, offset, n)  # [B]
+  ok_here = own & jnp.take_along_axis(allowed, local[:, None], axis=1)[:, 0]
+  ok = jax.lax.pmax(ok_here.astype(jnp.int32), axis) > 0  # [B]: tiny
+  z = jnp.einsum("bti,bri->btr", x, routers.gather_adapters(lib.a, local).astype(x.dtype))
+  sel = jnp.broadcast_to(local[:, None], (B, T))
+  delta = _apply_owned(z, lib, sel, jnp.broadcast_to(ok_here[:, None], (B, T)))
+  chosen = jnp.where(ok, fixed_ids, -1).astype(jnp.int32)
+  return delta, jnp.broadcast_to(chosen[:, None], (B, T))
+
+
+def _route_local(spec: RouterSpec, x, lib, mask, fixed_ids, offset, axis: str):
+  """One router on one shard: (this shard's share of the delta, the global choice)."""
+  allowed = mask & lib.valid[None, :]
+  if spec.name == "none":
+    return jnp.zeros((*x.shape[:2], lib.b.shape[1]), x.dtype), jnp.full(x.shape[:2], -1, jnp.int32)
+  if spec.name == "fixed":
+    return _fixed(x, lib, allowed, fixed_ids, offset, axis)
+  if spec.name == "uniform":
+    return _uniform(x, lib, mask, axis)
+  if spec.name == "arrow":
+    return _top1(_scores(x, lib, allowed), x, lib, offset, axis)
+  if spec.name == "arrow_softmax":
+    return _arrow_softmax(x, lib, allowed, offset, axis, spec.k, spec.temperature)
+  if spec.name == "spectr":
+    return _spectr(x, lib, allowed, offset, axis)
+  return _lag(x, lib, allowed, offset, axis, spec.k, spec.projection)
+
+
+def route_batch_sharded(
+  specs: tuple[RouterSpec, ...],
+  router_index,
+  x,
+  lib: LayerLibrary,
+  mask,
+  fixed_ids,
+  sharding: AdapterSharding,
+):
+  """``routers.route_batch`` on a library split over ``sharding``'s axis.
+
+  Args:
+    specs, router_index, x, mask, fixed_ids: as in ``routers.route_batch``; mask is
+      over the padded N (False on padding).
+    lib: one layer's slice of the padded library, N sharded over the adapter axis.
+  Returns:
+    delta [B, T, O] and chosen [B, T] int32, replicated over the adapter axis.
+  """
+  if sharding.impl == "jit":
+    return routers.route_batch(specs, router_index, x, lib, mask, fixed_ids)
+  axis = sharding.axis
+
+  def body(x, a, b, arrows, valid, mask, fixed_ids, router_index):
+    local = LayerLibrary(a=a, b=b, arrows=arrows, valid=valid)
+    offset = jax.lax.axis_index(axis).astype(jnp.int32) * a.shape[0]
+    delta, chosen = None, None
+    for i, spec in enumerate(specs):
+      d, c = _route_local(spec, x, local, mask, fixed_ids, offset, axis)
+      if delta is None:
+        delta, chosen = d, c
+      else:
+        pick = router_index == i
+        delta = jnp.where(pick[:, None, None], d, delta)
+        chosen = jnp.where(pick[:, None], c, chosen)
+    # One reduction for every router of the batch: only owners hold non-zero shares.
+    return jax.lax.psum(delta, axis), chosen
+
+  sharded = PartitionSpec(axis)
+  fn = jax.shard_map(
+    body,
+    mesh=sharding.mesh,
+    in_specs=(
+      PartitionSpec(),
+      sharded,
+      sharded,
+      PartitionSpec(None, axis),
+      sharded,
+      PartitionSpec(None, axis),
+      PartitionSpec(),
+      PartitionSpec(),
+    ),
+    out_specs=(PartitionSpec(), PartitionSpec()),
+    axis_names={axis},
+    # all_gather's result is typed as varying; the choices computed from it are the
+    # same on every shard by construction (deterministic ops on identical inputs).
+    check_vma=False,
+  )
+  return fn(x, lib.a, lib.b, lib.arrows, lib.valid, mask, fixed_ids, router_index)
+
+
+# --- What a compiled program moves between devices ---------------------------------
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+
+
+def _shapes_bytes(type_text: str) -> tuple[list[str], list[int]]:
+  shapes, sizes = [], []
+  for dtype, dims in _SHAPE.findall(type_text):
+    if dtype in _DTYPE_BYTES:
+      shapes.append(f"{dtype}[{dims}]")
+      sizes.append(math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype])
+  return shapes, sizes
+
+
+def hlo_collectives(hlo_text: str) -> list[dict]:
+  """The cross-device collectives of a compiled HLO module (``.compile().as_text()``).
+
+  Returns one dict per collective instruction (async ``-start`` forms counted once,
+  their ``-done`` halves not at all): ``kind``, ``operands`` (shapes), ``operand_bytes``
+  (what each device contributes, all operands), ``largest_operand_bytes`` (XLA
+  combines small collectives into one with several operands), ``result`` and
+  ``result_bytes``. An instruction inside a loop body (the decoder's layer scan)
+  appears once but runs every trip.
+  """
+  types: dict[str, str] = {}
+  found = []
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, type_text, opcode, rest = m.groups()
+    types[name] = type_text
+    kind = opcode.removesuffix("-start")
+    if kind not in COLLECTIVES or opcode.endswith("-done"):
+      continue
+    # Operands are "%name" (compiled text) or "type %name" (unoptimised text).
+    args = rest.split(")", 1)[0]
+    names = re.findall(r"%([\w.\-]+)", args)
+    operand_types = " ".join(types[n] for n in names) if all(n in types for n in names) else args
+    operands, operand_bytes = _shapes_bytes(operand_types)
+    result, result_bytes = _shapes_bytes(type_text)
+    found.append(
+      dict(
+        kind=kind,
+        operands=operands,
+        operand_bytes=sum(operand_bytes),
+        largest_operand_bytes=max(operand_bytes, default=0),
+        result=result,
+        result_bytes=sum(result_bytes),
+      )
+    )
+  return found
