@@ -7,12 +7,16 @@ Tiny random model (seconds, used by the tests):
 With adapter libraries routed per token (LAG, k = 20):
   python -m lag_jax.run --config=configs/generate.py --config.library=/path/to/library \
       --config.task_library=/path/to/task_library --config.router=lag --config.k=20
+The library split over all devices of the host (expert-parallel routing):
+  python -m lag_jax.run --config=configs/generate.py:tiny_lag --config.mesh.adapter=-1
 Any HF folder, with adapters merged into the weights:
   python -m lag_jax.run --config=configs/generate.py --config.checkpoint=/path/to/hf \
       --config.adapters=/path/a,/path/b --config.merge_adapters=True
 """
 
 import ml_collections
+
+from lag_jax.model.sharding import DEFAULT_RULES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -41,6 +45,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task_router = ""  # default: the same as router
   c.fixed_adapter = ""  # adapter name for router 'fixed'
   c.save_routing = False  # write the chosen adapter per token, layer and module
+
+  # Device mesh, per-axis sizes (one may be -1: all remaining devices); all 1: one
+  # device. 'adapter' > 1 splits the routed libraries over that many devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, model=1, adapter=1))
+  # Logical axis -> mesh axis (parameters by lag_jax.model.sharding, libraries by
+  # lag_jax.routing.sharded); None: replicated.
+  c.sharding_rules = ml_collections.ConfigDict(dict(DEFAULT_RULES))
+  # Routing on a split library: 'shard_map' (explicit, moves only top-k candidates and
+  # [B, T, O] results) or 'jit' (XLA partitions the one-device routers).
+  c.adapter_sharding = "shard_map"
 
   c.prompts = ("What is the capital of France?", "Name three primary colours.")
   c.prompts_file = ""  # One prompt per line (.txt) or {"prompt": ...} per line (.jsonl).

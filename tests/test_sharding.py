@@ -1,12 +1,15 @@
 """A library sharded over 8 simulated devices: placement and bytes per device, every
 router under shard_map equal to the single-device routers (prefill and decode, masks
 confined to one shard, N not divisible by 8, exact ties), the collectives the compiled
-HLO moves, routing inside the model and ``generate``."""
+HLO moves, routing inside the model and ``generate``, and the CLI with a mesh."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -391,3 +394,33 @@ def test_generate_with_a_sharded_library_matches_single_device():
   for c8, c1 in zip(jax.tree.leaves(out8.routing), jax.tree.leaves(out1.routing)):
     np.testing.assert_array_equal(c8, c1)  # prefill and decode positions
   assert max(len(t) for t in out1.tokens) == 4
+
+
+def test_cli_generate_with_the_adapter_axis_over_8_devices(tmp_path):
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "device_count=8" not in flags:
+    flags += " --xla_force_host_platform_device_count=8"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "lag_jax.run",
+      "--config=configs/generate.py:tiny_lag",
+      "--config.mesh.adapter=8",
+      "--config.generation.max_new_tokens=3",
+      f"--workdir={tmp_path}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()},
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "sharded over 8 devices" in proc.stderr
+  results = json.loads((tmp_path / "generations.json").read_text())
+  assert len(results) == 2 and all(r["num_tokens"] > 0 for r in results)
+  routing = np.load(tmp_path / "routing.npz")
+  ids = routing["lib0/gate_proj"]
+  assert ((ids >= 0) & (ids < 8)).any() and ids.max() < 8  # never a padding id
+  assert routing["lib1/q_proj"].max() < 3

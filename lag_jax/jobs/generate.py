@@ -13,8 +13,10 @@ from lag_jax.adapters import load_peft_adapter, merge_into_model, stack_lora, va
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.generation import generate, make_sampler
 from lag_jax.jobs import common
+from lag_jax.model.sharding import mesh_from_sizes
 from lag_jax.routing import RoutedAdapters, RouterSpec, load_or_build_library, routed
 from lag_jax.routing.library import KNOWLEDGE_MODULES, TASK_MODULES
+from lag_jax.routing.sharded import shard_library
 from lag_jax.text.tokenizer import Tokenizer
 
 
@@ -34,10 +36,14 @@ def _prompts(config) -> list[str]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Loads model, tokenizer and adapters, generates, writes ``generations.json``."""
   folder = common.resolve_checkpoint(config.checkpoint)
+  mesh = mesh_from_sizes(dict(config.mesh))
+  rules = dict(config.sharding_rules)
   model = load_model(
     folder,
     param_dtype=common.dtype("param_dtype", config.param_dtype),
     dtype=common.dtype("dtype", config.dtype),
+    mesh=mesh,
+    rules=rules,
   )
   tokenizer = Tokenizer.from_dir(folder)
 
@@ -60,6 +66,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
   texts = _prompts(config)
   libraries = _libraries(config, model.config)
+  if mesh is not None and mesh.shape.get(rules.get("adapter"), 1) > 1:
+    libraries = [(_shard(lib, mesh, rules, config), s, f) for lib, s, f in libraries]
   if libraries:
     hook = RoutedAdapters(
       tuple(routed(lib, len(texts), spec, fixed_ids=fixed) for lib, spec, fixed in libraries),
@@ -137,6 +145,20 @@ def _libraries(config, model_config):
       fixed = [config.fixed_adapter] * len(_prompts(config))
     out.append((lib, spec, fixed))
   return out
+
+
+def _shard(library, mesh, rules, config):
+  sharded = shard_library(library, mesh, rules, impl=config.adapter_sharding)
+  per_device = max(sharded.nbytes_per_device().values())
+  logging.info(
+    "Library of %d adapters (%s) sharded over %d devices: %d per device, %.2f MB per device",
+    len(library),
+    ",".join(library.modules),
+    sharded.sharding.size,
+    sharded.padded_size // sharded.sharding.size,
+    per_device / 1e6,
+  )
+  return sharded
 
 
 def _save_routing(path, routing, libraries):
