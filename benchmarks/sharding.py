@@ -183,7 +183,7 @@ def render(results) -> str:
   out += [
     "",
     "- shard_map moves the same bytes at every N: for lag and arrow_softmax an "
-    "all-gather of k (score, id) pairs per token and shard (f32[2, B, T, k] each), for "
+    "all-gather of k (score, id) pairs per token and shard (s32[2, B, T, k]: scores bit-cast), for "
     "lag a pmax of the k candidates' norms (f32[B, T, k]), for arrow / spectr one "
     "(value, id) pair per token and shard, and for every router one all-reduce of the "
     "[B, T, O] output; nothing per token grows with the library.",

@@ -1,4 +1,5 @@
-"""LAG routing: spectral signatures, stacked adapter libraries, routers, the model hook."""
+"""LAG routing: spectral signatures, stacked adapter libraries (on one device or sharded
+over a mesh), routers, the model hook."""
 
 from lag_jax.routing.hook import RoutedAdapters, RoutedLibrary, routed
 from lag_jax.routing.library import (
@@ -9,6 +10,7 @@ from lag_jax.routing.library import (
   load_or_build_library,
 )
 from lag_jax.routing.routers import ROUTERS, RouterSpec
+from lag_jax.routing.sharded import AdapterSharding, ShardedLibrary, shard_library
 from lag_jax.routing.signatures import spectral_align, spectral_align_stacked
 
 __all__ = [
@@ -16,12 +18,15 @@ __all__ = [
   "ROUTERS",
   "TASK_MODULES",
   "AdapterLibrary",
+  "AdapterSharding",
   "LibraryWeights",
   "RoutedAdapters",
   "RoutedLibrary",
   "RouterSpec",
+  "ShardedLibrary",
   "load_or_build_library",
   "routed",
+  "shard_library",
   "spectral_align",
   "spectral_align_stacked",
 ]

@@ -202,10 +202,11 @@ def _global_top_k(values, k: int, offset, axis: str):
   shard; ties go to the lower global id. Only the k local candidates are gathered."""
   vals, ids = jax.lax.top_k(values, min(k, values.shape[-1]))
   ids = ids.astype(jnp.int32) + offset
-  # One collective for both: the ids travel bit-cast as float32 (moved, never added).
-  packed = jnp.stack([vals.astype(jnp.float32), jax.lax.bitcast_convert_type(ids, jnp.float32)])
+  # One collective for both: the scores travel bit-cast as int32 (moved bit for bit;
+  # ids bit-cast to float would be denormals, which some hardware flushes to zero).
+  packed = jnp.stack([jax.lax.bitcast_convert_type(vals.astype(jnp.float32), jnp.int32), ids])
   packed = jax.lax.all_gather(packed, axis, axis=3, tiled=True)  # [2, B, T, D * k]
-  all_vals, all_ids = packed[0], jax.lax.bitcast_convert_type(packed[1], jnp.int32)
+  all_vals, all_ids = jax.lax.bitcast_convert_type(packed[0], jnp.float32), packed[1]
   top, pos = jax.lax.top_k(all_vals, min(k, all_vals.shape[-1]))
   return top, jnp.take_along_axis(all_ids, pos, axis=-1)
 
@@ -223,13 +224,9 @@ def _apply_owned(z_sel, lib: LayerLibrary, local, own_ok):
   return jnp.where(own_ok[..., None], delta, 0)
 
 
-def _scores(x, lib: LayerLibrary, allowed):
-  return routers.arrow_scores(x, lib, allowed)
-
-
 def _lag(x, lib, allowed, offset, axis, k: int, projection: str):
   n = lib.a.shape[0]
-  vals, cand = _global_top_k(_scores(x, lib, allowed), k, offset, axis)  # [B, T, C]
+  vals, cand = _global_top_k(routers.arrow_scores(x, lib, allowed), k, offset, axis)  # [B, T, C]
   own, local = _owned(cand, offset, n)
   z = routers._project_candidates(x, lib.a, local, projection)  # [B, T, C, R]
   norms = jnp.where(own, jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1), -jnp.inf)
@@ -269,7 +266,7 @@ def _spectr(x, lib, allowed, offset, axis):
 
 def _arrow_softmax(x, lib, allowed, offset, axis, k: int, temperature: float):
   n = lib.a.shape[0]
-  vals, cand = _global_top_k(_scores(x, lib, allowed), k, offset, axis)
+  vals, cand = _global_top_k(routers.arrow_scores(x, lib, allowed), k, offset, axis)
   ok = jnp.isfinite(vals[..., 0])
   w = jax.nn.softmax(jnp.where(ok[..., None], vals, 0.0) / temperature, axis=-1)
   w = jnp.where(jnp.isfinite(vals), w, 0.0)
@@ -313,7 +310,7 @@ def _route_local(spec: RouterSpec, x, lib, mask, fixed_ids, offset, axis: str):
   if spec.name == "uniform":
     return _uniform(x, lib, mask, axis)
   if spec.name == "arrow":
-    return _top1(_scores(x, lib, allowed), x, lib, offset, axis)
+    return _top1(routers.arrow_scores(x, lib, allowed), x, lib, offset, axis)
   if spec.name == "arrow_softmax":
     return _arrow_softmax(x, lib, allowed, offset, axis, spec.k, spec.temperature)
   if spec.name == "spectr":
