@@ -250,7 +250,7 @@ def _top1(values, x, lib, offset, axis, z=None):
   ok = jnp.isfinite(vals)
   own, local = _owned(sel, offset, n)
   if z is None:
-    z_sel = jnp.einsum("bti,btri->btr", x, routers.gather_adapters(lib.a, local).astype(x.dtype))
+    z_sel = routers.project_gathered(x, lib.a, local[..., None])[:, :, 0]
   else:
     z_sel = jnp.take_along_axis(z, local[..., None, None], axis=2)[:, :, 0]
   delta = _apply_owned(z_sel, lib, local, ok & own)
@@ -273,7 +273,7 @@ def _arrow_softmax(x, lib, allowed, offset, axis, k: int, temperature: float):
   w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
   own, local = _owned(cand, offset, n)
   w = jnp.where(own, w, 0.0)  # each shard adds its own candidates' share
-  z = jnp.einsum("bti,btcri->btcr", x, routers.gather_adapters(lib.a, local).astype(x.dtype))
+  z = routers.project_gathered(x, lib.a, local)
   delta = jnp.einsum("btc,btcr,btcor->bto", w.astype(x.dtype), z, lib.b[local].astype(x.dtype))
   return jnp.where(ok[..., None], delta, 0), jnp.where(ok, cand[..., 0], -1).astype(jnp.int32)
 
