@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging as py_logging
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lag_jax import jobs
+from lag_jax.assets import cache_dir
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file.", lock_config=True
@@ -38,6 +40,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if not jax.config.jax_compilation_cache_dir:
+    # Compiled programs persist between runs (a cached demo run mostly compiled).
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("workdir", config.job)
   os.makedirs(workdir, exist_ok=True)

@@ -159,6 +159,13 @@ class MethodResult:
   seconds: float
 
 
+def stop_tokens(tok) -> tuple[int, ...]:
+  """The chat turn's end and the document separator: knowledge adapters are trained on
+  texts that end with the separator, and a model that emits it has finished its answer."""
+  doc_end = tok.token_to_id("<|endoftext|>")
+  return tuple(dict.fromkeys((*tok.eos_token_ids, *(() if doc_end is None else (doc_end,)))))
+
+
 def score_example(ex: KiltExample, generated: str) -> dict:
   """Per-example scores: EM / F1 / containment for QA and slots, accuracy for facts."""
   pred = metrics.extract_answer(generated)
@@ -228,7 +235,7 @@ def run_method(
       setting.model,
       batch,
       max_new_tokens=setting.max_new_tokens,
-      stop_tokens=tok.eos_token_ids,
+      stop_tokens=stop_tokens(tok),
       lora=hook,
       return_routing=want_routing,
     )
