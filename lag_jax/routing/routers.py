@@ -45,9 +45,9 @@ class RouterSpec:
       Arrow scores' work, linear in N like them, but a single dense matmul),
       ``grouped`` sorts (token, candidate) pairs by adapter and runs one grouped
       matmul (``jax.lax.ragged_dot_general``: k-proportional work, meant for TPU /
-      GPU prefill; XLA:CPU lowers it densely and is ~700x slower there), ``auto``
-      gathers when the gathered rows (B*T*k) are fewer than the library's N and
-      projects densely otherwise.
+      GPU prefill; XLA:CPU lowers it densely and is hundreds of times slower there),
+      ``auto`` gathers when the (token, candidate) pairs B*T*k are fewer than the
+      library's N, and otherwise groups on TPU and projects densely elsewhere.
   """
 
   name: str = "lag"
@@ -173,11 +173,21 @@ def project_grouped(x: jax.Array, a: jax.Array, cand: jax.Array) -> jax.Array:
   return z.reshape(B, T, C, -1)
 
 
+def _auto_projection(pairs: int, n: int) -> str:
+  """gather when the (token, candidate) pairs are fewer than the adapters (decode);
+  else the grouped matmul on TPU, which lowers ragged_dot to a grouped-matmul kernel
+  (LAG.md: the SGMV pattern), and the dense projection elsewhere (XLA:CPU lowers
+  ragged_dot densely: measured 380x slower than dense at N = 100, BENCHMARKS.md)."""
+  if n > pairs:
+    return "gather"
+  return "grouped" if jax.default_backend() == "tpu" else "dense"
+
+
 def _project_candidates(x, a, cand, projection: str):
   """A* x of each token's candidates, [B, T, C, R], by the chosen method."""
   B, T, C = cand.shape
   if projection == "auto":
-    projection = "gather" if a.shape[0] > B * T * C else "dense"
+    projection = _auto_projection(B * T * C, a.shape[0])
   if projection == "dense":
     return jnp.take_along_axis(project_all(x, a), cand[..., None], axis=2)
   if projection == "grouped":
