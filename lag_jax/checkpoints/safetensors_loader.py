@@ -14,7 +14,6 @@ import os
 import re
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
@@ -23,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors import safe_open
 
+from lag_jax import distributed
 from lag_jax.model import sharding as shd
 from lag_jax.model.config import ModelConfig
 from lag_jax.model.transformer import CausalLM
@@ -89,7 +89,9 @@ def load_model(
     param_dtype: dtype the parameters are stored in on device.
     dtype: compute dtype of activations.
     mesh: place parameters on this mesh by ``sharding.DEFAULT_RULES``-style rules;
-      None puts everything on the first local device.
+      None puts everything on the first local device. A mesh over several
+      processes: every process reads the checkpoint and places its own devices'
+      slices.
   Raises:
     CheckpointError: missing/truncated files, missing or unexpected tensors, or a
       tensor whose shape disagrees with config.json (naming the key and file).
@@ -141,7 +143,7 @@ def load_model(
         host[...] = t.astype(np_dtype)
       used.add(key)
     sharding = shd.param_sharding(path, shape, mesh, rules)
-    loaded.append((path_tuple, jax.device_put(host, sharding)))
+    loaded.append((path_tuple, distributed.put(host, sharding)))  # own devices' slices
     del host
   unexpected = sorted(k for k in weight_map if k not in used and not _IGNORED_KEYS.match(k))
   if config.tie_word_embeddings:

@@ -31,11 +31,33 @@ import numpy as np
 from absl import logging
 from flax import nnx, struct
 
+from lag_jax import distributed
 from lag_jax.generation.sampling import Greedy, Sampler
 from lag_jax.model.kv_cache import KVCache
 from lag_jax.model.transformer import CausalLM
 
-DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Steps of 1.5x and 2x alternately: a prompt pads by at most a third (prefill is
+# compute-bound on CPU: with powers of two, 68-token prompts padded to 128), at the
+# price of at most twice the compilations of powers of two.
+DEFAULT_BUCKETS = (
+  32,
+  48,
+  64,
+  96,
+  128,
+  192,
+  256,
+  384,
+  512,
+  768,
+  1024,
+  1536,
+  2048,
+  3072,
+  4096,
+  6144,
+  8192,
+)
 
 # Token fed for prompt padding and emitted by finished sequences. Any valid id
 # works (it is masked or discarded); 0 keeps the embedding lookup in range.
@@ -271,8 +293,12 @@ def generate(
   cache_dtype=None,
   return_logits: bool = False,
   return_routing: bool = False,
+  batch_sharding: jax.sharding.NamedSharding | None = None,
 ) -> GenerationOutput:
   """Generates up to ``max_new_tokens`` new tokens after each prompt.
+
+  With the model on a mesh over several processes, every process calls this with
+  the same arguments and gets the same result.
 
   Args:
     model: the causal LM.
@@ -289,6 +315,10 @@ def generate(
     cache_dtype: KV cache dtype; default the model's compute dtype.
     return_logits: also return the logits each new token was sampled from.
     return_routing: also return the hook's per-token telemetry (``routing``).
+    batch_sharding: how the batch's rows are split over the model's mesh, e.g.
+      ``NamedSharding(mesh, P('data'))``: the batch is padded to a multiple of the
+      split and each process places only its own devices' rows of the prompts.
+      Default: the inputs are replicated.
   Raises:
     ValueError: no prompts, an empty prompt, ids outside the vocabulary, or a
       prompt that with max_new_tokens exceeds max_position_embeddings (naming the
@@ -320,6 +350,9 @@ def generate(
 
   num_prompts = len(prompts)
   B = 1 << (num_prompts - 1).bit_length()  # batch padded to a power of two
+  if batch_sharding is not None:
+    parts = _batch_parts(batch_sharding)
+    B = parts * math.ceil(B / parts)
   P = bucket(max(len(p) for p in prompts), buckets)
   N = bucket(max_new_tokens, buckets)
   tokens = np.full((B, P), PAD_ID, np.int32)
@@ -329,6 +362,10 @@ def generate(
     tokens[i, : len(p)] = p
     prompt_lengths[i] = len(p)
   stop = _pad_stop_tokens(stop_tokens)
+  if batch_sharding is not None:
+    tokens, prompt_lengths, active = (
+      distributed.put(a, batch_sharding) for a in (tokens, prompt_lengths, active)
+    )
   if num_prompts < B and hasattr(lora, "pad_batch"):
     lora = lora.pad_batch(B)
   graphdef, params = nnx.split(model)
@@ -353,18 +390,19 @@ def generate(
   jax.block_until_ready(state)
   t1 = time.perf_counter()
   state = _decode(graphdef, params, lora, state, stop, np.int32(max_new_tokens), sampler=sampler)
-  out_tokens, lengths, done, step = jax.device_get(
+  # Rows split over several processes are gathered: every process gets them all.
+  out_tokens, lengths, done, step = distributed.to_host(
     (state.tokens, state.lengths, state.done, state.step)
   )
   t2 = time.perf_counter()
 
   logits = None
   if return_logits:
-    all_logits = np.asarray(state.logits)
+    all_logits = distributed.to_host(state.logits)
     logits = [all_logits[i, : lengths[i]] for i in range(num_prompts)]
   routing = None
   if return_routing:
-    routing = jax.tree.map(lambda a: np.asarray(a)[:num_prompts], state.routing)
+    routing = jax.tree.map(lambda a: a[:num_prompts], distributed.to_host(state.routing))
   return GenerationOutput(
     tokens=[out_tokens[i, : lengths[i]].tolist() for i in range(num_prompts)],
     finish_reason=["stop" if done[i] else "length" for i in range(num_prompts)],
@@ -375,6 +413,13 @@ def generate(
     logits=logits,
     routing=routing,
   )
+
+
+def _batch_parts(sharding: jax.sharding.NamedSharding) -> int:
+  """How many pieces ``sharding`` splits a batch's leading axis into."""
+  first = sharding.spec[0] if len(sharding.spec) else None
+  axes = () if first is None else (first,) if isinstance(first, str) else tuple(first)
+  return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

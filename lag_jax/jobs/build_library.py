@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -19,6 +20,13 @@ from lag_jax.routing.library import AdapterLibrary, peft_adapter_dirs
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> AdapterLibrary:
+  if jax.process_count() > 1:
+    # One library folder, written once; orbax would also expect every process to
+    # save its own shards of device arrays, which a host-built library is not.
+    raise ValueError(
+      "build_library runs as one process (it writes one library folder); "
+      "multi-process jobs then load the saved library on every process"
+    )
   model_config = ModelConfig.from_file(common.resolve_checkpoint(config.checkpoint))
   library_dir = config.library_dir or os.path.join(workdir, "library")
   dirs = peft_adapter_dirs(common.resolve_adapters_dir(config.adapters_dir))

@@ -1,14 +1,24 @@
-"""The ``generate`` job: answer prompts with a base model and optional PEFT adapters."""
+"""The ``generate`` job: answer prompts with a base model and optional PEFT adapters.
+
+Several processes (``lag_jax.distributed``): every process loads the same model,
+adapters, libraries and prompts and places its own devices' shards; with a ``data``
+mesh axis each feeds its own rows of the batch; all get the merged results and
+process 0 alone writes them.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
+from lag_jax import distributed
 from lag_jax.adapters import load_peft_adapter, merge_into_model, stack_lora, validate_adapter
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.generation import generate, make_sampler
@@ -35,7 +45,10 @@ def _prompts(config) -> list[str]:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Loads model, tokenizer and adapters, generates, writes ``generations.json``."""
-  folder = common.resolve_checkpoint(config.checkpoint)
+  # Process 0 first: the first use converts / writes the checkpoint into the cache.
+  folder = distributed.primary_first(
+    lambda: common.resolve_checkpoint(config.checkpoint), "resolve_checkpoint"
+  )
   mesh = mesh_from_sizes(dict(config.mesh))
   rules = dict(config.sharding_rules)
   model = load_model(
@@ -65,8 +78,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     lora = stack_lora(adapters, model.config, weights)
 
   texts = _prompts(config)
-  libraries = _libraries(config, model.config)
-  if mesh is not None and mesh.shape.get(rules.get("adapter"), 1) > 1:
+  split = mesh is not None and mesh.shape.get(rules.get("adapter"), 1) > 1
+  libraries = _libraries(config, model.config, host=split)
+  if split:
     libraries = [(_shard(lib, mesh, rules, config), s, f) for lib, s, f in libraries]
   if libraries:
     hook = RoutedAdapters(
@@ -100,17 +114,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     seed=g.seed,
     lora=lora,
     return_routing=bool(libraries) and config.save_routing,
+    batch_sharding=_batch_sharding(mesh, rules),
   )
+  primary = distributed.is_primary()
   results = []
   for text, ids, reason in zip(texts, out.tokens, out.finish_reason, strict=True):
     reply = tokenizer.decode(ids, skip_special_tokens=True)
     results.append(
       {"prompt": text, "completion": reply, "finish_reason": reason, "num_tokens": len(ids)}
     )
-    print(f"\n>>> {text}\n{reply}")
+    if primary:
+      print(f"\n>>> {text}\n{reply}")
   logging.info(
     "Prefill %.2fs, decode %.2fs for %d steps", out.prefill_s, out.decode_s, out.num_decode_steps
   )
+  if not primary:
+    logging.info("Process %d: process 0 writes the outputs", jax.process_index())
+    return results
   common.write_json_atomic(os.path.join(workdir, "generations.json"), results)
   if out.routing is not None:
     _save_routing(
@@ -119,8 +139,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return results
 
 
-def _libraries(config, model_config):
-  """(library, router, fixed ids) for each library the config names."""
+def _libraries(config, model_config, host=False):
+  """(library, router, fixed ids) for each library the config names; ``host``: saved
+  libraries stay in host memory until they are sharded."""
   out = []
   for field, router, modules in (
     ("library", config.router, KNOWLEDGE_MODULES),
@@ -129,8 +150,9 @@ def _libraries(config, model_config):
     path = getattr(config, field)
     if not path:
       continue
+    folder = distributed.primary_first(functools.partial(common.resolve_adapters_dir, path), field)
     lib = load_or_build_library(
-      common.resolve_adapters_dir(path), model_config, modules, allow_pickle=config.allow_pickle
+      folder, model_config, modules, allow_pickle=config.allow_pickle, host=host
     )
     spec = RouterSpec(
       router, k=config.k, temperature=config.temperature, projection=config.projection
@@ -145,6 +167,14 @@ def _libraries(config, model_config):
       fixed = [config.fixed_adapter] * len(_prompts(config))
     out.append((lib, spec, fixed))
   return out
+
+
+def _batch_sharding(mesh, rules):
+  """Rows of the batch split over the rules' ``batch`` axis, when the mesh has it."""
+  axis = rules.get("batch")
+  if mesh is None or mesh.shape.get(axis, 1) == 1:
+    return None
+  return NamedSharding(mesh, PartitionSpec(axis))
 
 
 def _shard(library, mesh, rules, config):

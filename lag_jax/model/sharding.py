@@ -34,8 +34,10 @@ _LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
 }
 
 # Logical axis -> mesh axis. Tensor parallel over "model", FSDP over "fsdp", the
-# adapters of a routed library over "adapter" (lag_jax.routing.sharded).
+# adapters of a routed library over "adapter" (lag_jax.routing.sharded), the rows of
+# a generation batch over "data" (each process feeds its own rows).
 DEFAULT_RULES: dict[str, str | None] = {
+  "batch": "data",
   "vocab": "model",
   "heads": "model",
   "kv_heads": "model",
@@ -104,7 +106,7 @@ def mesh_from_sizes(axis_sizes: Mapping[str, int], devices=None) -> Mesh | None:
   """The mesh a config asks for, or None when every axis has size 1 (one device).
 
   Without a -1 the mesh may use fewer devices than there are (the first ones), so
-  that e.g. ``adapter=4`` runs on a host with 8.
+  that e.g. ``adapter=4`` runs on a host with 8; not with several processes.
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = {k: int(v) for k, v in axis_sizes.items()}
@@ -114,5 +116,11 @@ def mesh_from_sizes(axis_sizes: Mapping[str, int], devices=None) -> Mesh | None:
     needed = int(np.prod(list(sizes.values())))
     if needed > len(devices):
       raise ValueError(f"mesh {sizes} needs {needed} devices, have {len(devices)}")
+    if needed < len(devices) and jax.process_count() > 1:
+      # A subset would leave some processes without devices in every computation.
+      raise ValueError(
+        f"mesh {sizes} uses {needed} of {len(devices)} devices; with "
+        f"{jax.process_count()} processes it must use all (give one axis -1)"
+      )
     devices = devices[:needed]
   return make_mesh(sizes, devices)

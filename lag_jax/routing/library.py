@@ -241,7 +241,15 @@ class AdapterLibrary:
         shutil.rmtree(old, ignore_errors=True)
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> AdapterLibrary:
+  def load(cls, path: str | os.PathLike, *, host: bool = False) -> AdapterLibrary:
+    """Reads a library written by ``save``.
+
+    Args:
+      host: keep the arrays in host memory (numpy) rather than on the default
+        device, for ``shard_library`` to place: a library split over a mesh never
+        lands whole on one device, and each process of a multi-process run places
+        only its own devices' slices.
+    """
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
@@ -253,12 +261,18 @@ class AdapterLibrary:
       raise AdapterError(f"{meta_path}: not an adapter library (library.json missing)") from None
     if meta.get("format_version") != _FORMAT_VERSION:
       raise AdapterError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
+    arrays = os.path.join(path, "arrays")
     with ocp.StandardCheckpointer() as ckptr:
-      tree = ckptr.restore(os.path.join(path, "arrays"))
+      # Shape-and-dtype targets restore numpy arrays: the sharding saved with the
+      # arrays names one device, which another process of a multi-process run (or
+      # another machine) may not have.
+      saved = ckptr.metadata(arrays).item_metadata
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(saved))
+      tree = ckptr.restore(arrays, target)
+    convert = np.asarray if host else jnp.asarray
     weights = LibraryWeights(
       **{
-        f: {m: jnp.asarray(tree[m][f]) for m in meta["modules"]}
-        for f in ("a", "b", "arrows", "valid")
+        f: {m: convert(tree[m][f]) for m in meta["modules"]} for f in ("a", "b", "arrows", "valid")
       }
     )
     logging.info("Loaded library of %d adapters from %s", len(meta["names"]), path)
@@ -349,16 +363,18 @@ def load_or_build_library(
   modules: Sequence[str] | None = None,
   *,
   allow_pickle: bool = False,
+  host: bool = False,
 ) -> AdapterLibrary:
   """A saved library (a folder with library.json), or one built from a folder whose
-  sub-folders are PEFT adapters (named after their folders)."""
+  sub-folders are PEFT adapters (named after their folders). ``host``: a saved
+  library's arrays stay in host memory (see ``AdapterLibrary.load``)."""
   from lag_jax.adapters.peft_io import load_peft_adapter
 
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise AdapterError(f"{path}: no such library folder")
   if os.path.exists(os.path.join(path, "library.json")):
-    return AdapterLibrary.load(path)
+    return AdapterLibrary.load(path, host=host)
   dirs = peft_adapter_dirs(path)
   if not dirs:
     raise AdapterError(

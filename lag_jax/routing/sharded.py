@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lag_jax import distributed
 from lag_jax.model.sharding import DEFAULT_RULES
 from lag_jax.routing import routers
 from lag_jax.routing.library import AdapterLibrary, LibraryWeights, _n_axes
@@ -155,7 +156,9 @@ def shard_library(
   """Places ``library`` on ``mesh``, split along N over the rules' ``adapter`` axis.
 
   N is padded to a multiple of the axis size with zero, invalid adapters. Each leaf
-  goes through host memory and each device receives only its own slice.
+  goes through host memory and each device receives only its own slice; with a mesh
+  over several processes, every process holds the same ``library`` and places only
+  its own devices' slices (nothing crosses processes).
   Raises:
     ValueError: the rules map ``adapter`` to no axis of the mesh.
   """
@@ -174,7 +177,7 @@ def shard_library(
       widths = [(0, 0)] * host.ndim
       widths[n_axis] = (0, pad)
       host = np.pad(host, widths)  # zeros; valid pads with False
-    return jax.device_put(host, NamedSharding(mesh, library_partition_spec(field, mesh, rules)))
+    return distributed.put(host, NamedSharding(mesh, library_partition_spec(field, mesh, rules)))
 
   w, axes = library.weights, _n_axes(library.weights)
   weights = LibraryWeights(
