@@ -1,0 +1,1000 @@
+"""A library larger than device memory: arrows on the device, A* / B* on the host.
+
+Placement. Routing needs only the arrows (and valid flags): [L, I, N] per module stay
+resident on the device. The factors A* [L, N, R, I] and B* [L, N, O, R] live in host
+memory (numpy) or on disk (one ``.npy`` file per module and factor, memory-mapped;
+see ``OffloadWriter`` / ``save_offloaded``). A device-side cache holds recently used
+adapters: per module, a fixed number of A* slots [S_a + 1, R, I] and B* slots
+[S_b + 1, O, R] (the extra slot is a zero scratch row), keyed by (layer, adapter id)
+and shared by all layers, with least-recently-used eviction. The host keeps the
+directory (which key sits in which slot) and the hit / miss counters.
+
+Routing, per layer and module, inside the jitted layer scan (so ``generate``'s prefill
+and its ``while_loop`` decode work unchanged):
+
+  1. on device: |arrow . x| over all N and the top-k candidates (exactly
+     ``routers.route_lag``'s code);
+  2. an ordered ``io_callback`` sends the candidates' ids ([B, T, k] int32) to the
+     host, which looks them up, assigns slots to the misses (evicting LRU keys not
+     used by this call) and returns every candidate's slot and the number of chunks;
+  3. a ``fori_loop`` of ordered callbacks returns the missing rows, ``chunk_rows`` at
+     a time (slot ids + rows), which the device scatters into the cache. The caches
+     are ``jax.Ref``s: mutable device buffers that persist across layers, decode
+     steps and calls, and whose reads and writes keep program order;
+  4. on device: the candidates' A* rows are gathered from the cache and contracted
+     exactly as ``routers.project_gathered`` does, the SpectR rerank picks the winner;
+  5. a second fetch (2-3) brings the winners' B* into the B* cache; B* z.
+Same arithmetic on the same rows in the same shapes, so the ids are the resident
+library's and the outputs agree to float rounding (tests: atol 1e-6, float32).
+``arrow`` fetches the winner's A* and B*, ``fixed`` the request's adapter,
+``arrow_softmax`` the k candidates' A* and B*.
+
+Bytes moved per decode step, per layer and module (O x I), B tokens, k candidates,
+rank R, factor itemsize s: host -> device, only misses: m_a R I s + m_b O R s with
+m_a <= min(B k, N) distinct (layer, id) candidates and m_b <= min(B, N) winners,
+rounded up to whole chunks of ``chunk_rows`` rows; device -> host, the ids
+(4 B k + 4 B bytes) and back their slots. Worst case (every candidate a miss) for
+SmolLM2's gate/up/down at k = 20, R = 6, bfloat16: 689 KB per token and layer, 20.7
+MB per token over 30 layers; with every candidate cached, about 1 KB of ids. Nothing
+per step grows with N but the arrow scores, which are on the device anyway.
+
+Why callbacks: routing is data-dependent and ``generate`` runs the whole decode loop
+as one XLA program, so the host must be asked from inside it; the alternative of a
+two-phase step per layer from Python would give up the compiled loop. One round trip
+per factor keeps B* off the wire for the k - 1 losers (B* is 2.7x A* for gate/up).
+
+SpectR (k = N) needs every adapter's A* x: it is streamed, ``stream_chunk`` adapters
+per callback straight through the device (not through the cache, which it would
+flush), keeping a running arg-max with the resident tie rule (lower id wins); every
+token then moves the whole A* (N R I s bytes per layer and module): exact, but as
+slow as SpectR is known to be. ``uniform`` (a merge of every adapter's A* and B*) is
+refused with an error.
+
+On TPU / GPU: the caches and arrows are HBM; io_callback results are copied host to
+device (PCIe / host DMA), which is what the byte counts above measure. JAX's host
+offload memory kinds give a callback-free variant for libraries that fit in host
+RAM: put A* / B* in ``memory_kind="pinned_host"`` (``NamedSharding(...,
+memory_kind="pinned_host")``), gather the candidates' rows on the host inside the
+jitted step (``compute_on("device_host")``) and ``jax.device_put`` them to
+``memory_kind="device"``; XLA then schedules the DMAs itself. Libraries beyond host
+RAM (e.g. 450 GB of float32 factors for N = 100k at SmolLM2's 30 layers) need the
+disk path here (memory-mapped files, or tensorstore in the same callbacks). On this
+CPU-only machine "device" and host memory are the same RAM: the transfers are
+memcpys, and device bytes are counted as the bytes of the jax arrays held.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import struct
+from jax.experimental import io_callback
+
+from lag_jax.adapters.peft_io import AdapterError
+from lag_jax.model.layers import lora_delta
+from lag_jax.routing import routers
+from lag_jax.routing.hook import RoutedAdapters, RoutedLibrary, routed
+from lag_jax.routing.library import AdapterLibrary
+from lag_jax.routing.routers import LayerLibrary, RouterSpec
+
+OFFLOAD_ROUTERS = ("none", "fixed", "arrow", "arrow_softmax", "lag", "spectr")
+FACTORS = ("a", "b")
+MANIFEST = "offload.json"
+_FORMAT_VERSION = 1
+
+
+# --- Files ----------------------------------------------------------------------------
+
+
+def _file(module: str, field: str) -> str:
+  return f"{module}.{field}.npy"
+
+
+def _numpy_storage(dtype) -> np.dtype:
+  """The dtype an array is written as: itself if numpy has it, else raw bits (bfloat16
+  -> uint16; ml_dtypes' types do not survive a .npy header)."""
+  dtype = np.dtype(dtype)
+  if dtype.kind in "biuf" and dtype.name in np.sctypeDict:
+    return dtype
+  return np.dtype(f"u{dtype.itemsize}")
+
+
+class OffloadWriter:
+  """Writes an offloaded library folder chunk by chunk (never all of it in memory).
+
+  Files, per module: ``{module}.a.npy`` [L, N, R, I], ``{module}.b.npy`` [L, N, O, R],
+  ``{module}.arrows.npy`` [L, I, N], ``{module}.valid.npy`` [L, N]; and ``offload.json``
+  (names, modules, rank, shapes, dtypes), written last. The folder appears only when
+  ``close()`` succeeds (it is built in a temporary sibling and renamed).
+
+  Usage:
+    with OffloadWriter(folder, names, shapes, num_layers=L, rank=R) as w:
+      w.write("up_proj", start, a_chunk, b_chunk)  # arrows = a_chunk[:, :, 0, :]
+  """
+
+  def __init__(
+    self,
+    folder: str | os.PathLike,
+    names: Sequence[str],
+    shapes: dict[str, tuple[int, int]],
+    *,
+    num_layers: int,
+    rank: int,
+    ranks: Sequence[int] | None = None,
+    factor_dtype=jnp.float32,
+    arrow_dtype=jnp.float32,
+    metadata: dict[str, dict] | None = None,
+  ):
+    self.folder = os.path.abspath(os.fspath(folder))
+    self.names = tuple(names)
+    self.shapes = {m: (int(o), int(i)) for m, (o, i) in shapes.items()}
+    self.num_layers, self.rank = int(num_layers), int(rank)
+    self.ranks = tuple(ranks) if ranks is not None else (self.rank,) * len(self.names)
+    self.factor_dtype, self.arrow_dtype = np.dtype(factor_dtype), np.dtype(arrow_dtype)
+    self.metadata = dict(metadata or {})
+    parent = os.path.dirname(self.folder)
+    os.makedirs(parent, exist_ok=True)
+    self._tmp = tempfile.mkdtemp(prefix=".tmp-offload-", dir=parent)
+    self._arrays: dict[tuple[str, str], np.memmap] = {}
+    self._written = {m: np.zeros(len(self.names), bool) for m in self.shapes}
+    L, N, R = self.num_layers, len(self.names), self.rank
+    for m, (O, I) in self.shapes.items():
+      for field, shape, dtype in (
+        ("a", (L, N, R, I), self.factor_dtype),
+        ("b", (L, N, O, R), self.factor_dtype),
+        ("arrows", (L, I, N), self.arrow_dtype),
+        ("valid", (L, N), np.dtype(bool)),
+      ):
+        self._arrays[m, field] = np.lib.format.open_memmap(
+          os.path.join(self._tmp, _file(m, field)), "w+", _numpy_storage(dtype), shape
+        )
+
+  def __enter__(self) -> OffloadWriter:
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+  def write(self, module, start: int, a, b, *, arrows=None, valid=None) -> None:
+    """Adapters [start, start + n) of ``module``: a [L, n, R, I], b [L, n, O, R]
+    (cast to the factor dtype); arrows [L, I, n] default a[:, :, 0, :] transposed;
+    valid [L, n] default True."""
+    a = np.asarray(a).astype(self.factor_dtype)
+    b = np.asarray(b).astype(self.factor_dtype)
+    n = a.shape[1]
+    stop = start + n
+    for field, x in (("a", a), ("b", b)):
+      target = self._arrays[module, field]
+      if x.shape != (target.shape[0], n, *target.shape[2:]):
+        raise AdapterError(
+          f"offload writer: module {module!r} {field} chunk has shape {x.shape}, expected "
+          f"{(target.shape[0], n, *target.shape[2:])}"
+        )
+      target[:, start:stop] = x.view(target.dtype)
+    if arrows is None:  # the stored A*'s first rows, exactly
+      arrows = a[:, :, 0, :].swapaxes(1, 2)
+    self._arrays[module, "arrows"][:, :, start:stop] = (
+      np.asarray(arrows).astype(self.arrow_dtype).view(self._arrays[module, "arrows"].dtype)
+    )
+    self._arrays[module, "valid"][:, start:stop] = True if valid is None else np.asarray(valid)
+    self._written[module][start:stop] = True
+
+  def close(self) -> None:
+    missing = {m: int((~w).sum()) for m, w in self._written.items() if not w.all()}
+    if missing:
+      self.abort()
+      raise AdapterError(f"offload writer: adapters never written, by module: {missing}")
+    for x in self._arrays.values():
+      x.flush()
+    self._arrays.clear()
+    manifest = {
+      "format_version": _FORMAT_VERSION,
+      "names": list(self.names),
+      "modules": list(self.shapes),
+      "num_layers": self.num_layers,
+      "rank": self.rank,
+      "ranks": list(self.ranks),
+      "shapes": {m: list(s) for m, s in self.shapes.items()},
+      "factor_dtype": self.factor_dtype.name,
+      "arrow_dtype": self.arrow_dtype.name,
+      "metadata": self.metadata,
+    }
+    with open(os.path.join(self._tmp, MANIFEST), "w") as f:
+      json.dump(manifest, f, indent=1)
+    old = None
+    if os.path.exists(self.folder):
+      old = tempfile.mkdtemp(prefix=".old-offload-", dir=os.path.dirname(self.folder))
+      os.replace(self.folder, os.path.join(old, "library"))
+    os.replace(self._tmp, self.folder)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+
+  def abort(self) -> None:
+    self._arrays.clear()
+    shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def save_offloaded(library: AdapterLibrary, folder: str | os.PathLike, *, chunk: int = 4096):
+  """Writes an AdapterLibrary as an offloaded library folder (same dtypes)."""
+  w = library.weights
+  first = library.modules[0]
+  with OffloadWriter(
+    folder,
+    library.names,
+    {m: (w.b[m].shape[2], w.a[m].shape[3]) for m in library.modules},
+    num_layers=library.num_layers,
+    rank=library.rank,
+    ranks=library.ranks,
+    factor_dtype=w.a[first].dtype,
+    arrow_dtype=w.arrows[first].dtype,
+    metadata=library.metadata,
+  ) as writer:
+    for m in library.modules:
+      for start in range(0, len(library), chunk):
+        stop = min(start + chunk, len(library))
+        writer.write(
+          m,
+          start,
+          np.asarray(w.a[m][:, start:stop]),
+          np.asarray(w.b[m][:, start:stop]),
+          arrows=np.asarray(w.arrows[m][:, :, start:stop]),
+          valid=np.asarray(w.valid[m][:, start:stop]),
+        )
+
+
+# --- Host side: the factor store, the slot directories, the callbacks ------------------
+
+
+@dataclasses.dataclass
+class CacheStats:
+  """Counters of one device cache (or a sum of them).
+
+  Attributes:
+    calls: fetches (one per routed module, layer and factor).
+    hits, misses: distinct (layer, adapter) keys a fetch asked for that were already
+      cached / had to be brought in.
+    evictions: keys dropped to make room.
+    chunks: host -> device transfers of missing rows (``chunk_rows`` rows each).
+    bytes_moved: host -> device bytes of those chunks, padding included.
+    bytes_needed: the missing rows' own bytes (bytes_moved less the chunk padding).
+    streamed_rows, streamed_bytes: adapters' A* streamed past the cache (SpectR).
+  """
+
+  calls: int = 0
+  hits: int = 0
+  misses: int = 0
+  evictions: int = 0
+  chunks: int = 0
+  bytes_moved: int = 0
+  bytes_needed: int = 0
+  streamed_rows: int = 0
+  streamed_bytes: int = 0
+
+  @property
+  def hit_rate(self) -> float:
+    total = self.hits + self.misses
+    return self.hits / total if total else float("nan")
+
+  def __add__(self, other: CacheStats) -> CacheStats:
+    return CacheStats(
+      **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
+    )
+
+  def as_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "hit_rate": self.hit_rate}
+
+
+class SlotDirectory:
+  """Which (layer, adapter id) key occupies each of ``slots`` cache slots; LRU."""
+
+  def __init__(self, slots: int):
+    if slots < 1:
+      raise ValueError(f"a device cache needs at least one slot, got {slots}")
+    self.slots = slots
+    self.where: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
+    self.free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
+    self.stats = CacheStats()
+
+  def assign(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slots for distinct ``ids`` (1-D) of ``layer``.
+
+    Returns (slot of each id, the missing ids' slots, the missing ids). Hits become
+    most recently used; a miss takes a free slot or evicts the least recently used key
+    that this call does not use (there is one while len(ids) <= slots).
+    """
+    if len(ids) > self.slots:
+      raise ValueError(
+        f"one fetch needs {len(ids)} adapters at once, more than the cache's {self.slots} slots"
+      )
+    out = np.empty(len(ids), np.int32)
+    missing = []
+    for j, i in enumerate(ids.tolist()):
+      slot = self.where.get((layer, i))
+      if slot is None:
+        missing.append(j)
+      else:
+        self.where.move_to_end((layer, i))
+        out[j] = slot
+    for j in missing:
+      if self.free:
+        slot = self.free.pop()
+      else:
+        _, slot = self.where.popitem(last=False)
+        self.stats.evictions += 1
+      self.where[(layer, int(ids[j]))] = slot
+      out[j] = slot
+    self.stats.calls += 1
+    self.stats.hits += len(ids) - len(missing)
+    self.stats.misses += len(missing)
+    missing = np.asarray(missing, np.int64)
+    return out, out[missing], ids[missing]
+
+  def clear(self) -> None:
+    self.where.clear()
+    self.free = list(range(self.slots - 1, -1, -1))
+
+
+class _Host:
+  """The host half of an offloaded library: factors, directories, the callbacks.
+
+  Hashed by identity: it is static data of the jitted hook, so one library compiles
+  once and a new library (other arrays behind the callbacks) compiles anew.
+  """
+
+  def __init__(self, factors, slots, chunk_rows, stream_chunk, num_adapters):
+    self.factors = factors  # {"a": {module: [L, N, R, I]}, "b": {module: [L, N, O, R]}}
+    self.num_adapters = num_adapters
+    self.slots = dict(slots)  # field -> S
+    self.chunk_rows = dict(chunk_rows)  # field -> M
+    self.stream_chunk = stream_chunk
+    self.directories = {
+      (field, m): SlotDirectory(self.slots[field]) for field in FACTORS for m in factors[field]
+    }
+    self.streamed = {m: CacheStats() for m in factors["a"]}
+    self.pending: dict[tuple[str, str], tuple[int, np.ndarray, np.ndarray]] = {}
+    self.lock = threading.Lock()
+
+  def plan(self, field: str, module: str, layer, ids, need):
+    """Callback: slots of ``ids`` (scratch slot S where ``need`` is False) and the
+    number of chunks of missing rows that follow."""
+    ids, need = np.asarray(ids), np.asarray(need, bool)
+    directory = self.directories[field, module]
+    with self.lock:
+      want, inverse = np.unique(ids[need], return_inverse=True)
+      slot_of, miss_slots, miss_ids = directory.assign(int(layer), want)
+      slots = np.full(ids.shape, directory.slots, np.int32)
+      slots[need] = slot_of[inverse.reshape(-1)]
+      self.pending[field, module] = (int(layer), miss_slots, miss_ids)
+      chunks = -(-len(miss_ids) // self.chunk_rows[field])
+    return slots, np.int32(chunks)
+
+  def chunk(self, field: str, module: str, i):
+    """Callback: chunk ``i`` of the last plan's missing rows: (slots [M], rows [M, ...]),
+    padded with the scratch slot and zero rows."""
+    M = self.chunk_rows[field]
+    store = self.factors[field][module]
+    directory = self.directories[field, module]
+    with self.lock:
+      layer, miss_slots, miss_ids = self.pending[field, module]
+      lo = int(i) * M
+      ids = miss_ids[lo : lo + M]
+      slots = np.full((M,), directory.slots, np.int32)
+      slots[: len(ids)] = miss_slots[lo : lo + M]
+      rows = np.zeros((M, *store.shape[2:]), store.dtype)
+      rows[: len(ids)] = store[layer, ids]  # sorted ids: in file order
+      directory.stats.chunks += 1
+      directory.stats.bytes_moved += rows.nbytes
+      directory.stats.bytes_needed += rows[: len(ids)].nbytes
+    return slots, rows
+
+  def stream(self, module: str, layer, i):
+    """Callback: A* of adapters [i c, (i + 1) c), zero rows past N (c = stream_chunk)."""
+    c = self.stream_chunk
+    store = self.factors["a"][module]
+    lo = int(i) * c
+    hi = min(lo + c, self.num_adapters)
+    rows = np.zeros((c, *store.shape[2:]), store.dtype)
+    rows[: hi - lo] = store[int(layer), lo:hi]
+    with self.lock:
+      self.streamed[module].streamed_rows += hi - lo
+      self.streamed[module].streamed_bytes += rows.nbytes
+    return rows
+
+
+# --- The library ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class OffloadedLibrary:
+  """An adapter library whose factors stay on the host (see the module docstring).
+
+  Build with ``OffloadedLibrary.open(folder, ...)`` (memory-mapped files) or
+  ``OffloadedLibrary.from_library(library, ...)`` (host numpy copies); route with
+  ``routed_offloaded`` and the ``OffloadedAdapters`` hook.
+
+  Attributes:
+    names, modules, rank, ranks, metadata: as in the AdapterLibrary.
+    arrows: module -> [L, I, N] device array.
+    valid: module -> [L, N] bool device array.
+    caches: field ("a", "b") -> module -> the device cache, a ``jax.Ref``
+      ([S_a + 1, R, I] resp. [S_b + 1, O, R]; the last slot is a zero scratch row).
+  """
+
+  names: tuple[str, ...]
+  modules: tuple[str, ...]
+  rank: int
+  ranks: tuple[int, ...]
+  arrows: dict[str, jax.Array]
+  valid: dict[str, jax.Array]
+  caches: dict[str, dict[str, Any]]
+  host: _Host
+  metadata: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def id(self, name: str) -> int:
+    try:
+      return self.names.index(name)
+    except ValueError:
+      raise KeyError(f"adapter {name!r} is not in the library") from None
+
+  @property
+  def num_layers(self) -> int:
+    return next(iter(self.arrows.values())).shape[0]
+
+  @property
+  def slots(self) -> dict[str, int]:
+    """Cache slots per factor ("a", "b"), each module and factor its own cache."""
+    return dict(self.host.slots)
+
+  # --- building ---------------------------------------------------------------------
+
+  @classmethod
+  def _build(cls, names, modules, rank, ranks, arrows, valid, factors, metadata, **cache_kw):
+    slots = cache_kw["slots"]
+    b_slots = cache_kw.get("b_slots") or slots
+    chunk_rows = cache_kw.get("chunk_rows", 64)
+    b_chunk_rows = cache_kw.get("b_chunk_rows") or chunk_rows
+    stream_chunk = cache_kw.get("stream_chunk", 1024)
+    if min(chunk_rows, b_chunk_rows, stream_chunk) < 1:
+      raise ValueError("chunk_rows, b_chunk_rows and stream_chunk must be >= 1")
+    host = _Host(
+      factors,
+      {"a": int(slots), "b": int(b_slots)},
+      {"a": int(chunk_rows), "b": int(b_chunk_rows)},
+      int(stream_chunk),
+      len(names),
+    )
+    caches = {
+      field: {
+        m: jax.new_ref(
+          jnp.zeros((host.slots[field] + 1, *factors[field][m].shape[2:]), factors[field][m].dtype)
+        )
+        for m in modules
+      }
+      for field in FACTORS
+    }
+    return cls(
+      tuple(names), tuple(modules), int(rank), tuple(ranks), arrows, valid, caches, host, metadata
+    )
+
+  @classmethod
+  def from_library(
+    cls,
+    library: AdapterLibrary,
+    *,
+    slots: int,
+    b_slots: int | None = None,
+    chunk_rows: int = 64,
+    b_chunk_rows: int | None = None,
+    stream_chunk: int = 1024,
+  ) -> OffloadedLibrary:
+    """Moves a resident library's A* / B* to host numpy arrays (same dtypes).
+
+    Args:
+      slots: A* cache slots per module (shared by the layers). One fetch needs all its
+        distinct candidates at once: at least min(B T k, N) for a [B, T] call at k.
+      b_slots: B* cache slots per module; default ``slots``.
+      chunk_rows, b_chunk_rows: rows per host -> device transfer of missing A* / B*.
+      stream_chunk: adapters per transfer when SpectR streams A*.
+    """
+    w = library.weights
+    factors = {
+      "a": {m: np.asarray(w.a[m]) for m in library.modules},
+      "b": {m: np.asarray(w.b[m]) for m in library.modules},
+    }
+    return cls._build(
+      library.names,
+      library.modules,
+      library.rank,
+      library.ranks,
+      dict(w.arrows),
+      dict(w.valid),
+      factors,
+      dict(library.metadata),
+      slots=slots,
+      b_slots=b_slots,
+      chunk_rows=chunk_rows,
+      b_chunk_rows=b_chunk_rows,
+      stream_chunk=stream_chunk,
+    )
+
+  @classmethod
+  def open(
+    cls,
+    folder: str | os.PathLike,
+    *,
+    slots: int,
+    b_slots: int | None = None,
+    chunk_rows: int = 64,
+    b_chunk_rows: int | None = None,
+    stream_chunk: int = 1024,
+    in_memory: bool = False,
+  ) -> OffloadedLibrary:
+    """Opens a folder written by ``OffloadWriter`` / ``save_offloaded``.
+
+    Arrows and valid flags are read onto the device; A* and B* are memory-mapped
+    (``in_memory``: read into host RAM). Cache arguments as in ``from_library``.
+    Raises:
+      AdapterError: no manifest, a missing file, or an array whose shape or dtype
+        does not match the manifest (naming the module and file).
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    path = os.path.join(folder, MANIFEST)
+    try:
+      with open(path) as f:
+        meta = json.load(f)
+    except FileNotFoundError:
+      raise AdapterError(f"{path}: not an offloaded library ({MANIFEST} missing)") from None
+    if meta.get("format_version") != _FORMAT_VERSION:
+      raise AdapterError(f"{path}: unsupported format_version {meta.get('format_version')}")
+    L, N, R = int(meta["num_layers"]), len(meta["names"]), int(meta["rank"])
+    factor_dtype, arrow_dtype = jnp.dtype(meta["factor_dtype"]), jnp.dtype(meta["arrow_dtype"])
+    arrays: dict[str, dict[str, Any]] = {f: {} for f in ("a", "b", "arrows", "valid")}
+    for m in meta["modules"]:
+      O, I = meta["shapes"][m]
+      expected = {
+        "a": ((L, N, R, I), factor_dtype, "[L, N, R, I]"),
+        "b": ((L, N, O, R), factor_dtype, "[L, N, O, R]"),
+        "arrows": ((L, I, N), arrow_dtype, "[L, I, N]"),
+        "valid": ((L, N), jnp.dtype(bool), "[L, N]"),
+      }
+      for field, (shape, dtype, axes) in expected.items():
+        file = os.path.join(folder, _file(m, field))
+        if not os.path.exists(file):
+          raise AdapterError(f"offloaded library {folder}: module {m!r}: {file} is missing")
+        try:
+          x = np.load(file, mmap_mode="r")
+        except ValueError as e:
+          raise AdapterError(f"offloaded library: module {m!r}: {file} is unreadable: {e}") from e
+        storage = _numpy_storage(dtype)
+        if x.shape != shape or x.dtype != storage:
+          raise AdapterError(
+            f"offloaded library: module {m!r}: {file} holds {x.dtype}{list(x.shape)}, "
+            f"expected {storage}{list(shape)} = {axes} with L={L}, N={N}, R={R}, O={O}, I={I}"
+          )
+        x = x.view(dtype)
+        if field in ("arrows", "valid"):
+          arrays[field][m] = jnp.asarray(np.asarray(x))
+        else:
+          arrays[field][m] = np.array(x) if in_memory else x
+    logging.info("Opened offloaded library of %d adapters from %s", N, folder)
+    return cls._build(
+      meta["names"],
+      meta["modules"],
+      R,
+      meta["ranks"],
+      arrays["arrows"],
+      arrays["valid"],
+      {"a": arrays["a"], "b": arrays["b"]},
+      meta.get("metadata", {}),
+      slots=slots,
+      b_slots=b_slots,
+      chunk_rows=chunk_rows,
+      b_chunk_rows=b_chunk_rows,
+      stream_chunk=stream_chunk,
+    )
+
+  # --- accounting -------------------------------------------------------------------
+
+  def device_nbytes(self) -> dict[str, int]:
+    """Device bytes: arrows, valid flags, and the caches (scratch slots included)."""
+    caches = sum(
+      math.prod(r.shape) * r.dtype.itemsize for d in self.caches.values() for r in d.values()
+    )
+    return {
+      "arrows": sum(x.nbytes for x in self.arrows.values()),
+      "valid": sum(x.nbytes for x in self.valid.values()),
+      "caches": caches,
+    }
+
+  def host_nbytes(self) -> int:
+    """Bytes of A* and B* on the host (or on disk)."""
+    return sum(x.nbytes for d in self.host.factors.values() for x in d.values())
+
+  def stats(self) -> dict[str, CacheStats]:
+    """Counters by "{field}/{module}" ("a/up_proj", ...), "spectr/{module}" for the
+    SpectR stream, and "total"."""
+    out = {f"{f}/{m}": d.stats for (f, m), d in self.host.directories.items()}
+    out.update({f"spectr/{m}": s for m, s in self.host.streamed.items() if s.streamed_rows})
+    out = {k: dataclasses.replace(v) for k, v in out.items()}
+    out["total"] = sum(out.values(), CacheStats())
+    return out
+
+  def reset_stats(self) -> None:
+    for d in self.host.directories.values():
+      d.stats = CacheStats()
+    for m in self.host.streamed:
+      self.host.streamed[m] = CacheStats()
+
+  def clear_cache(self) -> None:
+    """Forgets every cached adapter (the next fetches all miss)."""
+    with self.host.lock:
+      for d in self.host.directories.values():
+        d.clear()
+
+
+# --- Routing over the offloaded library ---------------------------------------------------
+
+
+@struct.dataclass
+class OffloadedRouted:
+  """One offloaded library and how a batch routes over it (the RoutedLibrary analogue).
+
+  The caches are ``jax.Ref`` leaves: arguments of the jitted call, updated in place.
+  """
+
+  arrows: dict[str, jax.Array]
+  valid: dict[str, jax.Array]
+  caches: dict[str, dict[str, Any]]
+  mask: jax.Array
+  fixed_ids: jax.Array
+  router_index: jax.Array
+  routers: tuple[RouterSpec, ...] = struct.field(pytree_node=False)
+  host: _Host = struct.field(pytree_node=False)
+
+  @property
+  def modules(self) -> tuple[str, ...]:
+    return tuple(self.arrows)
+
+  def per_layer(self):
+    L = next(iter(self.arrows.values())).shape[0]
+    return {"layer": jnp.arange(L, dtype=jnp.int32), "arrows": self.arrows, "valid": self.valid}
+
+  def pad_batch(self, batch: int) -> OffloadedRouted:
+    extra = batch - self.mask.shape[0]
+    if extra <= 0:
+      return self
+    return self.replace(
+      mask=jnp.pad(self.mask, ((0, extra), (0, 0)), constant_values=True),
+      fixed_ids=jnp.pad(self.fixed_ids, (0, extra), constant_values=-1),
+      router_index=jnp.pad(self.router_index, (0, extra)),
+    )
+
+
+class _RoutingView:
+  """What ``hook.routed`` reads of a library to check the per-request inputs."""
+
+  def __init__(self, library: OffloadedLibrary):
+    self.names, self.id, self.weights = library.names, library.id, None
+
+  def __len__(self):
+    return len(self.names)
+
+
+def routed_offloaded(
+  library: OffloadedLibrary,
+  batch: int,
+  router: RouterSpec | Sequence[RouterSpec],
+  *,
+  mask=None,
+  fixed_ids=None,
+  router_index=None,
+) -> OffloadedRouted:
+  """``hook.routed`` for an offloaded library (same arguments and checks).
+
+  Raises:
+    ValueError: as ``routed``; or a router that needs every adapter's factors
+      (``uniform``).
+  """
+  specs = (router,) if isinstance(router, RouterSpec) else tuple(router)
+  for spec in specs:
+    if spec.name not in OFFLOAD_ROUTERS:
+      raise ValueError(
+        f"router {spec.name!r} mixes every adapter's A* and B* per token, which an offloaded "
+        f"library would have to stream whole; offloaded routers: {OFFLOAD_ROUTERS}"
+      )
+  r = routed(
+    _RoutingView(library),
+    batch,
+    specs,
+    mask=mask,
+    fixed_ids=fixed_ids,
+    router_index=router_index,
+  )
+  return OffloadedRouted(
+    dict(library.arrows),
+    dict(library.valid),
+    {f: dict(d) for f, d in library.caches.items()},
+    r.mask,
+    r.fixed_ids,
+    r.router_index,
+    r.routers,
+    library.host,
+  )
+
+
+def _sds(shape, dtype):
+  return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+def _fetch(lib: OffloadedRouted, field: str, module: str, layer, ids, need):
+  """Brings the adapters ``ids`` (where ``need``) of ``layer`` into the device cache.
+
+  Returns (the cache's value after the fetch, each id's slot; the scratch slot, all
+  zeros, where ``need`` is False). Read the rows out of the value at once.
+  """
+  host, ref = lib.host, lib.caches[field][module]
+  S, M = host.slots[field], host.chunk_rows[field]
+  most = min(math.prod(ids.shape), host.num_adapters)
+  if most > S:
+    what = "candidates' A*" if field == "a" else "selected adapters' B*"
+    raise ValueError(
+      f"offloaded library, module {module!r}: a call routing ids of shape {tuple(ids.shape)} "
+      f"may need {most} {what} at once, more than the cache's {S} {field} slots; open the "
+      f"library with {'slots' if field == 'a' else 'b_slots'} >= {most}"
+    )
+  slots, chunks = io_callback(
+    functools.partial(host.plan, field, module),
+    (_sds(ids.shape, jnp.int32), _sds((), jnp.int32)),
+    layer,
+    ids.astype(jnp.int32),
+    need,
+    ordered=True,
+  )
+  row_shape = tuple(ref.shape[1:])
+
+  def body(i, carry):
+    chunk_slots, rows = io_callback(
+      functools.partial(host.chunk, field, module),
+      (_sds((M,), jnp.int32), _sds((M, *row_shape), ref.dtype)),
+      i,
+      ordered=True,
+    )
+    ref[...] = ref[...].at[chunk_slots].set(rows)
+    return carry
+
+  jax.lax.fori_loop(0, chunks, body, jnp.int32(0))
+  return ref[...], slots
+
+
+def _gather_a(cache, slots):
+  """A* rows of ``slots`` [...] from the cache [S + 1, R, I]: [..., R, I]."""
+  return routers.gather_adapters(cache, slots)
+
+
+def _contract(x, rows):
+  """A* x for gathered rows [B, T, C, R, I]: [B, T, C, R], as project_gathered does."""
+  B, T, C, R, I = rows.shape
+  flat = rows.astype(x.dtype).reshape(B, T, C * R, I)
+  return jnp.einsum("bti,btji->btj", x, flat).reshape(B, T, C, R)
+
+
+def _fixed(lib, module, layer, x, allowed):
+  B, T = x.shape[:2]
+  N = lib.host.num_adapters
+  ids = jnp.clip(lib.fixed_ids, 0, N - 1)
+  ok = (lib.fixed_ids >= 0) & jnp.take_along_axis(allowed, ids[:, None], axis=1)[:, 0]
+  cache_a, slots = _fetch(lib, "a", module, layer, ids, ok)
+  z = jnp.einsum("bti,bri->btr", x, _gather_a(cache_a, slots).astype(x.dtype))
+  cache_b, b_slots = _fetch(lib, "b", module, layer, ids, ok)
+  bsel = jnp.broadcast_to(b_slots[:, None], (B, T))
+  delta = routers._apply_selected(z, cache_b, bsel)
+  sel = jnp.broadcast_to(ids[:, None], (B, T))
+  ok = jnp.broadcast_to(ok[:, None], (B, T))
+  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, sel, -1).astype(jnp.int32)
+
+
+def _apply(lib, module, layer, z_sel, sel, ok):
+  """B*_sel z_sel, fetching the selected adapters' B*; nothing where ``ok`` is False."""
+  cache_b, b_slots = _fetch(lib, "b", module, layer, sel, ok)
+  delta = routers._apply_selected(z_sel, cache_b, b_slots)
+  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, sel, -1).astype(jnp.int32)
+
+
+def _arrow(lib, module, layer, x, view, allowed):
+  scores = routers.arrow_scores(x, view, allowed)
+  ids = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+  sel = routers._argmax_low_id(scores, ids)
+  ok = jnp.isfinite(jnp.max(scores, axis=-1))
+  cache_a, slots = _fetch(lib, "a", module, layer, sel, ok)
+  z_sel = _contract(x, _gather_a(cache_a, slots[..., None]))[:, :, 0]
+  return _apply(lib, module, layer, z_sel, sel, ok)
+
+
+def _lag(lib, module, layer, x, view, allowed, k: int, projection: str):
+  vals, cand = routers._candidates(routers.arrow_scores(x, view, allowed), k)  # [B, T, C]
+  B, T, C = cand.shape
+  N = lib.host.num_adapters
+  if projection == "dense" or (projection == "auto" and N <= B * T * C):
+    # As the resident router does here: every adapter's A* x in one matmul (the
+    # library, fetched into id order, has the resident shape, so the same kernel runs).
+    everyone = jnp.arange(N, dtype=jnp.int32)
+    cache_a, slots = _fetch(lib, "a", module, layer, everyone, view.valid)
+    z_all = routers.project_all(x, cache_a[slots])
+    z = jnp.take_along_axis(z_all, cand[..., None], axis=2)
+  else:  # gather (grouped runs as gather here: the same values to float rounding)
+    cache_a, slots = _fetch(lib, "a", module, layer, cand, jnp.isfinite(vals))
+    z = _contract(x, _gather_a(cache_a, slots))  # [B, T, C, R]
+  norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
+  norms = jnp.where(jnp.isfinite(vals), norms, -1.0)  # disallowed candidates lose
+  best = routers._argmax_low_id(norms, cand)
+  sel = jnp.take_along_axis(cand, best[..., None], axis=-1)[..., 0]
+  z_sel = jnp.take_along_axis(z, best[..., None, None], axis=2)[:, :, 0]
+  ok = jnp.isfinite(jnp.take_along_axis(vals, best[..., None], axis=-1)[..., 0])
+  return _apply(lib, module, layer, z_sel, sel, ok)
+
+
+def _arrow_softmax(lib, module, layer, x, view, allowed, k: int, temperature: float):
+  vals, cand = routers._candidates(routers.arrow_scores(x, view, allowed), k)
+  need = jnp.isfinite(vals)
+  ok = need[..., 0]
+  w = jax.nn.softmax(jnp.where(ok[..., None], vals, 0.0) / temperature, axis=-1)
+  w = jnp.where(need, w, 0.0)
+  w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
+  cache_a, slots = _fetch(lib, "a", module, layer, cand, need)
+  z = _contract(x, _gather_a(cache_a, slots))
+  cache_b, b_slots = _fetch(lib, "b", module, layer, cand, need)
+  b = cache_b[b_slots].astype(x.dtype)
+  delta = jnp.einsum("btc,btcr,btcor->bto", w.astype(x.dtype), z, b)
+  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, cand[..., 0], -1)
+
+
+def _spectr(lib, module, layer, x, allowed):
+  """argmax_i ||A*_i x|| over all N, streaming A* ``stream_chunk`` adapters at a time;
+  a running arg-max keeps the earlier (lower) id on ties, as the resident router."""
+  host = lib.host
+  B, T, I = x.shape
+  N, c = host.num_adapters, host.stream_chunk
+  chunks = -(-N // c)
+  store = host.factors["a"][module]
+  R = store.shape[2]
+  allowed = jnp.pad(allowed, ((0, 0), (0, chunks * c - N)))
+
+  def body(i, carry):
+    best, best_id, best_z = carry
+    rows = io_callback(
+      functools.partial(host.stream, module),
+      _sds((c, R, I), store.dtype),
+      layer,
+      i,
+      ordered=True,
+    )
+    z = jnp.einsum("bti,ji->btj", x, rows.reshape(c * R, I).astype(x.dtype)).reshape(B, T, c, R)
+    norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
+    here = jax.lax.dynamic_slice_in_dim(allowed, i * c, c, axis=1)
+    norms = jnp.where(here[:, None, :], norms, -jnp.inf)
+    ids = i * c + jnp.arange(c, dtype=jnp.int32)
+    j = routers._argmax_low_id(norms, ids)
+    v = jnp.take_along_axis(norms, j[..., None], axis=-1)[..., 0]
+    zj = jnp.take_along_axis(z, j[..., None, None], axis=2)[:, :, 0]
+    better = v > best
+    return (
+      jnp.where(better, v, best),
+      jnp.where(better, ids[j], best_id),
+      jnp.where(better[..., None], zj, best_z),
+    )
+
+  init = (
+    jnp.full((B, T), -jnp.inf, jnp.float32),
+    jnp.zeros((B, T), jnp.int32),
+    jnp.zeros((B, T, R), x.dtype),
+  )
+  best, sel, z_sel = jax.lax.fori_loop(0, chunks, body, init)
+  return _apply(lib, module, layer, z_sel, sel, jnp.isfinite(best))
+
+
+def route_offloaded(spec: RouterSpec, lib: OffloadedRouted, module: str, layer, x, arrows, valid):
+  """``routers.route`` on an offloaded library at one module and layer.
+
+  Args:
+    spec: one of OFFLOAD_ROUTERS.
+    lib: the routed offloaded library (its caches are updated).
+    layer: [] int32, the layer (traced inside the layer scan).
+    x: [B, T, I] the module's input.
+    arrows, valid: this layer's [I, N] arrows and [N] valid flags.
+  Returns:
+    delta [B, T, O] in x's dtype, chosen [B, T] int32 (-1: none).
+  """
+  allowed = lib.mask & valid[None, :]
+  view = LayerLibrary(a=None, b=None, arrows=arrows, valid=valid)
+  if spec.name == "none":
+    O = lib.host.factors["b"][module].shape[2]
+    B, T = x.shape[:2]
+    return jnp.zeros((B, T, O), x.dtype), jnp.full((B, T), -1, jnp.int32)
+  if spec.name == "fixed":
+    return _fixed(lib, module, layer, x, allowed)
+  if spec.name == "arrow":
+    return _arrow(lib, module, layer, x, view, allowed)
+  if spec.name == "arrow_softmax":
+    return _arrow_softmax(lib, module, layer, x, view, allowed, spec.k, spec.temperature)
+  if spec.name == "spectr":
+    return _spectr(lib, module, layer, x, allowed)
+  if spec.name == "lag":
+    return _lag(lib, module, layer, x, view, allowed, spec.k, spec.projection)
+  raise ValueError(f"router {spec.name!r} does not run on an offloaded library")
+
+
+def route_batch_offloaded(lib: OffloadedRouted, module: str, layer, x, arrows, valid):
+  """``routers.route_batch`` on an offloaded library: each row takes its own router."""
+  delta, chosen = None, None
+  for i, spec in enumerate(lib.routers):
+    d, c = route_offloaded(spec, lib, module, layer, x, arrows, valid)
+    if delta is None:
+      delta, chosen = d, c
+    else:
+      pick = lib.router_index == i
+      delta = jnp.where(pick[:, None, None], d, delta)
+      chosen = jnp.where(pick[:, None], c, chosen)
+  return delta, chosen
+
+
+@struct.dataclass
+class OffloadedAdapters:
+  """The AdapterHook for offloaded libraries, alongside resident (or sharded) ones.
+
+  ``libraries`` mixes ``OffloadedRouted`` and ``RoutedLibrary`` entries; telemetry is
+  as ``RoutedAdapters``': per module a tuple with one [B, T] int32 array per library
+  that holds the module. Each offloaded library may appear once per call (its caches
+  are mutable buffers, which one jitted call cannot take twice).
+  """
+
+  libraries: tuple[OffloadedRouted | RoutedLibrary, ...]
+  static: dict | None = None
+
+  def per_layer(self):
+    per_lib = tuple(
+      lib.per_layer() if isinstance(lib, OffloadedRouted) else lib.weights for lib in self.libraries
+    )
+    return (self.static, per_lib)
+
+  def pad_batch(self, batch: int) -> OffloadedAdapters:
+    return self.replace(libraries=tuple(lib.pad_batch(batch) for lib in self.libraries))
+
+  def delta(self, layer_xs, name, x):
+    static, per_lib = layer_xs
+    total, chosen = None, []
+    if static is not None and name in static:
+      total = lora_delta(x, static[name])
+    for lib, xs in zip(self.libraries, per_lib, strict=True):
+      if isinstance(lib, OffloadedRouted):
+        if name not in xs["arrows"]:
+          continue
+        d, c = route_batch_offloaded(
+          lib, name, xs["layer"], x, xs["arrows"][name], xs["valid"][name]
+        )
+      else:
+        if name not in xs.a:
+          continue
+        d, (c,) = RoutedAdapters((lib,)).delta((None, (xs,)), name, x)
+      total = d if total is None else total + d
+      chosen.append(c)
+    return total, (tuple(chosen) if chosen else None)
