@@ -93,8 +93,9 @@ ROUTERS = (
   RouterSpec("arrow_softmax", k=3),
   RouterSpec("lag", k=1),
   RouterSpec("lag", k=3),
-  RouterSpec("lag", k=N),
-  RouterSpec("lag", k=50),
+  RouterSpec("lag", k=N + 5),  # clamped to N: SpectR
+  RouterSpec("lag", k=3, projection="gather"),
+  RouterSpec("lag", k=3, projection="grouped"),
   RouterSpec("spectr"),
 )
 

@@ -21,8 +21,11 @@ and its ``while_loop`` decode work unchanged):
      a time (slot ids + rows), which the device scatters into the cache. The caches
      are ``jax.Ref``s: mutable device buffers that persist across layers, decode
      steps and calls, and whose reads and writes keep program order;
-  4. on device: the candidates' A* rows are gathered from the cache and contracted
-     exactly as ``routers.project_gathered`` does, the SpectR rerank picks the winner;
+  4. on device: the candidates' A* rows are gathered from the cache and projected as
+     the resident router would (its ``projection``, ``auto`` resolved by the same
+     rule: gather in decode; where the (token, candidate) pairs outnumber the N
+     adapters, the whole A* fetched into id order and projected dense / grouped),
+     then the SpectR rerank picks the winner;
   5. a second fetch (2-3) brings the winners' B* into the B* cache; B* z.
 Same arithmetic on the same rows in the same shapes, so the ids are the resident
 library's and the outputs agree to float rounding (tests: atol 1e-6, float32).
@@ -834,16 +837,23 @@ def _lag(lib, module, layer, x, view, allowed, k: int, projection: str):
   vals, cand = routers._candidates(routers.arrow_scores(x, view, allowed), k)  # [B, T, C]
   B, T, C = cand.shape
   N = lib.host.num_adapters
-  if projection == "dense" or (projection == "auto" and N <= B * T * C):
-    # As the resident router does here: every adapter's A* x in one matmul (the
-    # library, fetched into id order, has the resident shape, so the same kernel runs).
+  if projection == "auto":  # the resident router's choice, so the same kernels run
+    projection = routers._auto_projection(B * T * C, N)
+  if projection == "dense" or (projection == "grouped" and N <= B * T * C):
+    # Every adapter's A* (at most the B T k rows a gather could need): fetched into
+    # id order, the library has the resident shape and is projected as it would be.
     everyone = jnp.arange(N, dtype=jnp.int32)
     cache_a, slots = _fetch(lib, "a", module, layer, everyone, view.valid)
-    z_all = routers.project_all(x, cache_a[slots])
-    z = jnp.take_along_axis(z_all, cand[..., None], axis=2)
-  else:  # gather (grouped runs as gather here: the same values to float rounding)
+    if projection == "dense":
+      z = jnp.take_along_axis(routers.project_all(x, cache_a[slots]), cand[..., None], axis=2)
+    else:
+      z = routers.project_grouped(x, cache_a[slots], cand)
+  else:
     cache_a, slots = _fetch(lib, "a", module, layer, cand, jnp.isfinite(vals))
-    z = _contract(x, _gather_a(cache_a, slots))  # [B, T, C, R]
+    if projection == "grouped":  # one grouped matmul over the cache's slots
+      z = routers.project_grouped(x, cache_a, slots)
+    else:
+      z = _contract(x, _gather_a(cache_a, slots))  # [B, T, C, R]
   norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
   norms = jnp.where(jnp.isfinite(vals), norms, -1.0)  # disallowed candidates lose
   best = routers._argmax_low_id(norms, cand)
