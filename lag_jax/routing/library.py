@@ -262,13 +262,14 @@ class AdapterLibrary:
     if meta.get("format_version") != _FORMAT_VERSION:
       raise AdapterError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
     arrays = os.path.join(path, "arrays")
-    with ocp.StandardCheckpointer() as ckptr:
-      # Shape-and-dtype targets restore numpy arrays: the sharding saved with the
-      # arrays names one device, which another process of a multi-process run (or
-      # another machine) may not have.
-      saved = ckptr.metadata(arrays).item_metadata
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(saved))
-      tree = ckptr.restore(arrays, target)
+    # Restored as numpy: the sharding saved with the arrays names one device, which
+    # another process of a multi-process run (or another machine) may not have.
+    as_numpy = {
+      m: dict.fromkeys(("a", "b", "arrows", "valid"), ocp.RestoreArgs(restore_type=np.ndarray))
+      for m in meta["modules"]
+    }
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree = ckptr.restore(arrays, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
     convert = np.asarray if host else jnp.asarray
     weights = LibraryWeights(
       **{
