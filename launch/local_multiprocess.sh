@@ -34,6 +34,7 @@ fi
 export JAX_COORDINATOR_ADDRESS="localhost:${port}" JAX_NUM_PROCESSES="${num}"
 
 pids=()
+# shellcheck disable=SC2317  # called by the trap
 cleanup() {
   local pid
   for pid in "${pids[@]}"; do

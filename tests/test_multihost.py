@@ -216,6 +216,28 @@ def test_launch_scripts_parse():
     assert os.access(script, os.X_OK), f"{script} is not executable"
 
 
+def test_local_launcher_fails_with_the_processes_logs(tmp_path):
+  """Both processes reject a misspelt override: the launcher exits non-zero and shows
+  process 1's log (process 0 prints to the terminal)."""
+  proc = subprocess.run(
+    [
+      os.path.join(ROOT, "launch", "local_multiprocess.sh"),
+      "2",
+      "configs/tiny.py",
+      "--config.generation.max_new_tokenz=3",
+      f"--workdir={tmp_path / 'w'}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=_child_env(PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs")),
+  )
+  assert proc.returncode != 0
+  assert "a process failed" in proc.stderr and "--- process 1" in proc.stderr, proc.stderr
+  assert "max_new_tokenz" in proc.stderr.split("--- process 1")[1], proc.stderr
+  assert not (tmp_path / "w" / "generations.json").exists()
+
+
 def test_tpu_pod_script_runs_the_job_on_every_worker():
   """DRY_RUN prints the gcloud command: every worker, the same commit, the job
   through tpu_vm.sh with --distributed=on and the flags quoted for the remote shell."""
