@@ -247,6 +247,15 @@ def test_bfloat16_files_round_trip(tmp_path):
   )
   dev = olib.device_nbytes()
   assert dev["caches"] == 7 * 4 * 64 * 2 + 7 * 128 * 4 * 2  # 6 slots + scratch, a and b
+  # bfloat16 rows go through the uint16 cache bit for bit: the resident result exactly.
+  spec = RouterSpec("lag", k=2)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 2, 64)), jnp.float32)
+  w = lib.weights
+  llib = LayerLibrary(*(getattr(w, f)["gate_proj"][1] for f in ("a", "b", "arrows", "valid")))
+  d0, c0 = routers.route(spec, x, llib, jnp.ones((1, 6), bool), jnp.full((1,), -1, jnp.int32))
+  ((d1, c1),) = run_offloaded(olib, "gate_proj", 1, x, (spec,))
+  np.testing.assert_array_equal(np.asarray(c1), np.asarray(c0))
+  np.testing.assert_array_equal(np.asarray(d1), np.asarray(d0))
 
 
 def test_bad_input(tmp_path):
