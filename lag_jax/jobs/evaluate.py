@@ -12,6 +12,7 @@ import dataclasses
 import os
 import time
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -132,6 +133,12 @@ def _kilt(config):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  if jax.process_count() > 1:
+    # Library builds write shared folders and results are written once: several
+    # processes would race. Multi-host runs are for generation (jobs/generate.py).
+    raise ValueError(
+      f"the evaluate job runs in a single process; got {jax.process_count()} (drop --distributed)"
+    )
   t_start = time.perf_counter()
   folder = common.resolve_checkpoint(config.checkpoint)
   model = load_model(folder)
