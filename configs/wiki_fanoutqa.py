@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
     c.fanoutqa.restate_sentences = 6
     c.knowledge_training.epochs = 2
     c.k = 4
-    c.k_sweep = "1,2,4,8,16,32"
+    c.k_sweep = "1,2,4,8,16,32,50"
   elif arg:
     raise ValueError(
       f"configs/wiki_fanoutqa.py: unknown variant {arg!r} (use 'tiny' or 'answerable')"
