@@ -256,6 +256,10 @@ def build_library(
     )
 
   queue = collections.deque(i for i in range(len(jobs)) if not finished[i])
+  if 0 < len(queue) < config.n_slots:
+    # Every step computes all slots' rows: no more slots than adapters left to train
+    # (what an adapter learns does not depend on n_slots).
+    config = dataclasses.replace(config, n_slots=len(queue))
   logging.info(
     "Building %d adapters in %s: %d finished, %d to train; %d slots x %d rows x %d tokens",
     len(jobs),
