@@ -22,6 +22,7 @@ from lag_jax.routing.library import AdapterLibrary, LibraryWeights
 from lag_jax.routing.offload import (
   OffloadedAdapters,
   OffloadedLibrary,
+  OffloadWriter,
   SlotDirectory,
   route_offloaded,
   routed_offloaded,
@@ -91,11 +92,9 @@ ROUTERS = (
   RouterSpec("fixed"),
   RouterSpec("arrow"),
   RouterSpec("arrow_softmax", k=3),
-  RouterSpec("lag", k=1),
-  RouterSpec("lag", k=3),
+  RouterSpec("lag", k=3),  # B T k > N: dense over the whole A*, as the resident one
   RouterSpec("lag", k=N + 5),  # clamped to N: SpectR
-  RouterSpec("lag", k=3, projection="gather"),
-  RouterSpec("lag", k=3, projection="grouped"),
+  RouterSpec("lag", k=3, projection="grouped"),  # (gather: the counter test below)
   RouterSpec("spectr"),
 )
 
@@ -270,6 +269,19 @@ def test_bad_input(tmp_path):
   np.save(tmp_path / "bad" / "down_proj.a.npy", np.zeros((L, 4, 4, 128), np.float32))
   with pytest.raises(AdapterError, match=r"module 'down_proj'.*\[2, 4, 4, 128\].*\[2, 5, 4, 128\]"):
     OffloadedLibrary.open(tmp_path / "bad", slots=4)
+
+  def writer():
+    return OffloadWriter(tmp_path / "w", ["x", "y"], {"up_proj": (128, 64)}, num_layers=L, rank=4)
+
+  a, b = np.zeros((L, 1, 4, 64)), np.zeros((L, 1, 128, 4))
+  with pytest.raises(AdapterError, match=r"module 'up_proj' b chunk has shape"), writer() as w:
+    w.write("up_proj", 0, a, b.swapaxes(2, 3))
+  with (
+    pytest.raises(AdapterError, match=r"never written, by module: \{'up_proj': 1\}"),
+    writer() as w,
+  ):
+    w.write("up_proj", 0, a, b)
+  assert not (tmp_path / "w").exists() and not list(tmp_path.glob(".tmp-offload-*"))
   olib = OffloadedLibrary.from_library(lib, slots=4)
   with pytest.raises(ValueError, match="'uniform'"):
     routed_offloaded(olib, 2, RouterSpec("uniform"))

@@ -17,10 +17,13 @@ and its ``while_loop`` decode work unchanged):
   2. an ordered ``io_callback`` sends the candidates' ids ([B, T, k] int32) to the
      host, which looks them up, assigns slots to the misses (evicting LRU keys not
      used by this call) and returns every candidate's slot and the number of chunks;
-  3. a ``fori_loop`` of ordered callbacks returns the missing rows, ``chunk_rows`` at
-     a time (slot ids + rows), which the device scatters into the cache. The caches
-     are ``jax.Ref``s: mutable device buffers that persist across layers, decode
-     steps and calls, and whose reads and writes keep program order;
+  3. a ``fori_loop`` of ordered callbacks returns the missing rows, M at a time
+     (M = min(``chunk_rows``, the most rows this call can need): slot ids + rows),
+     which the device scatters into the cache. The caches are ``jax.Ref``s: mutable
+     device buffers that persist across layers, decode steps and calls, and whose
+     reads and writes keep program order. They hold the factors' bit patterns as
+     unsigned integers (XLA:CPU runs a bfloat16 scatter as float32 over the whole
+     buffer) and are bit-cast back when read;
   4. on device: the candidates' A* rows are gathered from the cache and projected as
      the resident router would (its ``projection``, ``auto`` resolved by the same
      rule: gather in decode; where the (token, candidate) pairs outnumber the N
@@ -35,11 +38,14 @@ library's and the outputs agree to float rounding (tests: atol 1e-6, float32).
 Bytes moved per decode step, per layer and module (O x I), B tokens, k candidates,
 rank R, factor itemsize s: host -> device, only misses: m_a R I s + m_b O R s with
 m_a <= min(B k, N) distinct (layer, id) candidates and m_b <= min(B, N) winners,
-rounded up to whole chunks of ``chunk_rows`` rows; device -> host, the ids
-(4 B k + 4 B bytes) and back their slots. Worst case (every candidate a miss) for
+rounded up to whole chunks of M rows; device -> host, the ids (4 B k + 4 B bytes)
+and back their slots. Worst case (every candidate a miss) for
 SmolLM2's gate/up/down at k = 20, R = 6, bfloat16: 689 KB per token and layer, 20.7
 MB per token over 30 layers; with every candidate cached, about 1 KB of ids. Nothing
-per step grows with N but the arrow scores, which are on the device anyway.
+per step grows with N but the arrow scores, which are on the device anyway. Host
+round trips: two per routed module and layer (the A* and B* plans) plus one per chunk
+of misses; about 0.45 ms each on this 2-core CPU (benchmarks/results/offload.md), so
+with everything cached that overhead, not bytes, is what the offload adds.
 
 Why callbacks: routing is data-dependent and ``generate`` runs the whole decode loop
 as one XLA program, so the host must be asked from inside it; the alternative of a
@@ -123,6 +129,35 @@ def _bits(dtype) -> np.dtype:
   return np.dtype(f"u{np.dtype(dtype).itemsize}")
 
 
+class _BlockFile:
+  """A .npy file written block by block with pwrite (never mapped: a writer holding
+  a 7.6 GB mapping counted it all as its own resident memory)."""
+
+  def __init__(self, path: str, dtype, shape: tuple[int, ...], n_axis: int):
+    self.path, self.shape, self.n_axis = path, shape, n_axis
+    self.storage = _numpy_storage(dtype)
+    self.dtype = np.dtype(dtype)
+    # The header (and a sparse file of the full size), without touching the data pages.
+    x = np.lib.format.open_memmap(path, "w+", self.storage, shape)
+    del x
+    self.data_offset = os.path.getsize(path) - math.prod(shape) * self.storage.itemsize
+    self.fd = os.open(path, os.O_WRONLY)
+
+  def write(self, start: int, block: np.ndarray) -> None:
+    """Writes ``block`` (the full shape but n along ``n_axis``) at [start, start + n)."""
+    lead, N = self.shape[: self.n_axis], self.shape[self.n_axis]
+    tail = math.prod(self.shape[self.n_axis + 1 :]) * self.storage.itemsize
+    block = np.asarray(block).astype(self.dtype).view(self.storage)
+    for flat, idx in enumerate(np.ndindex(*lead)):
+      run = np.ascontiguousarray(block[idx])
+      os.pwrite(self.fd, memoryview(run).cast("B"), self.data_offset + (flat * N + start) * tail)
+
+  def close(self) -> None:
+    if self.fd is not None:
+      os.close(self.fd)
+      self.fd = None
+
+
 class OffloadWriter:
   """Writes an offloaded library folder chunk by chunk (never all of it in memory).
 
@@ -159,19 +194,22 @@ class OffloadWriter:
     parent = os.path.dirname(self.folder)
     os.makedirs(parent, exist_ok=True)
     self._tmp = tempfile.mkdtemp(prefix=".tmp-offload-", dir=parent)
-    self._arrays: dict[tuple[str, str], np.memmap] = {}
+    self._files: dict[tuple[str, str], _BlockFile] = {}
     self._written = {m: np.zeros(len(self.names), bool) for m in self.shapes}
     L, N, R = self.num_layers, len(self.names), self.rank
-    for m, (O, I) in self.shapes.items():
-      for field, shape, dtype in (
-        ("a", (L, N, R, I), self.factor_dtype),
-        ("b", (L, N, O, R), self.factor_dtype),
-        ("arrows", (L, I, N), self.arrow_dtype),
-        ("valid", (L, N), np.dtype(bool)),
-      ):
-        self._arrays[m, field] = np.lib.format.open_memmap(
-          os.path.join(self._tmp, _file(m, field)), "w+", _numpy_storage(dtype), shape
-        )
+    try:
+      for m, (O, I) in self.shapes.items():
+        for field, shape, dtype, n_axis in (
+          ("a", (L, N, R, I), self.factor_dtype, 1),
+          ("b", (L, N, O, R), self.factor_dtype, 1),
+          ("arrows", (L, I, N), self.arrow_dtype, 2),
+          ("valid", (L, N), np.dtype(bool), 1),
+        ):
+          path = os.path.join(self._tmp, _file(m, field))
+          self._files[m, field] = _BlockFile(path, dtype, shape, n_axis)
+    except BaseException:
+      self.abort()
+      raise
 
   def __enter__(self) -> OffloadWriter:
     return self
@@ -189,31 +227,30 @@ class OffloadWriter:
     a = np.asarray(a).astype(self.factor_dtype)
     b = np.asarray(b).astype(self.factor_dtype)
     n = a.shape[1]
-    stop = start + n
     for field, x in (("a", a), ("b", b)):
-      target = self._arrays[module, field]
-      if x.shape != (target.shape[0], n, *target.shape[2:]):
+      full = self._files[module, field].shape
+      if x.shape != (full[0], n, *full[2:]):
         raise AdapterError(
           f"offload writer: module {module!r} {field} chunk has shape {x.shape}, expected "
-          f"{(target.shape[0], n, *target.shape[2:])}"
+          f"{(full[0], n, *full[2:])}"
         )
-      target[:, start:stop] = x.view(target.dtype)
+      self._files[module, field].write(start, x)
     if arrows is None:  # the stored A*'s first rows, exactly
       arrows = a[:, :, 0, :].swapaxes(1, 2)
-    self._arrays[module, "arrows"][:, :, start:stop] = (
-      np.asarray(arrows).astype(self.arrow_dtype).view(self._arrays[module, "arrows"].dtype)
-    )
-    self._arrays[module, "valid"][:, start:stop] = True if valid is None else np.asarray(valid)
-    self._written[module][start:stop] = True
+    self._files[module, "arrows"].write(start, arrows)
+    if valid is None:
+      valid = np.ones((self.num_layers, n), bool)
+    self._files[module, "valid"].write(start, valid)
+    self._written[module][start : start + n] = True
 
   def close(self) -> None:
     missing = {m: int((~w).sum()) for m, w in self._written.items() if not w.all()}
     if missing:
       self.abort()
       raise AdapterError(f"offload writer: adapters never written, by module: {missing}")
-    for x in self._arrays.values():
-      x.flush()
-    self._arrays.clear()
+    for f in self._files.values():
+      f.close()
+    self._files.clear()
     manifest = {
       "format_version": _FORMAT_VERSION,
       "names": list(self.names),
@@ -237,7 +274,9 @@ class OffloadWriter:
       shutil.rmtree(old, ignore_errors=True)
 
   def abort(self) -> None:
-    self._arrays.clear()
+    for f in self._files.values():
+      f.close()
+    self._files.clear()
     shutil.rmtree(self._tmp, ignore_errors=True)
 
 
@@ -381,7 +420,7 @@ class _Host:
     self.pending: dict[tuple[str, str], tuple[int, np.ndarray, np.ndarray]] = {}
     self.lock = threading.Lock()
 
-  def plan(self, field: str, module: str, layer, ids, need):
+  def plan(self, field: str, module: str, rows_per_chunk: int, layer, ids, need):
     """Callback: slots of ``ids`` (scratch slot S where ``need`` is False) and the
     number of chunks of missing rows that follow."""
     ids, need = np.asarray(ids), np.asarray(need, bool)
@@ -392,13 +431,12 @@ class _Host:
       slots = np.full(ids.shape, directory.slots, np.int32)
       slots[need] = slot_of[inverse.reshape(-1)]
       self.pending[field, module] = (int(layer), miss_slots, miss_ids)
-      chunks = -(-len(miss_ids) // self.chunk_rows[field])
+      chunks = -(-len(miss_ids) // rows_per_chunk)
     return slots, np.int32(chunks)
 
-  def chunk(self, field: str, module: str, i):
+  def chunk(self, field: str, module: str, M: int, i):
     """Callback: chunk ``i`` of the last plan's missing rows: (slots [M], rows [M, ...]),
     padded with the scratch slot and zero rows."""
-    M = self.chunk_rows[field]
     store = self.factors[field][module]
     directory = self.directories[field, module]
     with self.lock:
@@ -526,7 +564,8 @@ class OffloadedLibrary:
       slots: A* cache slots per module (shared by the layers). One fetch needs all its
         distinct candidates at once: at least min(B T k, N) for a [B, T] call at k.
       b_slots: B* cache slots per module; default ``slots``.
-      chunk_rows, b_chunk_rows: rows per host -> device transfer of missing A* / B*.
+      chunk_rows, b_chunk_rows: rows per host -> device transfer of missing A* / B*
+        (at most; a call that can need fewer rows uses that many).
       stream_chunk: adapters per transfer when SpectR streams A*.
     """
     w = library.weights
@@ -766,8 +805,10 @@ def _fetch(lib: OffloadedRouted, field: str, module: str, layer, ids, need):
   zeros, where ``need`` is False). Read the rows out of the value at once.
   """
   host, ref = lib.host, lib.caches[field][module]
-  S, M = host.slots[field], host.chunk_rows[field]
   most = min(math.prod(ids.shape), host.num_adapters)
+  # Chunks no larger than the call can fill (a decode step's one B* row per token
+  # travels as B rows, not as a padded chunk_rows block).
+  S, M = host.slots[field], min(host.chunk_rows[field], most)
   if most > S:
     what = "candidates' A*" if field == "a" else "selected adapters' B*"
     raise ValueError(
@@ -776,7 +817,7 @@ def _fetch(lib: OffloadedRouted, field: str, module: str, layer, ids, need):
       f"library with {'slots' if field == 'a' else 'b_slots'} >= {most}"
     )
   slots, chunks = io_callback(
-    functools.partial(host.plan, field, module),
+    functools.partial(host.plan, field, module, M),
     (_sds(ids.shape, jnp.int32), _sds((), jnp.int32)),
     layer,
     ids.astype(jnp.int32),
@@ -787,7 +828,7 @@ def _fetch(lib: OffloadedRouted, field: str, module: str, layer, ids, need):
 
   def body(i, carry):
     chunk_slots, rows = io_callback(
-      functools.partial(host.chunk, field, module),
+      functools.partial(host.chunk, field, module, M),
       (_sds((M,), jnp.int32), _sds((M, *row_shape), ref.dtype)),
       i,
       ordered=True,
