@@ -285,6 +285,10 @@ def test_bad_input(tmp_path):
   olib = OffloadedLibrary.from_library(lib, slots=4)
   with pytest.raises(ValueError, match="'uniform'"):
     routed_offloaded(olib, 2, RouterSpec("uniform"))
+  if "request_lag" in routers.ROUTERS:  # request-level routing (another change) present
+    for spec in (RouterSpec("request_lag", k=2), RouterSpec("lag", k=2, gate=0.1)):
+      with pytest.raises(ValueError, match="request-level state"):
+        routed_offloaded(olib, 2, spec)
   with pytest.raises(ValueError, match=r"routing mask has shape"):
     routed_offloaded(olib, 2, RouterSpec("lag", k=2), mask=np.ones((2, 4), bool))
   # A [2, 3] call at k = 2 may need all 5 adapters at once: 4 slots cannot hold them.

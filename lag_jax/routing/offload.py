@@ -769,11 +769,15 @@ def routed_offloaded(
   """
   specs = (router,) if isinstance(router, RouterSpec) else tuple(router)
   for spec in specs:
-    if spec.name not in OFFLOAD_ROUTERS:
-      raise ValueError(
-        f"router {spec.name!r} mixes every adapter's A* and B* per token, which an offloaded "
-        f"library would have to stream whole; offloaded routers: {OFFLOAD_ROUTERS}"
+    if getattr(spec, "request_level", False) or spec.name not in OFFLOAD_ROUTERS:
+      why = (
+        "mixes every adapter's A* and B* per token, which an offloaded library would "
+        "have to stream whole"
+        if spec.name == "uniform"
+        else "needs request-level state (vote, request_lag, gated / layer-limited lag), "
+        "not implemented for an offloaded library"
       )
+      raise ValueError(f"router {spec!r} {why}; offloaded routers: {OFFLOAD_ROUTERS}")
   r = routed(
     _RoutingView(library),
     batch,
@@ -1033,8 +1037,15 @@ class OffloadedAdapters:
   static: dict | None = None
 
   def per_layer(self):
+    for lib in self.libraries:
+      if getattr(lib, "request_level", False):
+        raise ValueError(
+          "a resident library with request-level routers (vote, request_lag, gated lag) "
+          "needs RoutedAdapters, whose request passes generate runs; OffloadedAdapters "
+          "routes per token"
+        )
     per_lib = tuple(
-      lib.per_layer() if isinstance(lib, OffloadedRouted) else lib.weights for lib in self.libraries
+      lib.per_layer() if hasattr(lib, "per_layer") else lib.weights for lib in self.libraries
     )
     return (self.static, per_lib)
 
@@ -1054,7 +1065,7 @@ class OffloadedAdapters:
           lib, name, xs["layer"], x, xs["arrows"][name], xs["valid"][name]
         )
       else:
-        if name not in xs.a:
+        if name not in lib.modules:
           continue
         d, (c,) = RoutedAdapters((lib,)).delta((None, (xs,)), name, x)
       total = d if total is None else total + d
