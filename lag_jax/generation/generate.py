@@ -116,6 +116,9 @@ class GenerationOutput:
     num_decode_steps: decode forward passes run, [B, 1] tokens each. The first
       new token comes from prefill, so this is at most max_new_tokens - 1.
     batch_size: the padded batch the model ran on (a power of two).
+    prefill_passes: prefills run over the prompts: 2 when a request-level router
+      votes first (``RoutedAdapters.request_passes``), else 1; ``prefill_s`` covers
+      all of them.
     logits: with ``return_logits``, per sequence [len(tokens[b]), V] float32: the
       logits each new token was chosen from; else None.
     routing: with ``return_routing``, the hook's telemetry pytree (for
@@ -133,6 +136,7 @@ class GenerationOutput:
   batch_size: int
   logits: list[np.ndarray] | None = None
   routing: Any = None
+  prefill_passes: int = 1
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:
@@ -162,6 +166,7 @@ def _pad_stop_tokens(stop_tokens: Sequence[int]) -> np.ndarray:
     "cache_dtype",
     "record_logits",
     "record_routing",
+    "resolve",
   ),
 )
 def _prefill(
@@ -179,7 +184,8 @@ def _prefill(
   cache_dtype,
   record_logits: bool,
   record_routing: bool,
-) -> SamplingState:
+  resolve: bool = False,
+):
   """Runs the prompts and samples the first new token.
 
   Args:
@@ -187,16 +193,25 @@ def _prefill(
     prompt_lengths: [B] int32, >= 1.
     active: [B] bool, False for batch padding rows.
     stop_tokens: [num_stop] int32, -1 padded.
+    resolve: the hook computes request-level routing state in this pass
+      (``RoutedAdapters.split_aux``).
+  Returns:
+    the SamplingState; with ``resolve``, (SamplingState, the hook's request state).
   """
   TRACE_COUNTS["prefill"] += 1
+  if resolve:
+    TRACE_COUNTS["resolve"] += 1
   B, P = tokens.shape
   N = max_new_bucket
   logging.info("Compiling prefill for B=%d, P=%d, N=%d, %s", B, P, N, sampler)
   model = nnx.merge(graphdef, params)
   cache = KVCache.zeros(model.config, B, P + N, cache_dtype)
-  out = model(tokens, None, cache, lora, return_hidden=True, return_aux=record_routing)
+  out = model(tokens, None, cache, lora, return_hidden=True, return_aux=record_routing or resolve)
   h, cache = out[:2]  # h [B, P, D]
   routing = None
+  if resolve:
+    aux, request_state = lora.split_aux(out[2])
+    out = (h, cache, aux)
   if record_routing:
     # [L, B, P, ...] leaves -> [B, L, P + N, ...] buffers holding the real prompt
     # tokens' columns; prompt padding and the columns decode will fill hold -1.
@@ -216,7 +231,7 @@ def _prefill(
   recorded = None
   if record_logits:
     recorded = jnp.zeros((B, N, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
-  return SamplingState(
+  state = SamplingState(
     tokens=jnp.full((B, N), PAD_ID, jnp.int32).at[:, 0].set(first),
     positions=prompt_lengths.astype(jnp.int32),
     lengths=active.astype(jnp.int32),
@@ -227,6 +242,7 @@ def _prefill(
     logits=recorded,
     routing=routing,
   )
+  return (state, request_state) if resolve else state
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("state",))
@@ -310,7 +326,10 @@ def generate(
     seed: the same seed, prompts and shapes give the same tokens.
     lora: adapters as ``CausalLM.__call__`` takes them (a dict of LoraWeights or an
       AdapterHook; both pytrees), or None. A hook with per-request arrays must have
-      ``pad_batch(batch)``: it is called when the batch is padded.
+      ``pad_batch(batch)``: it is called when the batch is padded. A hook whose
+      ``request_passes`` is 1 or 2 (request-level routing, RoutedAdapters) gets its
+      span fitted (``for_prompts``) and its request-level state from the prefill
+      (1), or from a first prefill before the one whose cache decode uses (2).
     buckets: allowed padded prompt lengths and max_new_tokens roundings.
     cache_dtype: KV cache dtype; default the model's compute dtype.
     return_logits: also return the logits each new token was sampled from.
@@ -368,25 +387,44 @@ def generate(
     )
   if num_prompts < B and hasattr(lora, "pad_batch"):
     lora = lora.pad_batch(B)
+  passes = getattr(lora, "request_passes", 0) if lora is not None else 0
+  if passes:
+    real_lengths = np.ones((B,), np.int64)
+    real_lengths[:num_prompts] = [len(p) for p in prompts]
+    lora = lora.for_prompts(np.arange(P)[None, :] < real_lengths[:, None])
   graphdef, params = nnx.split(model)
   cache_dtype = jnp.dtype(cache_dtype or model.dtype)
 
   t0 = time.perf_counter()
-  state = _prefill(
+  prefill = functools.partial(
+    _prefill,
     graphdef,
     params,
-    lora,
-    tokens,
-    prompt_lengths,
-    active,
-    stop,
-    jax.random.key(seed),
+    tokens=tokens,
+    prompt_lengths=prompt_lengths,
+    active=active,
+    stop_tokens=stop,
+    rng=jax.random.key(seed),
     sampler=sampler,
     max_new_bucket=N,
     cache_dtype=cache_dtype,
-    record_logits=return_logits,
-    record_routing=return_routing,
   )
+  if passes:
+    # Request-level routing: this prefill computes each request's state (votes,
+    # request_lag's candidates); with votes (passes == 2) only that is kept, and a
+    # second prefill applies it, so that the cache holds what decode continues.
+    last = passes == 1
+    state, request_state = prefill(
+      lora=lora,
+      record_logits=return_logits and last,
+      record_routing=return_routing and last,
+      resolve=True,
+    )
+    lora = lora.with_request_state(request_state)
+  if passes != 1:
+    state = prefill(
+      lora=lora, record_logits=return_logits, record_routing=return_routing, resolve=False
+    )
   jax.block_until_ready(state)
   t1 = time.perf_counter()
   state = _decode(graphdef, params, lora, state, stop, np.int32(max_new_tokens), sampler=sampler)
@@ -412,6 +450,7 @@ def generate(
     batch_size=B,
     logits=logits,
     routing=routing,
+    prefill_passes=max(passes, 1),
   )
 
 

@@ -5,6 +5,12 @@ task adapters on attention, ...), each with its own routers and per-request
 inputs, plus optional static LoRA weights. At every adapted module and layer each
 library that holds the module is routed on that module's own input, per token,
 and all deltas are added.
+
+Request-level routers (``vote``, ``request_lag``, gated ``lag``; see
+``lag_jax.routing.request``) add per-request state, per layer and module, that rides
+through the layer scan beside the library's weights; ``generate`` computes it from the
+prompt first (``request_passes``, ``for_prompts``, ``split_aux``,
+``with_request_state``).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import numpy as np
 from flax import struct
 
 from lag_jax.model.layers import LoraWeights, lora_delta
+from lag_jax.routing import request
 from lag_jax.routing.library import AdapterLibrary, LibraryWeights
+from lag_jax.routing.request import RequestState
 from lag_jax.routing.routers import LayerLibrary, RouterSpec, route_batch
 from lag_jax.routing.sharded import AdapterSharding, ShardedLibrary, route_batch_sharded
 
@@ -34,6 +42,11 @@ class RoutedLibrary:
     routers: the routers this batch uses (static: part of the compiled shape).
     sharding: for a ShardedLibrary, its mesh and adapter axis (static); None for a
       library on one device.
+    span: [B, S] bool, the prompt tokens each request's request-level routing pools
+      over (votes, request_lag's filter); None: the whole prompt.
+    state: the request-level state (``request.RequestState``, leaves [L, B, ...])
+      once computed; None before (the library is then *resolving*: see
+      ``lag_jax.routing.request``).
   """
 
   weights: LibraryWeights
@@ -42,10 +55,39 @@ class RoutedLibrary:
   router_index: jax.Array
   routers: tuple[RouterSpec, ...] = struct.field(pytree_node=False)
   sharding: AdapterSharding | None = struct.field(pytree_node=False, default=None)
+  span: jax.Array | None = None
+  state: RequestState | None = None
 
   @property
   def modules(self) -> tuple[str, ...]:
     return tuple(self.weights.a)
+
+  @property
+  def request_level(self) -> bool:
+    """Some router of the batch is request-level (vote, request_lag, gated)."""
+    return any(s.request_level for s in self.routers)
+
+  @property
+  def resolving(self) -> bool:
+    """Request-level routers whose state is not computed yet."""
+    return self.request_level and self.state is None
+
+  @property
+  def request_passes(self) -> int:
+    """Prefills ``generate`` runs: 2 with a voting router to resolve, 1 with other
+    request-level routers to resolve (their state comes from the prefill itself), else 0
+    (nothing to resolve: the usual single prefill)."""
+    if not self.resolving:
+      return 0
+    return 2 if any(s.votes for s in self.routers) else 1
+
+  def per_layer(self):
+    """The layer-scanned inputs: the weights alone (per-token routers, as before), or
+    (weights, the layer index, the request-level state or None)."""
+    if not self.request_level:
+      return self.weights
+    L = next(iter(self.weights.valid.values())).shape[0]
+    return (self.weights, jnp.arange(L, dtype=jnp.int32), self.state)
 
   def pad_batch(self, batch: int) -> RoutedLibrary:
     """Adds rows (all adapters allowed, no fixed id, router 0) up to ``batch``."""
@@ -56,7 +98,32 @@ class RoutedLibrary:
       mask=jnp.pad(self.mask, ((0, extra), (0, 0)), constant_values=True),
       fixed_ids=jnp.pad(self.fixed_ids, (0, extra), constant_values=-1),
       router_index=jnp.pad(self.router_index, (0, extra)),
+      span=None
+      if self.span is None
+      else jnp.pad(self.span, ((0, extra), (0, 0)), constant_values=True),
+      state=None if self.state is None else self.state.pad_batch(extra),
     )
+
+  def for_prompts(self, prompt_mask) -> RoutedLibrary:
+    """The span fitted to a padded batch of prompts: prompt_mask [B, P] bool (the real
+    prompt tokens); the span is cut or padded to P columns and limited to them.
+    Raises ValueError where a request's span holds no prompt token."""
+    if not self.resolving:
+      return self
+    prompt_mask = np.asarray(prompt_mask, bool)
+    B, P = prompt_mask.shape
+    span = prompt_mask
+    if self.span is not None:
+      given = np.asarray(self.span, bool)[:, :P]
+      given = np.pad(given, ((0, 0), (0, P - given.shape[1])))
+      span = given & prompt_mask
+    empty = np.flatnonzero(~span.any(axis=1))
+    if empty.size:
+      raise ValueError(
+        f"routing span holds no prompt token for request(s) {empty.tolist()} "
+        "(request-level routers pool over it)"
+      )
+    return self.replace(span=jnp.asarray(span))
 
 
 def routed(
@@ -67,6 +134,7 @@ def routed(
   mask=None,
   fixed_ids=None,
   router_index=None,
+  span=None,
 ) -> RoutedLibrary:
   """Checks and packs per-request routing inputs for ``library``.
 
@@ -77,12 +145,21 @@ def routed(
       picks each request's).
     mask: [B, N] or [N] bool, adapters each request may use; default all.
     fixed_ids: [B] adapter ids (or names) for the ``fixed`` router; -1 for none.
+    span: for request-level routers, the prompt tokens each request pools over
+      (votes, request_lag's filter): [B, S] bool, or B bool sequences of any lengths
+      (e.g. ``spans.text_span``'s); None: the whole prompt. ``generate`` fits it to
+      the padded prompts.
   Raises:
-    ValueError: a mask that allows no adapter for some request, a bad id, or a
-      router_index outside the routers given.
+    ValueError: a mask that allows no adapter for some request, a bad id, a
+      router_index outside the routers given, a span that marks no token, layers the
+      library lacks, or request-level routers on a shard_map-sharded library.
   """
   routers = (router,) if isinstance(router, RouterSpec) else tuple(router)
   N = len(library)
+  if any(s.request_level for s in routers):
+    _check_request_routers(library, routers)
+  if span is not None:
+    span = _pack_span(span, batch)
   mask = np.ones((batch, N), bool) if mask is None else np.asarray(mask, bool)
   if mask.ndim == 1:
     mask = np.broadcast_to(mask, (batch, N))
@@ -122,7 +199,46 @@ def routed(
     jnp.asarray(router_index),
     routers,
     sharding,
+    None if span is None else jnp.asarray(span),
   )
+
+
+def _check_request_routers(library, routers) -> None:
+  if isinstance(library, ShardedLibrary) and library.sharding.impl == "shard_map":
+    names = sorted({s.name for s in routers if s.request_level})
+    raise ValueError(
+      f"request-level routing ({names}: vote, request_lag, gated lag) is not implemented "
+      "with shard_map on a sharded library; shard it with impl='jit' (XLA partitions the "
+      "one-device routers) or keep the library on one device"
+    )
+  if library.weights is None:
+    raise ValueError("request-level routers need a resident (or sharded) library")
+  L = next(iter(library.weights.valid.values())).shape[0]
+  for s in routers:
+    for field in ("layers", "vote_layers"):
+      value = getattr(s, field)
+      if value is not None and value[-1] >= L:
+        raise ValueError(f"router {s.name!r}: {field} {value} outside the library's {L} layers")
+
+
+def _pack_span(span, batch: int) -> np.ndarray:
+  """[B, S] bool from an array or B sequences of any lengths (padded with False)."""
+  if isinstance(span, np.ndarray | jax.Array):
+    span = np.asarray(span, bool)
+    if span.ndim != 2:
+      raise ValueError(f"routing span must be [B, S], got shape {span.shape}")
+    rows = list(span)
+  else:
+    rows = [np.asarray(r, bool).reshape(-1) for r in span]
+  if len(rows) != batch:
+    raise ValueError(f"routing span has {len(rows)} rows for {batch} requests")
+  out = np.zeros((batch, max(1, max(len(r) for r in rows))), bool)
+  for i, r in enumerate(rows):
+    out[i, : len(r)] = r
+  empty = np.flatnonzero(~out.any(axis=1))
+  if empty.size:
+    raise ValueError(f"routing span marks no token for request(s) {empty.tolist()}")
+  return out
 
 
 @struct.dataclass
@@ -138,26 +254,99 @@ class RoutedAdapters:
   static: dict[str, LoraWeights] | None = None
 
   def per_layer(self):
-    return (self.static, tuple(lib.weights for lib in self.libraries))
+    return (self.static, tuple(lib.per_layer() for lib in self.libraries))
 
   def pad_batch(self, batch: int) -> RoutedAdapters:
     """The same adapters for a batch padded to ``batch`` rows (see generation)."""
     return self.replace(libraries=tuple(lib.pad_batch(batch) for lib in self.libraries))
 
+  # --- Request-level routing (see lag_jax.routing.request) ---------------------------
+
+  @property
+  def request_passes(self) -> int:
+    """0: route as usual; 1: the prefill also computes the request-level state the
+    decode uses; 2: a first prefill computes it (votes), a second applies it."""
+    return max((lib.request_passes for lib in self.libraries), default=0)
+
+  def for_prompts(self, prompt_mask) -> RoutedAdapters:
+    """Spans fitted to the padded prompts (host side; ``RoutedLibrary.for_prompts``)."""
+    return self.replace(libraries=tuple(lib.for_prompts(prompt_mask) for lib in self.libraries))
+
+  def split_aux(self, aux):
+    """A resolving pass's telemetry -> (the usual telemetry: module -> tuple of [L, B,
+    T] ids per library, the request-level state of each library or None)."""
+    telemetry, stats = {}, [dict() for _ in self.libraries]
+    for module, entries in aux.items():
+      holders = [i for i, lib in enumerate(self.libraries) if module in lib.modules]
+      out = []
+      for i, e in zip(holders, entries, strict=True):
+        if isinstance(e, dict):
+          stats[i][module] = e
+          out.append(e["chosen"])
+        else:
+          out.append(e)
+      telemetry[module] = tuple(out)
+    states = tuple(
+      request.resolve_state(lib.routers, lib.router_index, stats[i], lib.mask.shape[1])
+      if lib.resolving
+      else None
+      for i, lib in enumerate(self.libraries)
+    )
+    return telemetry, states
+
+  def with_request_state(self, states) -> RoutedAdapters:
+    """The hook with each resolving library's state fixed (``split_aux``'s second half)."""
+    return self.replace(
+      libraries=tuple(
+        lib if st is None else lib.replace(state=st)
+        for lib, st in zip(self.libraries, states, strict=True)
+      )
+    )
+
   def delta(self, layer_xs, name, x):
-    static, lib_weights = layer_xs
+    static, lib_xs = layer_xs
     total, chosen = None, []
     if static is not None and name in static:
       total = lora_delta(x, static[name])
-    for lib, w in zip(self.libraries, lib_weights, strict=True):
+    for lib, xs in zip(self.libraries, lib_xs, strict=True):
+      w, layer, state = xs if isinstance(xs, tuple) else (xs, None, None)
       if name not in w.a:
         continue
       layer_lib = LayerLibrary(a=w.a[name], b=w.b[name], arrows=w.arrows[name], valid=w.valid[name])
       args = (lib.routers, lib.router_index, x, layer_lib, lib.mask, lib.fixed_ids)
-      if lib.sharding is None:
+      if lib.request_level:
+        if layer is None:
+          raise ValueError(
+            "request-level routers need RoutedLibrary.per_layer() inputs (the layer index "
+            "and state): this hook does not pass them"
+          )
+        d, c = self._delta_request(lib, args, name, x, layer, state)
+      elif lib.sharding is None:
         d, c = route_batch(*args)
       else:
         d, c = route_batch_sharded(*args, lib.sharding)
       total = d if total is None else total + d
       chosen.append(c)
     return total, (tuple(chosen) if chosen else None)
+
+  @staticmethod
+  def _delta_request(lib, args, name, x, layer, state):
+    span = None
+    if state is None and lib.span is not None:
+      span = lib.span
+      if span.shape[1] != x.shape[1]:
+        raise ValueError(
+          f"routing span has {span.shape[1]} columns for {x.shape[1]} prompt tokens: "
+          "fit it with for_prompts (generate does)"
+        )
+    module_state = None
+    if state is not None:
+      module_state = {
+        "cand": state.cand[name],
+        "ids": state.ids[name],
+        "weights": state.weights[name],
+      }
+    d, c, stats = request.route_batch_request(*args, layer, span, module_state)
+    if stats is None:
+      return d, c
+    return d, {"chosen": c, **stats}

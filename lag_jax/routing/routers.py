@@ -13,6 +13,17 @@ token (the top-weighted one for mixtures; -1 where no adapter applies).
   spectr         argmax_i ||A*_i x|| over the whole library (k = N)
   lag            Arrow filter to k candidates, SpectR rerank, one adapter
 
+Beyond the paper (``lag_jax.routing.request``: they need request-level state, so they
+run through ``RoutedAdapters``, not ``route``):
+
+  vote           per-token LAG over a prompt span, then the winning adapter (or the
+                 top m, mixed by vote share) for every position of the request
+  request_lag    the Arrow filter applied once per request (per layer and module) to
+                 scores pooled over a prompt span, SpectR per token among those k
+  lag / request_lag with ``gate`` or ``layers``: confidence gating, a per-token
+                 decision whose margin is small (or at a layer that does not route)
+                 falls back to the request's vote winner or to no adapter
+
 Ties are broken towards the lower adapter id everywhere, so ``lag`` with k = 1 is
 ``arrow`` and ``lag`` with k = N is ``spectr``, selection for selection. Adapters a
 request's mask excludes, and invalid (all-zero) adapters, are never chosen.
@@ -25,7 +36,21 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-ROUTERS = ("none", "fixed", "uniform", "arrow", "arrow_softmax", "spectr", "lag")
+ROUTERS = (
+  "none",
+  "fixed",
+  "uniform",
+  "arrow",
+  "arrow_softmax",
+  "spectr",
+  "lag",
+  "vote",
+  "request_lag",
+)
+REQUEST_ROUTERS = ("vote", "request_lag")
+VOTE_SCOPES = ("all", "module")
+VOTE_SCORES = ("count", "score")
+GATE_FALLBACKS = ("vote", "none")
 PROJECTIONS = ("auto", "gather", "dense", "grouped")
 _NEG = -jnp.inf
 
@@ -36,8 +61,10 @@ class RouterSpec:
 
   Attributes:
     name: one of ROUTERS.
-    k: candidates for ``lag`` and ``arrow_softmax``; clamped to the library size N
-      (so k >= N is SpectR, resp. a softmax over all adapters).
+    k: candidates for ``lag`` and ``arrow_softmax`` (per token), for ``request_lag``
+      (per request, layer and module) and for the per-token LAG whose decisions
+      ``vote`` counts; clamped to the library size N (so k >= N is SpectR, resp. a
+      softmax over all adapters).
     temperature: softmax temperature of ``arrow_softmax``.
     projection: how ``lag`` computes its candidates' A* x (same result every way):
       ``gather`` reads only the k candidates' rows per token (decode), ``dense``
@@ -48,12 +75,35 @@ class RouterSpec:
       GPU prefill; XLA:CPU lowers it densely and is hundreds of times slower there),
       ``auto`` gathers when the (token, candidate) pairs B*T*k are fewer than the
       library's N, and otherwise groups on TPU and projects densely elsewhere.
+    vote_scope: ``vote`` (and the vote fallback of gated routers): the winner of all
+      layers' and modules' decisions together (``all``), or one winner per layer and
+      module (``module``).
+    vote_score: ``count`` the per-token decisions (majority; ties to the lower id) or
+      sum each token's normalised rerank ``score``s ||A*_c x|| / sum_c' ||A*_c' x||
+      over its candidates.
+    vote_top_m: apply the m adapters with the most votes, mixed by their share of
+      the m's votes (1: the winner alone, one LoRA per token).
+    vote_layers: the layers whose decisions count in the vote (None: all).
+    gate: ``lag`` / ``request_lag``: where the relative margin (best - second) / best
+      of the scores that decided a token (the candidates' ||A* x||; the Arrow scores
+      when there is one candidate) is below this, the token falls back (0: off).
+    gate_fallback: what a gated token uses: the request's ``vote`` winner(s) (needs a
+      vote pass over the prompt first) or ``none`` (no adapter).
+    layers: ``lag`` / ``request_lag``: the layers that route per token; the others
+      use the fallback (None: all).
   """
 
   name: str = "lag"
   k: int = 20
   temperature: float = 1.0
   projection: str = "auto"
+  vote_scope: str = "all"
+  vote_score: str = "count"
+  vote_top_m: int = 1
+  vote_layers: tuple[int, ...] | None = None
+  gate: float = 0.0
+  gate_fallback: str = "vote"
+  layers: tuple[int, ...] | None = None
 
   def __post_init__(self):
     if self.name not in ROUTERS:
@@ -67,6 +117,44 @@ class RouterSpec:
         f"router {self.name!r}: projection {self.projection!r} is unknown; choose from "
         f"{PROJECTIONS}"
       )
+    for field, value, choices in (
+      ("vote_scope", self.vote_scope, VOTE_SCOPES),
+      ("vote_score", self.vote_score, VOTE_SCORES),
+      ("gate_fallback", self.gate_fallback, GATE_FALLBACKS),
+    ):
+      if value not in choices:
+        raise ValueError(
+          f"router {self.name!r}: {field} {value!r} is unknown; choose from {choices}"
+        )
+    if self.vote_top_m < 1:
+      raise ValueError(f"router {self.name!r}: vote_top_m must be >= 1, got {self.vote_top_m}")
+    if not 0.0 <= self.gate < 1.0:
+      raise ValueError(f"router {self.name!r}: gate must be in [0, 1), got {self.gate}")
+    for field in ("vote_layers", "layers"):
+      value = getattr(self, field)
+      if value is not None:
+        value = tuple(sorted({int(v) for v in value}))
+        if not value or value[0] < 0:
+          raise ValueError(f"router {self.name!r}: {field} must be layer indices >= 0, got {value}")
+        object.__setattr__(self, field, value)
+    if (self.gate > 0 or self.layers is not None) and self.name not in ("lag", "request_lag"):
+      raise ValueError(f"router {self.name!r}: gate / layers apply to 'lag' and 'request_lag' only")
+
+  @property
+  def gated(self) -> bool:
+    """Some tokens may fall back: a margin threshold or a per-layer switch is set."""
+    return self.gate > 0 or self.layers is not None
+
+  @property
+  def votes(self) -> bool:
+    """Needs a vote over the prompt (a first pass): ``vote``, or gated with a vote
+    fallback."""
+    return self.name == "vote" or (self.gated and self.gate_fallback == "vote")
+
+  @property
+  def request_level(self) -> bool:
+    """Runs through ``lag_jax.routing.request`` (request-level state or the layer index)."""
+    return self.name in REQUEST_ROUTERS or self.gated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +369,11 @@ def route(spec: RouterSpec, x, lib: LayerLibrary, mask, fixed_ids):
   Returns:
     delta [B, T, O] in x's dtype, chosen [B, T] int32 (-1: none).
   """
+  if spec.request_level:
+    raise ValueError(
+      f"router {spec!r} routes with request-level state; run it through RoutedAdapters "
+      "(lag_jax.routing.request), not routers.route"
+    )
   allowed = mask & lib.valid[None, :]
   if spec.name == "none":
     B, T = x.shape[:2]
