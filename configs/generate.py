@@ -7,6 +7,11 @@ Tiny random model (seconds, used by the tests):
 With adapter libraries routed per token (LAG, k = 20):
   python -m lag_jax.run --config=configs/generate.py --config.library=/path/to/library \
       --config.task_library=/path/to/task_library --config.router=lag --config.k=20
+Request-level routing (beyond the paper): a vote of per-token LAG over the user turn
+picks one adapter per request; or request_lag, or lag with confidence gating:
+  python -m lag_jax.run --config=configs/generate.py:tiny_lag --config.router=vote
+  python -m lag_jax.run --config=configs/generate.py:tiny_lag --config.router=lag \
+      --config.gate=0.1 --config.route_layers=0-9+20-29
 The library split over all devices of the host (expert-parallel routing):
   python -m lag_jax.run --config=configs/generate.py:tiny_lag --config.mesh.adapter=-1
 Any HF folder, with adapters merged into the weights:
@@ -37,13 +42,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (attention by default); each is routed separately and the deltas are added.
   c.library = ""
   c.task_library = ""
-  c.router = "lag"  # none | fixed | uniform | arrow | arrow_softmax | spectr | lag
+  # none | fixed | uniform | arrow | arrow_softmax | spectr | lag | vote | request_lag
+  c.router = "lag"
   c.k = 20  # LAG / arrow_softmax candidates; clamped to the library size
   c.temperature = 1.0  # arrow_softmax
   # How lag projects its k candidates: auto | gather | dense | grouped (see RouterSpec).
   c.projection = "auto"
   c.task_router = ""  # default: the same as router
   c.fixed_adapter = ""  # adapter name for router 'fixed'
+  # Request-level routing (lag_jax.routing.request; RouterSpec documents each field).
+  # The prompt tokens votes / request_lag's filter count: 'user' (the user's message in
+  # the chat template) or 'prompt' (all of it).
+  c.span = "user"
+  c.vote_scope = "all"  # all | module (one winner per layer and module)
+  c.vote_score = "count"  # count | score (normalised rerank scores)
+  c.vote_top_m = 1  # apply the m most voted adapters, mixed by vote share
+  c.vote_layers = ""  # layers whose decisions count, e.g. '0-9+20-29'; '': all
+  c.gate = 0.0  # lag / request_lag: margin below which a token falls back (0: off)
+  c.gate_fallback = "vote"  # vote | none
+  c.route_layers = ""  # lag / request_lag: layers that route per token; '': all
   c.save_routing = False  # write the chosen adapter per token, layer and module
 
   # Device mesh, per-axis sizes (one may be -1: all remaining devices); all 1: one

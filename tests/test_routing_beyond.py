@@ -750,3 +750,78 @@ def test_sharded_library_refuses_shard_map_and_runs_with_jit():
   for m in MLP_MODULES:
     np.testing.assert_array_equal(np.asarray(tel8[m][0]), np.asarray(tel1[m][0]))
     np.testing.assert_array_equal(np.asarray(st8.cand[m]), np.asarray(st1.cand[m]))
+
+
+# --- 5. The evaluation harness ------------------------------------------------------------
+
+
+def test_harness_method_names():
+  from lag_jax.eval import harness
+
+  m = harness.method_from_name("LAG+gate(k=4;gate=0.2;fallback=none;layers=0-1+5)")
+  assert (m.knowledge, m.task, m.k) == ("lag", "lag", 4)
+  opts = dict(m.knowledge_options)
+  assert opts == {"gate": 0.2, "gate_fallback": "none", "layers": (0, 1, 5)}
+  spec = harness._router_spec(m.knowledge, m.k, m.knowledge_options, 30)
+  assert spec == RouterSpec("lag", k=4, gate=0.2, gate_fallback="none", layers=(0, 1, 5))
+  edges = harness._router_spec("lag", 4, (("layers", "edges"),), 30).layers
+  assert edges == tuple(range(10)) + tuple(range(20, 30))
+  v = harness.method_from_name("Vote-user(k=8;m=2;score=score)")
+  assert v.span == "user" and dict(v.knowledge_options) == {"vote_top_m": 2, "vote_score": "score"}
+  assert {b.name.split("(")[0] for b in harness.beyond_methods(4)} == set(harness.BEYOND)
+  std = harness.standard_methods(4)
+  got = harness.select_methods(std, ["Oracle", "LAG", "Vote", "ReqLAG(k=2)", "RAG"], 4)
+  assert [g.name for g in got] == ["Oracle", "LAG(k=4)", "RAG", "Vote(k=4)", "ReqLAG(k=2)"]
+  for bad in ("Vote(q=1)", "Vote(span=all)", "LAG+gate(gate=2)", "Nope(k=1)"):
+    with pytest.raises(ValueError):
+      harness.method_from_name(bad)
+
+
+def test_harness_runs_a_vote_method():
+  """Vote through run_method on the tiny checkpoint: the question's tokens vote, the
+  result reports per-request routing accuracy and the two prefills."""
+  from lag_jax.checkpoints.safetensors_loader import load_model
+  from lag_jax.data.kilt import KiltExample
+  from lag_jax.eval import harness
+  from lag_jax.testing import tiny_checkpoint
+  from lag_jax.text.tokenizer import Tokenizer
+
+  folder = tiny_checkpoint()
+  tok = Tokenizer.from_dir(folder)
+  examples = [
+    KiltExample(f"q{i}", f"Where was k{i} born?", ("Paris",), (f"k{i}",), "qa") for i in range(3)
+  ]
+  setting = harness.Setting(
+    load_model(folder), tok, library(), None, [], max_new_tokens=2, batch_size=4
+  )
+  method = harness.method_from_name("Vote(k=3)")
+  r = harness.run_method(setting, method, examples, [0, 1, 2], None, None)
+  assert len(r.predictions) == 3 and r.timing["prefill_passes"] == 2
+  assert r.request_routing["total"] == 3
+  row = harness.summarize([r], {"qa": "QA"})[method.name]
+  assert 0 <= row["routing_request_acc"] <= 1 and row["timing"]["prefill_s"] > 0
+  # The question span is the input's characters (byte tokenizer: one token a byte).
+  text, q, _ = harness.render_prompt(tok, examples[0])
+  enc = tok.backend.encode(text, add_special_tokens=False)
+  sp = harness.prompt_spans(text, enc.offsets, q, harness.user_message(examples[0]))
+  assert sp["question"].sum() == len(examples[0].input) < sp["user"].sum() < sp["prompt"].sum()
+
+
+def test_generate_job_router_config():
+  import importlib.util
+  import pathlib
+
+  from lag_jax.jobs import generate as gen_job
+
+  path = pathlib.Path(__file__).parents[1] / "configs" / "generate.py"
+  spec = importlib.util.spec_from_file_location("generate_config", path)
+  gen_config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gen_config)
+  c = gen_config.get_config("tiny_lag")
+  c.router, c.gate, c.route_layers, c.vote_layers, c.vote_top_m = "lag", 0.2, "0-1+5", "1", 2
+  assert gen_job._router_spec(c, "lag") == RouterSpec(
+    "lag", k=3, gate=0.2, layers=(0, 1, 5), vote_layers=(1,), vote_top_m=2
+  )
+  # Gate and route_layers apply to lag / request_lag only (e.g. not to a fixed task router).
+  assert gen_job._router_spec(c, "vote") == RouterSpec("vote", k=3, vote_layers=(1,), vote_top_m=2)
+  assert gen_job._layer_list("") is None

@@ -9,7 +9,15 @@ same for every method; only adapters and, for RAG, the prompt's context differ.
 Routing accuracy is read from the generation's routing telemetry: for every prompt
 token, layer and knowledge module, the adapter LAG chose, compared with the
 question's gold knowledge adapter, split by token type (the gold entity's name in
-the question, the rest of the question, the chat template, generated tokens).
+the question, the rest of the question, the chat template, generated tokens). Per
+request: the adapter chosen most often over the question's tokens (all layers and
+knowledge modules) against the gold one; for a vote-routed request, its winner.
+
+Routers beyond the paper (``lag_jax.routing.request``) are methods too
+(``beyond_methods``, ``method_from_name``): Vote, ReqLAG, LAG+gate and variants, with
+options in the name, e.g. ``Vote(k=4;score=score;span=user)``. Their votes and pooled
+filters count the question's tokens by default (``Method.span``), the task library's
+the user turn (the instruction names the task).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from lag_jax.eval import metrics
 from lag_jax.generation import generate
 from lag_jax.model.transformer import CausalLM
 from lag_jax.routing import AdapterLibrary, RoutedAdapters, RouterSpec, routed
+from lag_jax.routing.spans import token_mask
 from lag_jax.text.tokenizer import Tokenizer
 
 # One instruction per task family; {input} is the KILT input.
@@ -59,7 +68,14 @@ class Method:
     knowledge: 'none' | 'oracle' | 'prag' (BM25-top document's adapter) | a router name.
     task: 'none' | 'oracle' | a router name.
     rag: put the BM25-top document in the prompt.
-    k: candidates for 'lag' / 'arrow_softmax'.
+    k: candidates for 'lag' / 'arrow_softmax' (and the request-level routers).
+    span: the prompt tokens the knowledge library's request-level routing counts:
+      'question' (the task input), 'user' (the user's message: instruction, input,
+      RAG context) or 'prompt' (every token, chat template included).
+    task_span: the same for the task library.
+    knowledge_options, task_options: further RouterSpec fields as (name, value)
+      pairs, e.g. (('vote_score', 'score'),); layers='edges' routes in the first and
+      last third of the layers (the middle ones route worst).
   """
 
   name: str
@@ -67,6 +83,10 @@ class Method:
   task: str = "none"
   rag: bool = False
   k: int = 20
+  span: str = "question"
+  task_span: str = "user"
+  knowledge_options: tuple = ()
+  task_options: tuple = ()
 
 
 def standard_methods(k: int = 20, with_spectr: bool = True) -> list[Method]:
@@ -85,6 +105,121 @@ def standard_methods(k: int = 20, with_spectr: bool = True) -> list[Method]:
   if with_spectr:
     out.insert(4, Method("SpectR", "spectr", "spectr"))
   return out
+
+
+SPANS = ("question", "user", "prompt")
+
+# Routers beyond the paper, on both libraries: name -> (router, RouterSpec options,
+# Method fields).
+BEYOND = {
+  "Vote": ("vote", (), ()),
+  "Vote-score": ("vote", (("vote_score", "score"),), ()),
+  "Vote-layer": ("vote", (("vote_scope", "module"),), ()),
+  "Vote-top2": ("vote", (("vote_top_m", 2),), ()),
+  "Vote-user": ("vote", (), (("span", "user"),)),
+  "Vote-prompt": ("vote", (), (("span", "prompt"), ("task_span", "prompt"))),
+  "ReqLAG": ("request_lag", (), ()),
+  "ReqLAG+gate": ("request_lag", (("gate", 0.1),), ()),
+  "LAG+gate": ("lag", (("gate", 0.1),), ()),
+  "LAG+gate-none": ("lag", (("gate", 0.1), ("gate_fallback", "none")), ()),
+  "LAG+edges": ("lag", (("layers", "edges"),), ()),
+}
+# Short option names in method names -> RouterSpec fields.
+_OPTION_FIELDS = {
+  "score": "vote_score",
+  "scope": "vote_scope",
+  "m": "vote_top_m",
+  "vote_layers": "vote_layers",
+  "gate": "gate",
+  "fallback": "gate_fallback",
+  "layers": "layers",
+}
+
+
+def beyond_methods(k: int = 20) -> list[Method]:
+  """Every BEYOND method at k (the request-level routers; not in ``standard_methods``)."""
+  return [method_from_name(f"{name}(k={k})", k) for name in BEYOND]
+
+
+def method_from_name(name: str, k: int = 20) -> Method:
+  """A request-level method from its name: ``Base`` or ``Base(opt=v;opt=v)`` with Base
+  a BEYOND key and options k, span, task_span (question | user | prompt), score
+  (count | score), scope (all | module), m, gate, fallback (vote | none), layers and
+  vote_layers ('0-9+20-29', or 'edges': the first and last third); e.g.
+  ``LAG+gate(k=4;gate=0.2;fallback=none)``. Options are separated by ';' since method
+  lists are comma-separated.
+
+  Raises:
+    ValueError: an unknown base or option.
+  """
+  head, _, rest = name.partition("(")
+  if head not in BEYOND:
+    raise ValueError(f"method {name!r}: {head!r} is not one of {sorted(BEYOND)}")
+  router, options, fields = BEYOND[head]
+  options = dict(options)
+  kw = {"k": k, **dict(fields)}
+  for item in filter(None, (p.strip() for p in rest.rstrip(")").split(";"))):
+    key, _, value = item.partition("=")
+    key, value = key.strip(), value.strip()
+    if key == "k":
+      kw["k"] = int(value)
+    elif key in ("span", "task_span"):
+      kw[key] = value
+    elif key in _OPTION_FIELDS:
+      options[_OPTION_FIELDS[key]] = _option_value(_OPTION_FIELDS[key], value)
+    else:
+      raise ValueError(
+        f"method {name!r}: unknown option {key!r}; options: k, span, task_span, "
+        f"{', '.join(_OPTION_FIELDS)}"
+      )
+  for key in ("span", "task_span"):
+    if key in kw and kw[key] not in SPANS:
+      raise ValueError(f"method {name!r}: {key} {kw[key]!r} is not one of {SPANS}")
+  opts = tuple(sorted(options.items()))
+  method = Method(name, router, router, knowledge_options=opts, task_options=opts, **kw)
+  _router_spec(router, method.k, opts, 3)  # checks the options now
+  return method
+
+
+def _option_value(field: str, value: str):
+  if field == "vote_top_m":
+    return int(value)
+  if field == "gate":
+    return float(value)
+  if field in ("layers", "vote_layers"):
+    if value == "edges":
+      return value
+    out = []
+    for part in value.split("+"):
+      lo, _, hi = part.partition("-")
+      out += list(range(int(lo), int(hi or lo) + 1))
+    return tuple(out)
+  return value
+
+
+def _router_spec(router: str, k: int, options: tuple, num_layers: int) -> RouterSpec:
+  """RouterSpec with a method's options; layers 'edges' = the first and last third."""
+  kw = dict(options)
+  for field in ("layers", "vote_layers"):
+    if kw.get(field) == "edges":
+      third = max(num_layers // 3, 1)
+      kw[field] = tuple(range(third)) + tuple(range(num_layers - third, num_layers))
+  return RouterSpec(router, k=k, **kw)
+
+
+def select_methods(methods: Sequence[Method], wanted: Sequence[str], k: int) -> list[Method]:
+  """The evaluate job's ``methods`` field: standard ones by name or by the part before
+  '(' (in their order; names that are absent, e.g. RAG without retrieval, are
+  skipped), then request-level ones (``method_from_name``; a bare name gets k) in the
+  order given."""
+  wanted = list(wanted)
+  chosen = [m for m in methods if m.name in wanted or m.name.split("(")[0] in wanted]
+  chosen += [
+    method_from_name(n if "(" in n else f"{n}(k={k})", k)
+    for n in wanted
+    if n.split("(")[0] in BEYOND
+  ]
+  return chosen
 
 
 @dataclasses.dataclass
@@ -122,9 +257,7 @@ def render_prompt(
 
   Returns (text, question_span, entity_span), spans as (start, end) or None.
   """
-  user = TASK_PROMPTS[ex.task].format(input=ex.input)
-  if context is not None:
-    user = RAG_PREFIX.format(text=context) + user
+  user = user_message(ex, context)
   messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
     {"role": "user", "content": user}
   ]
@@ -139,6 +272,24 @@ def render_prompt(
   return text, question, entity
 
 
+def user_message(ex: KiltExample, context: str | None = None) -> str:
+  """The user turn's content: the task instruction with the input (and RAG context)."""
+  user = TASK_PROMPTS[ex.task].format(input=ex.input)
+  return user if context is None else RAG_PREFIX.format(text=context) + user
+
+
+def prompt_spans(text: str, offsets, question, user: str) -> dict[str, np.ndarray]:
+  """[T] bool token masks of a rendered prompt for each of SPANS."""
+  start = text.rfind(user)
+  user_span = (start, start + len(user)) if start >= 0 else None
+  out = {"prompt": np.ones((len(offsets),), bool), "user": token_mask(offsets, [user_span])}
+  out["question"] = token_mask(offsets, [question]) if question else out["user"]
+  for key in ("user", "question"):
+    if not out[key].any():
+      out[key] = out["prompt"]
+  return out
+
+
 def _token_types(offsets, question, entity, n_prompt):
   types = np.full((n_prompt,), 2, np.int8)  # template
   for t, (s, e) in enumerate(offsets[:n_prompt]):
@@ -151,12 +302,18 @@ def _token_types(offsets, question, entity, n_prompt):
 
 @dataclasses.dataclass
 class MethodResult:
+  """One method's run. request_routing: requests whose most chosen knowledge adapter
+  over the question's tokens is the gold one ({'correct', 'total'}); timing: summed
+  over batches, prefill_s (all passes), decode_s, decode_steps, prefill_passes."""
+
   method: str
   predictions: list[str]
   scores: list[dict]
   by_dataset: dict[str, dict[str, float]]
   routing: dict | None
   seconds: float
+  request_routing: dict | None = None
+  timing: dict | None = None
 
 
 def stop_tokens(tok) -> tuple[int, ...]:
@@ -203,7 +360,7 @@ def run_method(
   """
   t0 = time.perf_counter()
   tok = setting.tokenizer
-  rendered, types = [], []
+  rendered, types, spans = [], [], []
   for i, ex in enumerate(examples):
     # The retrieved page, cut to fit the context window (whole pages can be long).
     context = setting.documents[retrieved[i]].text[: setting.rag_max_chars] if method.rag else None
@@ -211,10 +368,12 @@ def run_method(
     enc = tok.backend.encode(text, add_special_tokens=False)
     rendered.append(list(enc.ids))
     types.append(_token_types(enc.offsets, q, e, len(enc.ids)))
+    spans.append(prompt_spans(text, enc.offsets, q, user_message(ex, context)))
 
-  predictions, scores, routing_hits = [], [], []
-  # Routing accuracy means something only for per-token routers.
-  want_routing = method.knowledge in ("arrow", "arrow_softmax", "spectr", "lag")
+  predictions, scores, routing_hits, request_hits = [], [], [], [0, 0]
+  timing = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefill_passes": 1}
+  # Routing accuracy means something only for routers that choose.
+  want_routing = method.knowledge in ROUTING_METHODS
   for start in range(0, len(examples), setting.batch_size):
     sl = slice(start, start + setting.batch_size)
     batch = rendered[sl]
@@ -223,13 +382,25 @@ def run_method(
     if method.knowledge != "none":
       libs.append(
         _knowledge_routing(
-          setting, method, B, knowledge_ids[sl], None if retrieved is None else retrieved[sl]
+          setting,
+          method,
+          B,
+          knowledge_ids[sl],
+          None if retrieved is None else retrieved[sl],
+          [s[method.span] for s in spans[sl]],
         )
       )
     if method.task != "none" and setting.task is not None:
-      spec = RouterSpec("fixed" if method.task == "oracle" else method.task, k=method.k)
+      router = "fixed" if method.task == "oracle" else method.task
+      spec = _router_spec(
+        router,
+        method.k,
+        method.task_options if router != "fixed" else (),
+        setting.task.num_layers,
+      )
       fixed = list(task_ids[sl]) if method.task == "oracle" else None
-      libs.append(routed(setting.task, B, spec, fixed_ids=fixed))
+      span = [s[method.task_span] for s in spans[sl]] if spec.request_level else None
+      libs.append(routed(setting.task, B, spec, fixed_ids=fixed, span=span))
     hook = RoutedAdapters(tuple(libs)) if libs else None
     out = generate(
       setting.model,
@@ -239,6 +410,10 @@ def run_method(
       lora=hook,
       return_routing=want_routing,
     )
+    timing["prefill_s"] += out.prefill_s
+    timing["decode_s"] += out.decode_s
+    timing["decode_steps"] += out.num_decode_steps
+    timing["prefill_passes"] = out.prefill_passes
     for j, ids in enumerate(out.tokens):
       ex = examples[start + j]
       text = tok.decode(ids, skip_special_tokens=True)
@@ -254,6 +429,9 @@ def run_method(
           [len(ids) for ids in out.tokens],
         )
       )
+      c, t = _request_hits(out.routing, setting.knowledge.modules, types[sl], knowledge_ids[sl])
+      request_hits[0] += c
+      request_hits[1] += t
   by_dataset: dict[str, dict[str, float]] = {}
   for ex, s in zip(examples, scores, strict=True):
     d = by_dataset.setdefault(dataset_of(ex), {"n": 0})
@@ -267,10 +445,16 @@ def run_method(
   routing = _merge_hits(routing_hits) if routing_hits else None
   seconds = time.perf_counter() - t0
   logging.info("%s: %d examples in %.1fs", method.name, len(examples), seconds)
-  return MethodResult(method.name, predictions, scores, by_dataset, routing, seconds)
+  request_routing = {"correct": request_hits[0], "total": request_hits[1]} if routing_hits else None
+  return MethodResult(
+    method.name, predictions, scores, by_dataset, routing, seconds, request_routing, timing
+  )
 
 
-def _knowledge_routing(setting, method, B, gold, retrieved):
+ROUTING_METHODS = ("arrow", "arrow_softmax", "spectr", "lag", "vote", "request_lag")
+
+
+def _knowledge_routing(setting, method, B, gold, retrieved, span=None):
   lib = setting.knowledge
   if method.knowledge == "oracle":
     return routed(lib, B, RouterSpec("fixed"), fixed_ids=list(gold))
@@ -281,7 +465,33 @@ def _knowledge_routing(setting, method, B, gold, retrieved):
       for r in retrieved
     ]
     return routed(lib, B, RouterSpec("fixed"), fixed_ids=ids)
-  return routed(lib, B, RouterSpec(method.knowledge, k=method.k))
+  spec = _router_spec(method.knowledge, method.k, method.knowledge_options, lib.num_layers)
+  return routed(lib, B, spec, span=span if spec.request_level else None)
+
+
+def _request_hits(routing, knowledge_modules, types, gold) -> tuple[int, int]:
+  """(requests whose most chosen knowledge adapter over the question's tokens, all
+  layers and knowledge modules, is the gold one (ties to the lower id); requests with
+  a gold adapter)."""
+  correct = total = 0
+  for b, g in enumerate(gold):
+    if g < 0:
+      continue
+    total += 1
+    question = types[b] <= 1  # entity or question tokens
+    if not question.any():
+      question = np.ones_like(question)
+    chosen = np.concatenate(
+      [
+        per_lib[0][b, :, : len(types[b])][:, question].reshape(-1)
+        for module, per_lib in routing.items()
+        if module in knowledge_modules
+      ]
+    )
+    chosen = chosen[chosen >= 0]
+    if chosen.size and int(np.argmax(np.bincount(chosen))) == g:
+      correct += 1
+  return correct, total
 
 
 def _routing_hits(routing, knowledge_modules, types, gold, n_generated):
@@ -351,6 +561,12 @@ def summarize(results: Sequence[MethodResult], families: dict[str, str]) -> dict
       row["normalized"] = metrics.normalized_scores(
         raw, o_raw, sizes, {d: families[d] for d in raw}
       )
+    if r.timing is not None:
+      row["timing"] = dict(r.timing)
+      steps = r.timing["decode_steps"]
+      row["decode_ms_per_step"] = 1000 * r.timing["decode_s"] / steps if steps else None
+    if r.request_routing is not None:
+      row["routing_request_acc"] = r.request_routing["correct"] / max(r.request_routing["total"], 1)
     if r.routing is not None:
       acc, per_layer = routing_accuracy(r.routing, "entity")
       row["routing_entity_acc"] = acc

@@ -27,6 +27,7 @@ from lag_jax.model.sharding import mesh_from_sizes
 from lag_jax.routing import RoutedAdapters, RouterSpec, load_or_build_library, routed
 from lag_jax.routing.library import KNOWLEDGE_MODULES, TASK_MODULES
 from lag_jax.routing.sharded import shard_library
+from lag_jax.routing.spans import user_turn_span
 from lag_jax.text.tokenizer import Tokenizer
 
 
@@ -82,22 +83,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   libraries = _libraries(config, model.config, host=split)
   if split:
     libraries = [(_shard(lib, mesh, rules, config), s, f) for lib, s, f in libraries]
+  if config.chat_template:
+    # The user turn's tokens: the span request-level routers count (config.span).
+    prompt_ids, user_spans = [], []
+    for t in texts:
+      try:
+        _, ids, span = user_turn_span(tokenizer, t, config.system_prompt)
+      except ValueError:  # the template rewrote the message: count the whole prompt
+        logging.warning("User turn not found in the chat prompt of %r: span = prompt", t[:40])
+        messages = [{"role": "user", "content": t}]
+        if config.system_prompt:
+          messages.insert(0, {"role": "system", "content": config.system_prompt})
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        span = np.ones(len(ids), bool)
+      prompt_ids.append(ids)
+      user_spans.append(span)
+  else:
+    prompt_ids = [tokenizer.encode(t) for t in texts]
+    user_spans = [np.ones(len(ids), bool) for ids in prompt_ids]
+  if config.span not in ("user", "prompt"):
+    raise ValueError(f"config field 'span'={config.span!r}: choose 'user' or 'prompt'")
   if libraries:
+    spans = user_spans if config.span == "user" else None
     hook = RoutedAdapters(
-      tuple(routed(lib, len(texts), spec, fixed_ids=fixed) for lib, spec, fixed in libraries),
+      tuple(
+        routed(lib, len(texts), spec, fixed_ids=fixed, span=spans if spec.request_level else None)
+        for lib, spec, fixed in libraries
+      ),
       static=lora,
     )
     lora = hook
-  if config.chat_template:
-    messages = [
-      ([{"role": "system", "content": config.system_prompt}] if config.system_prompt else [])
-      + [{"role": "user", "content": t}]
-      for t in texts
-    ]
-    rendered = [tokenizer.apply_chat_template(m, add_generation_prompt=True) for m in messages]
-  else:
-    rendered = texts
-  prompt_ids = [tokenizer.encode(r) for r in rendered]
   g = config.generation
   sampler = make_sampler(
     g.sampler,
@@ -126,7 +141,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if primary:
       print(f"\n>>> {text}\n{reply}")
   logging.info(
-    "Prefill %.2fs, decode %.2fs for %d steps", out.prefill_s, out.decode_s, out.num_decode_steps
+    "Prefill %.2fs (%d pass%s), decode %.2fs for %d steps",
+    out.prefill_s,
+    out.prefill_passes,
+    "" if out.prefill_passes == 1 else "es",
+    out.decode_s,
+    out.num_decode_steps,
   )
   if not primary:
     logging.info("Process %d: process 0 writes the outputs", jax.process_index())
@@ -154,9 +174,7 @@ def _libraries(config, model_config, host=False):
     lib = load_or_build_library(
       folder, model_config, modules, allow_pickle=config.allow_pickle, host=host
     )
-    spec = RouterSpec(
-      router, k=config.k, temperature=config.temperature, projection=config.projection
-    )
+    spec = _router_spec(config, router)
     fixed = None
     if router == "fixed":
       if config.fixed_adapter not in lib.names:
@@ -167,6 +185,36 @@ def _libraries(config, model_config, host=False):
       fixed = [config.fixed_adapter] * len(_prompts(config))
     out.append((lib, spec, fixed))
   return out
+
+
+def _layer_list(value: str):
+  """'0-9+20-29' (or '0,1,2' as a tuple) -> a tuple of layer indices; '' -> None."""
+  if isinstance(value, tuple | list):
+    return tuple(int(v) for v in value) or None
+  out = []
+  for part in filter(None, str(value).replace(",", "+").split("+")):
+    lo, _, hi = part.partition("-")
+    out += list(range(int(lo), int(hi or lo) + 1))
+  return tuple(out) or None
+
+
+def _router_spec(config, router: str) -> RouterSpec:
+  """The config's RouterSpec for ``router``; gate / route_layers only where they apply
+  (lag and request_lag), so a task router of another kind is unaffected."""
+  gated = router in ("lag", "request_lag")
+  return RouterSpec(
+    router,
+    k=config.k,
+    temperature=config.temperature,
+    projection=config.projection,
+    vote_scope=config.vote_scope,
+    vote_score=config.vote_score,
+    vote_top_m=config.vote_top_m,
+    vote_layers=_layer_list(config.vote_layers),
+    gate=config.gate if gated else 0.0,
+    gate_fallback=config.gate_fallback,
+    layers=_layer_list(config.route_layers) if gated else None,
+  )
 
 
 def _batch_sharding(mesh, rules):

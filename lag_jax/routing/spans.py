@@ -36,6 +36,7 @@ def text_span(tokenizer, text: str, content: str) -> tuple[list[int], np.ndarray
   Raises:
     ValueError: ``content`` is empty or does not occur in ``text``.
   """
+  content = content if content in text else content.strip()  # templates may trim it
   start = text.rfind(content) if content else -1
   if start < 0:
     raise ValueError(f"span text {content[:40]!r} does not occur in the prompt")
