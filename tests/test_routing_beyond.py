@@ -772,6 +772,10 @@ def test_harness_method_names():
   std = harness.standard_methods(4)
   got = harness.select_methods(std, ["Oracle", "LAG", "Vote", "ReqLAG(k=2)", "RAG"], 4)
   assert [g.name for g in got] == ["Oracle", "LAG(k=4)", "RAG", "Vote(k=4)", "ReqLAG(k=2)"]
+  r = harness.method_from_name("R-Vote(k=2)")
+  assert (r.knowledge, r.task, r.rag, r.k) == ("none", "vote", True, 2)
+  assert harness.method_from_name("P-ReqLAG").knowledge == "prag"
+  assert harness.select_methods(std, ["R-Vote", "Vote"], 4, retrieval=False)[0].name == "Vote(k=4)"
   for bad in ("Vote(q=1)", "Vote(span=all)", "LAG+gate(gate=2)", "Nope(k=1)"):
     with pytest.raises(ValueError):
       harness.method_from_name(bad)
@@ -800,6 +804,14 @@ def test_harness_runs_a_vote_method():
   assert r.request_routing["total"] == 3
   row = harness.summarize([r], {"qa": "QA"})[method.name]
   assert 0 <= row["routing_request_acc"] <= 1 and row["timing"]["prefill_s"] > 0
+  report = dict(
+    benchmark="t",
+    num_examples=3,
+    num_knowledge_adapters=N,
+    num_task_adapters=0,
+    methods={method.name: row},
+  )
+  assert "routing acc. (requests)" in harness.markdown_table(report)
   # The question span is the input's characters (byte tokenizer: one token a byte).
   text, q, _ = harness.render_prompt(tok, examples[0])
   enc = tok.backend.encode(text, add_special_tokens=False)

@@ -123,6 +123,12 @@ BEYOND = {
   "LAG+gate": ("lag", (("gate", 0.1),), ()),
   "LAG+gate-none": ("lag", (("gate", 0.1), ("gate_fallback", "none")), ()),
   "LAG+edges": ("lag", (("layers", "edges"),), ()),
+  # With RAG (the BM25-top page in the prompt) or PRAG (its adapter) for knowledge and
+  # the router for the task library, as the paper's R-LAG / P-LAG.
+  "R-Vote": ("vote", (), (("knowledge", "none"), ("rag", True))),
+  "P-Vote": ("vote", (), (("knowledge", "prag"),)),
+  "R-ReqLAG": ("request_lag", (), (("knowledge", "none"), ("rag", True))),
+  "P-ReqLAG": ("request_lag", (), (("knowledge", "prag"),)),
 }
 # Short option names in method names -> RouterSpec fields.
 _OPTION_FIELDS = {
@@ -136,9 +142,11 @@ _OPTION_FIELDS = {
 }
 
 
-def beyond_methods(k: int = 20) -> list[Method]:
-  """Every BEYOND method at k (the request-level routers; not in ``standard_methods``)."""
-  return [method_from_name(f"{name}(k={k})", k) for name in BEYOND]
+def beyond_methods(k: int = 20, retrieval: bool = True) -> list[Method]:
+  """Every BEYOND method at k (the request-level routers; not in ``standard_methods``);
+  ``retrieval``: with the R- / P- ones."""
+  names = [n for n in BEYOND if retrieval or not n.startswith(("R-", "P-"))]
+  return [method_from_name(f"{name}(k={k})", k) for name in names]
 
 
 def method_from_name(name: str, k: int = 20) -> Method:
@@ -176,7 +184,8 @@ def method_from_name(name: str, k: int = 20) -> Method:
     if key in kw and kw[key] not in SPANS:
       raise ValueError(f"method {name!r}: {key} {kw[key]!r} is not one of {SPANS}")
   opts = tuple(sorted(options.items()))
-  method = Method(name, router, router, knowledge_options=opts, task_options=opts, **kw)
+  kw = {"knowledge": router, "task": router, **kw}
+  method = Method(name, knowledge_options=opts, task_options=opts, **kw)
   _router_spec(router, method.k, opts, 3)  # checks the options now
   return method
 
@@ -207,19 +216,22 @@ def _router_spec(router: str, k: int, options: tuple, num_layers: int) -> Router
   return RouterSpec(router, k=k, **kw)
 
 
-def select_methods(methods: Sequence[Method], wanted: Sequence[str], k: int) -> list[Method]:
+def select_methods(
+  methods: Sequence[Method], wanted: Sequence[str], k: int, retrieval: bool = True
+) -> list[Method]:
   """The evaluate job's ``methods`` field: standard ones by name or by the part before
   '(' (in their order; names that are absent, e.g. RAG without retrieval, are
   skipped), then request-level ones (``method_from_name``; a bare name gets k) in the
-  order given."""
+  order given; without ``retrieval``, those that need it (R- / P-) are skipped like
+  RAG / PRAG."""
   wanted = list(wanted)
   chosen = [m for m in methods if m.name in wanted or m.name.split("(")[0] in wanted]
-  chosen += [
+  beyond = [
     method_from_name(n if "(" in n else f"{n}(k={k})", k)
     for n in wanted
     if n.split("(")[0] in BEYOND
   ]
-  return chosen
+  return chosen + [m for m in beyond if retrieval or not (m.rag or m.knowledge == "prag")]
 
 
 @dataclasses.dataclass
@@ -358,6 +370,8 @@ def run_method(
     task_ids: the right task adapter id per example, or None without a task library.
     retrieved: BM25-top document index per example (for RAG / PRAG), or None.
   """
+  if retrieved is None and (method.rag or method.knowledge == "prag"):
+    raise ValueError(f"method {method.name!r} needs retrieval (RAG / PRAG): none was given")
   t0 = time.perf_counter()
   tok = setting.tokenizer
   rendered, types, spans = [], [], []
@@ -581,7 +595,8 @@ def summarize(results: Sequence[MethodResult], families: dict[str, str]) -> dict
 
 def markdown_table(report: dict) -> str:
   """The paper-shaped table: normalised score per family and AVG, raw metric per
-  dataset, and routing accuracy on the gold entity's tokens."""
+  dataset, and routing accuracy on the gold entity's tokens and per request (the
+  adapter chosen most over the question's tokens)."""
   methods = report["methods"]
   first = next(iter(methods.values()))
   families = [f for f in first.get("normalized", {}) if f != "AVG"]
@@ -591,7 +606,7 @@ def markdown_table(report: dict) -> str:
     + [f"{f} (% of oracle)" for f in families]
     + ["AVG"]
     + [f"{d} raw" for d in datasets]
-    + ["routing acc. (entity tokens)", "seconds"]
+    + ["routing acc. (entity tokens)", "routing acc. (requests)", "seconds"]
   )
   lines = [
     f"### {report['benchmark']}: {report['num_examples']} examples, "
@@ -609,7 +624,8 @@ def markdown_table(report: dict) -> str:
     norm = row.get("normalized", {})
     cells = [name] + [pct(norm.get(f)) for f in families] + [pct(norm.get("AVG"))]
     cells += [pct(row["raw"].get(d)) for d in datasets]
-    cells += [pct(row.get("routing_entity_acc")), f"{row['seconds']:.0f}"]
+    cells += [pct(row.get("routing_entity_acc")), pct(row.get("routing_request_acc"))]
+    cells += [f"{row['seconds']:.0f}"]
     lines.append("| " + " | ".join(cells) + " |")
   if report.get("k_sweep"):
     lines += [

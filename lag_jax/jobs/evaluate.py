@@ -200,7 +200,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   methods = harness.standard_methods(config.k, with_spectr=len(knowledge) <= config.spectr_max_n)
   methods = [m for m in methods if retrieved is not None or not (m.rag or m.knowledge == "prag")]
   if config.methods:  # standard names, and request-level ones (harness.BEYOND)
-    methods = harness.select_methods(methods, common.split_list(config.methods), config.k)
+    wanted = common.split_list(config.methods)
+    methods = harness.select_methods(methods, wanted, config.k, retrieved is not None)
   results = [harness.run_method(setting, m, examples, gold, task_ids, retrieved) for m in methods]
   sweep = []
   for k in [int(v) for v in common.split_list(config.k_sweep)]:
