@@ -83,7 +83,8 @@ class RouterSpec:
       over its candidates.
     vote_top_m: apply the m adapters with the most votes, mixed by their share of
       the m's votes (1: the winner alone, one LoRA per token).
-    vote_layers: the layers whose decisions count in the vote (None: all).
+    vote_layers: the layers whose decisions count in the vote (None: all); with
+      vote_scope 'module' the other layers get no votes, hence no adapter.
     gate: ``lag`` / ``request_lag``: where the relative margin (best - second) / best
       of the scores that decided a token (the candidates' ||A* x||; the Arrow scores
       when there is one candidate) is below this, the token falls back (0: off).
