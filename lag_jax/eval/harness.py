@@ -90,10 +90,14 @@ class Method:
 
 
 def standard_methods(k: int = 20, with_spectr: bool = True) -> list[Method]:
-  """The paper's methods plus the uniform merge (SpectR where N makes it affordable)."""
+  """The paper's methods plus the uniform merge (SpectR where N makes it affordable)
+  and a control, "Task only" (the right task adapter, no knowledge adapter): what the
+  oracle scores without the knowledge library, i.e. from format and the base model's
+  own memory."""
   out = [
     Method("Instr"),
     Method("Oracle", "oracle", "oracle"),
+    Method("Task only", "none", "oracle"),
     Method("Arrow", "arrow", "arrow"),
     Method(f"LAG(k={k})", "lag", "lag", k=k),
     Method("Uniform", "uniform", "uniform"),
