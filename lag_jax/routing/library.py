@@ -51,8 +51,24 @@ class LibraryWeights:
   valid: dict[str, jax.Array]
 
 
+class NamedAdapters:
+  """Names <-> ids, shared by every form of a library (resident, sharded, offloaded);
+  the class provides ``names``, a tuple of adapter names in id order."""
+
+  names: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def id(self, name: str) -> int:
+    try:
+      return self.names.index(name)
+    except ValueError:
+      raise KeyError(f"adapter {name!r} is not in the library") from None
+
+
 @dataclasses.dataclass(frozen=True)
-class AdapterLibrary:
+class AdapterLibrary(NamedAdapters):
   """N adapters of one base model on a fixed set of modules.
 
   Attributes:
@@ -70,15 +86,6 @@ class AdapterLibrary:
   ranks: tuple[int, ...]
   weights: LibraryWeights
   metadata: dict[str, dict] = dataclasses.field(default_factory=dict)
-
-  def __len__(self) -> int:
-    return len(self.names)
-
-  def id(self, name: str) -> int:
-    try:
-      return self.names.index(name)
-    except ValueError:
-      raise KeyError(f"adapter {name!r} is not in the library") from None
 
   @property
   def num_layers(self) -> int:

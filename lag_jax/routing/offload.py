@@ -97,7 +97,7 @@ from lag_jax.adapters.peft_io import AdapterError
 from lag_jax.model.layers import lora_delta
 from lag_jax.routing import routers
 from lag_jax.routing.hook import RoutedAdapters, RoutedLibrary, routed
-from lag_jax.routing.library import AdapterLibrary
+from lag_jax.routing.library import AdapterLibrary, NamedAdapters
 from lag_jax.routing.routers import LayerLibrary, RouterSpec
 
 OFFLOAD_ROUTERS = ("none", "fixed", "arrow", "arrow_softmax", "lag", "spectr")
@@ -470,7 +470,7 @@ class _Host:
 
 
 @dataclasses.dataclass(eq=False)
-class OffloadedLibrary:
+class OffloadedLibrary(NamedAdapters):
   """An adapter library whose factors stay on the host (see the module docstring).
 
   Build with ``OffloadedLibrary.open(folder, ...)`` (memory-mapped files) or
@@ -495,15 +495,6 @@ class OffloadedLibrary:
   caches: dict[str, dict[str, Any]]
   host: _Host
   metadata: dict[str, dict] = dataclasses.field(default_factory=dict)
-
-  def __len__(self) -> int:
-    return len(self.names)
-
-  def id(self, name: str) -> int:
-    try:
-      return self.names.index(name)
-    except ValueError:
-      raise KeyError(f"adapter {name!r} is not in the library") from None
 
   @property
   def num_layers(self) -> int:

@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lag_jax import distributed
 from lag_jax.model.sharding import DEFAULT_RULES
 from lag_jax.routing import routers
-from lag_jax.routing.library import AdapterLibrary, LibraryWeights, _n_axes
+from lag_jax.routing.library import AdapterLibrary, LibraryWeights, NamedAdapters, _n_axes
 from lag_jax.routing.routers import LayerLibrary, RouterSpec
 
 IMPLS = ("shard_map", "jit")
@@ -82,7 +82,7 @@ class AdapterSharding:
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardedLibrary:
+class ShardedLibrary(NamedAdapters):
   """An AdapterLibrary placed on a mesh, split along N (see the module docstring).
 
   ``routed(...)`` takes it in place of an AdapterLibrary: masks and ids are over the
@@ -103,15 +103,6 @@ class ShardedLibrary:
   weights: LibraryWeights
   sharding: AdapterSharding
   metadata: dict[str, dict] = dataclasses.field(default_factory=dict)
-
-  def __len__(self) -> int:
-    return len(self.names)
-
-  def id(self, name: str) -> int:
-    try:
-      return self.names.index(name)
-    except ValueError:
-      raise KeyError(f"adapter {name!r} is not in the library") from None
 
   @property
   def padded_size(self) -> int:
