@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import transformers
 
+from benchmarks.sections import write_section
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.generation.generate import generate
 from lag_jax.generation.sampling import Greedy
@@ -287,18 +288,6 @@ def markdown(res: dict) -> str:
   return "\n".join(lines)
 
 
-def write_markdown(path: str, section: str) -> None:
-  p = pathlib.Path(path)
-  text = p.read_text() if p.exists() else "# Benchmarks\n"
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    text = head + section + tail
-  else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-  p.write_text(text)
-
-
 def main(argv=None):
   args = parse_args(argv)
   res = benchmark(args)
@@ -308,7 +297,7 @@ def main(argv=None):
       json.dump(res, f, indent=2)
       f.write("\n")
   if args.markdown:
-    write_markdown(args.markdown, markdown(res))
+    write_section(args.markdown, markdown(res), BEGIN, END, header="# Benchmarks\n")
   print(markdown(res))
 
 

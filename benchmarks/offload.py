@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.sections import write_section
 from lag_jax.model.config import ModelConfig
 from lag_jax.model.kv_cache import KVCache
 from lag_jax.model.transformer import MLP_MODULES, CausalLM
@@ -704,18 +705,6 @@ def plot(res: dict, path: str) -> None:
   plt.close(fig)
 
 
-def write_markdown(path: str, section: str) -> None:
-  p = pathlib.Path(path)
-  text = p.read_text() if p.exists() else ""
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    text = head + section.rstrip("\n") + tail
-  else:
-    text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
-  p.write_text(text)
-
-
 def main(argv=None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.render:
@@ -724,7 +713,7 @@ def main(argv=None) -> None:
     res = measure(args)
     pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
-  write_markdown(args.markdown, render(res))
+  write_section(args.markdown, render(res), BEGIN, END)
   plot(res, args.plot)
   log(f"wrote {args.json}, {args.markdown}, {args.plot}")
 

@@ -79,6 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.sections import write_section
 from lag_jax.adapters.apply import stack_lora
 from lag_jax.adapters.peft_io import random_lora
 from lag_jax.model.config import ModelConfig
@@ -1975,18 +1976,6 @@ def analysis(results: dict) -> list[str]:
   return out
 
 
-def write_markdown(path: str, section: str) -> None:
-  p = pathlib.Path(path)
-  text = p.read_text() if p.exists() else "# Benchmarks\n"
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    text = head + section + tail
-  else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-  p.write_text(text)
-
-
 _PARTS = {
   "signatures": "signatures_part",
   "memory": "memory_part",
@@ -2021,7 +2010,7 @@ def main(argv=None):
     if args.plot:
       plot(args, results)
     if args.markdown:
-      write_markdown(args.markdown, markdown(results))
+      write_section(args.markdown, markdown(results), BEGIN, END, header="# Benchmarks\n")
     print(markdown(results))
     return
   t_start = time.perf_counter()
@@ -2074,7 +2063,7 @@ def main(argv=None):
   if args.plot:
     plot(args, results)
   if args.markdown:
-    write_markdown(args.markdown, markdown(results))
+    write_section(args.markdown, markdown(results), BEGIN, END, header="# Benchmarks\n")
   print(markdown(results))
 
 
