@@ -11,6 +11,7 @@ from lag_jax.routing.library import (
 )
 from lag_jax.routing.routers import ROUTERS, RouterSpec
 from lag_jax.routing.sharded import AdapterSharding, ShardedLibrary, shard_library
+from lag_jax.routing.shared import remove_shared
 from lag_jax.routing.signatures import spectral_align, spectral_align_stacked
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
   "RouterSpec",
   "ShardedLibrary",
   "load_or_build_library",
+  "remove_shared",
   "routed",
   "shard_library",
   "spectral_align",

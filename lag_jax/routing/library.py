@@ -49,6 +49,9 @@ class LibraryWeights:
   b: dict[str, jax.Array]
   arrows: dict[str, jax.Array]
   valid: dict[str, jax.Array]
+  # [L, I, S] per module: input directions removed from routing (routing/shared.py);
+  # None for a library as built. Never saved: derived from the others on demand.
+  shared: dict[str, jax.Array] | None = None
 
 
 class NamedAdapters:
@@ -199,6 +202,33 @@ class AdapterLibrary(NamedAdapters):
       {**self.metadata, **new.metadata},
     )
 
+  def subset(self, ids: Sequence[int | str]) -> AdapterLibrary:
+    """The library of the adapters ``ids`` (ids or names), in that order: its own
+    arrays (slices), so routing over it costs what N = len(ids) costs."""
+    idx = np.asarray([self.id(i) if isinstance(i, str) else int(i) for i in ids], np.int64)
+    if (
+      idx.size == 0 or len(set(idx.tolist())) != idx.size or idx.min() < 0 or idx.max() >= len(self)
+    ):
+      raise ValueError(f"subset: ids must be distinct ids in [0, {len(self)}), got {idx.tolist()}")
+    w = self.weights
+    if w.shared is not None:
+      raise ValueError("subset: take the subset before removing shared directions")
+    take = lambda x, axis: jnp.take(x, jnp.asarray(idx), axis=axis)  # noqa: E731
+    weights = LibraryWeights(
+      a={m: take(x, 1) for m, x in w.a.items()},
+      b={m: take(x, 1) for m, x in w.b.items()},
+      arrows={m: take(x, 2) for m, x in w.arrows.items()},
+      valid={m: take(x, 1) for m, x in w.valid.items()},
+    )
+    names = tuple(self.names[i] for i in idx)
+    return dataclasses.replace(
+      self,
+      names=names,
+      ranks=tuple(self.ranks[i] for i in idx),
+      weights=weights,
+      metadata={n: self.metadata[n] for n in names if n in self.metadata},
+    )
+
   def _padded(self, rank: int) -> AdapterLibrary:
     pad = rank - self.rank
     w = self.weights
@@ -211,6 +241,12 @@ class AdapterLibrary(NamedAdapters):
   def save(self, path: str | os.PathLike) -> None:
     """Writes arrays (orbax) and library.json; the folder appears only when complete."""
     import orbax.checkpoint as ocp
+
+    if self.weights.shared is not None:
+      raise ValueError(
+        "this library has shared directions removed (routing/shared.py: its arrows are "
+        "derived); save the library as built and apply remove_shared after loading"
+      )
 
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)

@@ -282,6 +282,11 @@ class OffloadWriter:
 
 def save_offloaded(library: AdapterLibrary, folder: str | os.PathLike, *, chunk: int = 4096):
   """Writes an AdapterLibrary as an offloaded library folder (same dtypes)."""
+  if library.weights.shared is not None:
+    raise ValueError(
+      "save_offloaded: the library has shared directions removed (its arrows are "
+      "derived); save the library as built"
+    )
   w = library.weights
   first = library.modules[0]
   with OffloadWriter(
@@ -559,6 +564,11 @@ class OffloadedLibrary(NamedAdapters):
         (at most; a call that can need fewer rows uses that many).
       stream_chunk: adapters per transfer when SpectR streams A*.
     """
+    if library.weights.shared is not None:
+      raise ValueError(
+        "OffloadedLibrary: the library has shared directions removed (routing/shared.py), "
+        "which offloaded routing does not implement; offload the library as built"
+      )
     w = library.weights
     factors = {
       "a": {m: np.asarray(w.a[m]) for m in library.modules},

@@ -106,7 +106,10 @@ def lag_select(x, lib: LayerLibrary, allowed, k: int, projection: str, want_marg
   scores = routers.arrow_scores(x, lib, allowed)
   vals, cand = routers._candidates(scores, k)  # [B, T, C]
   z = routers._project_candidates(x, lib.a, cand, projection)  # [B, T, C, R]
-  n2 = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
+  zr = z
+  if lib.shared is not None:
+    zr = routers._project_candidates(routers.routing_input(x, lib), lib.a, cand, projection)
+  n2 = jnp.sum(jnp.square(zr.astype(jnp.float32)), axis=-1)
   n2 = jnp.where(jnp.isfinite(vals), n2, -1.0)
   best = routers._argmax_low_id(n2, cand)
   sel = jnp.take_along_axis(cand, best[..., None], axis=-1)[..., 0]
@@ -144,7 +147,10 @@ def rerank(x, lib: LayerLibrary, allowed, cand, want_margin: bool):
   ok_c = (cand >= 0) & jnp.take_along_axis(allowed, ids, axis=1)  # [B, C]
   rows = routers.gather_adapters(lib.a, ids).astype(x.dtype).reshape(B, C * R, I)
   z = jnp.einsum("bti,bji->btj", x, rows).reshape(B, T, C, R)
-  n2 = jnp.where(ok_c[:, None, :], jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1), -1.0)
+  zr = z
+  if lib.shared is not None:
+    zr = jnp.einsum("bti,bji->btj", routers.routing_input(x, lib), rows).reshape(B, T, C, R)
+  n2 = jnp.where(ok_c[:, None, :], jnp.sum(jnp.square(zr.astype(jnp.float32)), axis=-1), -1.0)
   cand_t = jnp.broadcast_to(cand[:, None, :], (B, T, C))
   best = routers._argmax_low_id(n2, cand_t)
   sel = jnp.take_along_axis(cand_t, best[..., None], axis=-1)[..., 0]

@@ -167,12 +167,25 @@ class LayerLibrary:
     b: [N, O, R] B* = U S.
     arrows: [I, N] each adapter's top right singular vector, as columns.
     valid: [N] bool, False for adapters that are all zero here.
+    shared: [I, S] input directions that routing ignores (``routing/shared.py``:
+      SpectR norms are ||A* P x||, P = 1 - W W^T; the arrows were recomputed
+      already), or None.
   """
 
   a: jax.Array
   b: jax.Array
   arrows: jax.Array
   valid: jax.Array
+  shared: jax.Array | None = None
+
+
+def routing_input(x: jax.Array, lib: LayerLibrary) -> jax.Array:
+  """What the SpectR norms see: x [B, T, I] with the library's shared directions
+  projected out (x itself for a library without them)."""
+  if lib.shared is None:
+    return x
+  w = lib.shared.astype(x.dtype)
+  return x - jnp.einsum("bts,is->bti", jnp.einsum("bti,is->bts", x, w), w)
 
 
 def _argmax_low_id(values: jax.Array, ids: jax.Array) -> jax.Array:
@@ -289,7 +302,10 @@ def route_lag(x, lib: LayerLibrary, allowed, k: int, projection: str = "auto"):
   scores = arrow_scores(x, lib, allowed)
   vals, cand = _candidates(scores, k)  # [B, T, C]
   z = _project_candidates(x, lib.a, cand, projection)  # [B, T, C, R]
-  norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
+  zr = (
+    z if lib.shared is None else _project_candidates(routing_input(x, lib), lib.a, cand, projection)
+  )
+  norms = jnp.sum(jnp.square(zr.astype(jnp.float32)), axis=-1)
   norms = jnp.where(jnp.isfinite(vals), norms, -1.0)  # disallowed candidates lose
   best = _argmax_low_id(norms, cand)  # [B, T]
   sel = jnp.take_along_axis(cand, best[..., None], axis=-1)[..., 0]
@@ -311,7 +327,8 @@ def route_arrow(x, lib: LayerLibrary, allowed):
 def route_spectr(x, lib: LayerLibrary, allowed):
   """SpectR over the whole library: argmax_i ||A*_i x||."""
   z = project_all(x, lib.a)
-  norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
+  zr = z if lib.shared is None else project_all(routing_input(x, lib), lib.a)
+  norms = jnp.sum(jnp.square(zr.astype(jnp.float32)), axis=-1)
   norms = jnp.where(allowed[:, None, :], norms, _NEG)
   ids = jnp.arange(norms.shape[-1], dtype=jnp.int32)
   sel = _argmax_low_id(norms, ids)

@@ -153,6 +153,11 @@ def shard_library(
   Raises:
     ValueError: the rules map ``adapter`` to no axis of the mesh.
   """
+  if library.weights.shared is not None:
+    raise ValueError(
+      "shard_library: the library has shared directions removed (routing/shared.py), "
+      "which sharded routing does not implement; shard the library as built"
+    )
   axis = rules.get("adapter")
   if axis not in mesh.shape:
     raise ValueError(
