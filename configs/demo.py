@@ -80,6 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.k = 4
   c.k_sweep = "1,2,4,8,16"
   c.spectr_max_n = 1000
+  # Route the knowledge library with shared input directions removed from its
+  # signatures: none | mean:S | top:S (lag_jax/routing/shared.py).
+  c.shared_removal = "none"
   c.methods = ""  # comma-separated subset of method names; default all
   c.max_new_tokens = 12
   c.batch_size = 16

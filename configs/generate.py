@@ -61,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.gate = 0.0  # lag / request_lag: margin below which a token falls back (0: off)
   c.gate_fallback = "vote"  # vote | none
   c.route_layers = ""  # lag / request_lag: layers that route per token; '': all
+  # Route the knowledge library with shared input directions removed from its
+  # signatures: none | mean:S | top:S (lag_jax/routing/shared.py; one device only).
+  c.shared_removal = "none"
   c.save_routing = False  # write the chosen adapter per token, layer and module
 
   # Device mesh, per-axis sizes (one may be -1: all remaining devices); all 1: one

@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.k = 20
   c.k_sweep = "1,2,5,10,20,50"
   c.spectr_max_n = 1000
+  c.shared_removal = "none"  # none | mean:S | top:S (lag_jax/routing/shared.py)
   c.methods = ""
   c.max_new_tokens = 32
   c.batch_size = 64

@@ -44,6 +44,7 @@ def test_there_are_configs():
     "demo.py",
     "wiki_fanoutqa.py",
     "llama3_2_3b_kilt.py",
+    "synthetic_scale.py",
   } <= {os.path.basename(p) for p in CONFIGS}
 
 
@@ -59,6 +60,15 @@ def _check_outputs(job, workdir):
     report = json.loads((workdir / "results.json").read_text())
     assert {"Instr", "Oracle", "Arrow", "RAG", "PRAG", "P-LAG", "R-LAG"} <= set(report["methods"])
     assert (workdir / "results.md").exists() and (workdir / "score_vs_k.png").exists()
+  elif job == "routing_scale":
+    report = json.loads((workdir / "scale.json").read_text())
+    assert report["sizes"] == [3, 6]
+    rows = report["routers"]
+    assert {"LAG", "Vote", "ReqLAG", "LAG [shared top:1]", "Vote [shared top:1]"} == set(rows)
+    for row in rows.values():
+      for n in ("3", "6"):
+        assert 0.0 <= row[n]["request_acc"] <= 1.0 and row[n]["requests"] > 0
+    assert (workdir / "scale.md").exists() and (workdir / "scale.png").exists()
   else:
     raise AssertionError(f"no output check for job {job!r}")
 
@@ -81,12 +91,15 @@ def test_tiny_variant_runs(tmp_path, path):
   _check_outputs(_load(path).get_config(arg).job, tmp_path)
 
 
-def test_generate_with_routed_libraries(tmp_path):
-  # The CLI: answer prompts with a knowledge and a task library, LAG k = 3.
+@pytest.mark.parametrize("shared", ["none", "top:2"])
+def test_generate_with_routed_libraries(tmp_path, shared):
+  # The CLI: answer prompts with a knowledge and a task library, LAG k = 3
+  # (and with two shared directions removed from the knowledge library's routing).
   proc = _run(
     "--config=configs/generate.py:tiny_lag",
     "--config.router=lag",
     "--config.k=3",
+    f"--config.shared_removal={shared}",
     f"--workdir={tmp_path}",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -107,6 +120,16 @@ def test_unknown_config_key_is_an_error(tmp_path):
   assert proc.returncode != 0
   assert "max_new_tokenz" in proc.stderr
   assert not (tmp_path / "generations.json").exists()
+
+
+@pytest.mark.parametrize("config", ["generate.py:tiny_lag", "demo.py:tiny"])
+def test_bad_shared_removal_is_an_error_before_any_work(tmp_path, config):
+  proc = _run(
+    f"--config=configs/{config}", "--config.shared_removal=median:1", f"--workdir={tmp_path}"
+  )
+  assert proc.returncode != 0
+  assert "shared_removal 'median:1'" in proc.stderr
+  assert os.listdir(tmp_path) == []
 
 
 def test_override_changes_the_run(tmp_path):

@@ -25,10 +25,17 @@ def _evaluate(config, workdir):
   return evaluate.run(config, workdir)
 
 
+def _routing_scale(config, workdir):
+  from lag_jax.jobs import routing_scale
+
+  return routing_scale.run(config, workdir)
+
+
 JOBS: dict[str, Callable[[ml_collections.ConfigDict, str], object]] = {
   "generate": _generate,
   "build_library": _build_library,
   "evaluate": _evaluate,
+  "routing_scale": _routing_scale,
 }
 
 

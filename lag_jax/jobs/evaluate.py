@@ -19,6 +19,7 @@ from absl import logging
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.eval import harness
 from lag_jax.jobs import common
+from lag_jax.routing.shared import parse_mode, remove_shared
 from lag_jax.text.tokenizer import Tokenizer
 from lag_jax.training import AdapterJob, TrainConfig, build_library
 
@@ -139,6 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(
       f"the evaluate job runs in a single process; got {jax.process_count()} (drop --distributed)"
     )
+  parse_mode(config.shared_removal)  # a bad value fails before any training
   t_start = time.perf_counter()
   folder = common.resolve_checkpoint(config.checkpoint)
   model = load_model(folder)
@@ -162,6 +164,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _train_config(config.knowledge_training),
     eos_token=doc_eos,
   )
+  knowledge, shared = remove_shared(knowledge, config.shared_removal)
+  if shared.count:
+    logging.info(
+      "Knowledge routing with %d shared direction(s) removed (%s)", shared.count, shared.mode
+    )
   task_jobs = []
   for task, exs in task_data.items():
     pairs = [(harness.render_prompt(tokenizer, ex)[0], ex.answers[0]) for ex in exs]
@@ -228,6 +235,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "benchmark": config.benchmark,
     "num_examples": len(examples),
     "num_knowledge_adapters": len(knowledge),
+    "shared_removal": config.shared_removal,
     "num_task_adapters": 0 if task_lib is None else len(task_lib),
     "build_seconds": t_build,
     "total_seconds": time.perf_counter() - t_start,

@@ -27,6 +27,7 @@ from lag_jax.model.sharding import mesh_from_sizes
 from lag_jax.routing import RoutedAdapters, RouterSpec, load_or_build_library, routed
 from lag_jax.routing.library import KNOWLEDGE_MODULES, TASK_MODULES
 from lag_jax.routing.sharded import shard_library
+from lag_jax.routing.shared import parse_mode, remove_shared
 from lag_jax.routing.spans import user_turn_span
 from lag_jax.text.tokenizer import Tokenizer
 
@@ -46,6 +47,7 @@ def _prompts(config) -> list[str]:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Loads model, tokenizer and adapters, generates, writes ``generations.json``."""
+  parse_mode(config.shared_removal)  # a bad value fails before any work
   # Process 0 first: the first use converts / writes the checkpoint into the cache.
   folder = distributed.primary_first(
     lambda: common.resolve_checkpoint(config.checkpoint), "resolve_checkpoint"
@@ -174,6 +176,8 @@ def _libraries(config, model_config, host=False):
     lib = load_or_build_library(
       folder, model_config, modules, allow_pickle=config.allow_pickle, host=host
     )
+    if field == "library":
+      lib, _ = remove_shared(lib, config.shared_removal)
     spec = _router_spec(config, router)
     fixed = None
     if router == "fixed":

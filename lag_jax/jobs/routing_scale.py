@@ -1,0 +1,227 @@
+"""The ``routing_scale`` job: how routing accuracy falls as the library grows.
+
+Builds (or reuses) one knowledge adapter per person of a synthetic world, then for
+nested libraries of the first N people (``sizes``) runs each router over requests
+about those N people and counts how often it routes to the request's own person:
+per decision on the entity's tokens, and per request (the adapter a vote applies;
+for per-token routers, the majority of their decisions over the question). Each
+router also runs on the library with shared directions removed (``shared_removal``,
+``lag_jax.routing.shared``) where listed in ``shared_routers``. Prefill and one
+generated token per request: the routing is measured, not the answers.
+
+Writes scale.json, scale.md and scale.png in the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from lag_jax.checkpoints.safetensors_loader import load_model
+from lag_jax.eval import harness
+from lag_jax.jobs import common
+from lag_jax.jobs.evaluate import _train_config
+from lag_jax.routing.shared import parse_mode, remove_shared
+from lag_jax.text.tokenizer import Tokenizer
+from lag_jax.training import AdapterJob, build_library
+
+# Per-token routers by name (the BEYOND ones come from harness.method_from_name).
+_PER_TOKEN = {"LAG": "lag", "Arrow": "arrow", "SpectR": "spectr"}
+
+
+def method(name: str, k: int) -> harness.Method:
+  """A knowledge-only method (no task library) for a router name."""
+  if name in _PER_TOKEN:
+    return harness.Method(name, _PER_TOKEN[name], "none", k=k)
+  m = harness.method_from_name(name if "(" in name else f"{name}(k={k})", k)
+  if m.rag or m.knowledge == "prag":
+    raise ValueError(f"config field 'routers': {name!r} needs retrieval; routing_scale routes only")
+  return dataclasses.replace(m, name=name, task="none")
+
+
+def pick_requests(examples, names: list[str], limit: int, seed: int):
+  """Up to ``limit`` examples about the people ``names``, spread evenly over them
+  (seeded), in a fixed order."""
+  wanted = set(names)
+  pool = [ex for ex in examples if ex.provenance[0] in wanted]
+  if limit and len(pool) > limit:
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(pool), limit, replace=False))
+    pool = [pool[i] for i in keep]
+  return pool
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  if jax.process_count() > 1:
+    raise ValueError("the routing_scale job runs in a single process (drop --distributed)")
+  from lag_jax.data.synthetic import make_world
+
+  t_start = time.perf_counter()
+  folder = common.resolve_checkpoint(config.checkpoint)
+  model = load_model(folder)
+  tokenizer = Tokenizer.from_dir(folder)
+  c = config.synthetic
+  world = make_world(c.num_entities, seed=c.seed)
+  jobs = [
+    AdapterJob(t, texts=world.training_texts(t), metadata={"title": t}) for t in world.documents
+  ]
+  doc_eos = "<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None else None
+  root = config.library_root or workdir
+  t0 = time.perf_counter()
+  full = build_library(
+    jobs,
+    model,
+    tokenizer,
+    os.path.join(root, "knowledge"),
+    _train_config(config.knowledge_training),
+    eos_token=doc_eos,
+  )
+  t_build = time.perf_counter() - t0
+
+  sizes = sorted({int(v) for v in common.split_list(config.sizes)})
+  if not sizes or sizes[0] < 2 or sizes[-1] > len(full):
+    raise ValueError(
+      f"config field 'sizes'={config.sizes!r}: sizes must lie in [2, {len(full)}] "
+      "(the world's people)"
+    )
+  routers = common.split_list(config.routers)
+  shared_specs = [s for s in common.split_list(config.shared_removal) if parse_mode(s)[0] != "none"]
+  shared_routers = common.split_list(config.shared_routers)
+  unknown = sorted(set(shared_routers) - set(routers))
+  if unknown:
+    raise ValueError(f"config field 'shared_routers': {unknown} are not in 'routers'")
+  for name in routers:
+    method(name, config.k)  # checks every name before any run
+  examples = [ex for task in c.tasks for ex in world.tasks[task]]
+
+  rows: dict[str, dict] = {}
+  removed: dict[str, dict] = {}
+  for n in sizes:
+    lib = full.subset(range(n))
+    reqs = pick_requests(examples, list(lib.names), config.max_requests, c.seed)
+    gold = [lib.names.index(ex.provenance[0]) for ex in reqs]
+    variants = [("none", lib)]
+    for spec in shared_specs:
+      lib_s, report = remove_shared(lib, spec)
+      variants.append((spec, lib_s))
+      removed.setdefault(spec, {})[str(n)] = {
+        m: float(np.mean(v[:, 0])) for m, v in report.leading.items()
+      }
+    for spec, lib_v in variants:
+      setting = harness.Setting(
+        model=model,
+        tokenizer=tokenizer,
+        knowledge=lib_v,
+        task=None,
+        documents=[],
+        max_new_tokens=1,
+        batch_size=config.batch_size,
+      )
+      for name in routers:
+        if spec != "none" and name not in shared_routers:
+          continue
+        if name == "SpectR" and n > config.spectr_max_n:
+          continue
+        label = name if spec == "none" else f"{name} [shared {spec}]"
+        r = harness.run_method(setting, method(name, config.k), reqs, gold, None, None)
+        entity_acc, by_layer = harness.routing_accuracy(r.routing, "entity")
+        req = r.request_routing
+        rows.setdefault(label, {})[str(n)] = {
+          "requests": len(reqs),
+          "request_acc": req["correct"] / max(req["total"], 1),
+          "entity_token_acc": entity_acc,
+          "entity_token_acc_by_layer": by_layer,
+          "seconds": r.seconds,
+        }
+        logging.info(
+          "N=%d %s: request %.3f, entity tokens %.3f (%d requests, %.1fs)",
+          n,
+          label,
+          rows[label][str(n)]["request_acc"],
+          entity_acc,
+          len(reqs),
+          r.seconds,
+        )
+
+  report = {
+    "num_entities": len(full),
+    "sizes": sizes,
+    "k": config.k,
+    "training": dict(config.knowledge_training),
+    "build_seconds": t_build,
+    "total_seconds": time.perf_counter() - t_start,
+    "shared_leading_eigenvalue": removed,
+    "routers": rows,
+  }
+  common.write_json_atomic(os.path.join(workdir, "scale.json"), report)
+  markdown = markdown_table(report)
+  tmp = os.path.join(workdir, ".scale.md.tmp")
+  with open(tmp, "w") as f:
+    f.write(markdown)
+  os.replace(tmp, os.path.join(workdir, "scale.md"))
+  plot(report, os.path.join(workdir, "scale.png"))
+  print(markdown)
+  logging.info(
+    "routing_scale: %.1fs in all (library build %.1fs)", report["total_seconds"], t_build
+  )
+  return report
+
+
+def markdown_table(report: dict) -> str:
+  sizes = [str(n) for n in report["sizes"]]
+  head = "| Router | " + " | ".join(f"N={n} request" for n in sizes)
+  head += " | " + " | ".join(f"N={n} entity tokens" for n in sizes) + " |"
+  lines = [head, "|---" * (1 + 2 * len(sizes)) + "|"]
+
+  def pct(row, n, key):
+    return f"{100 * row[n][key]:.1f}" if n in row else "-"
+
+  for label, row in report["routers"].items():
+    cells = [pct(row, n, "request_acc") for n in sizes] + [
+      pct(row, n, "entity_token_acc") for n in sizes
+    ]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  counts = {
+    n: next((r[n]["requests"] for r in report["routers"].values() if n in r), 0) for n in sizes
+  }
+  lines.append("")
+  lines.append(
+    "Requests per size: "
+    + ", ".join(f"N={n}: {counts[n]}" for n in sizes)
+    + f"; k = {report['k']}."
+  )
+  return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  for label, row in report["routers"].items():
+    ns = [n for n in report["sizes"] if str(n) in row]
+    style = "--" if "[shared" in label else "-"
+    for ax, key in zip(axes, ("request_acc", "entity_token_acc"), strict=True):
+      ax.plot(ns, [100 * row[str(n)][key] for n in ns], style, marker="o", label=label)
+  for ax, title in zip(
+    axes, ("requests routed to their own adapter", "entity-token decisions"), strict=True
+  ):
+    ax.set_xscale("log")
+    ax.set_xlabel("N (knowledge adapters)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("% gold")
+  axes[1].legend(fontsize=7, loc="upper right")
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
