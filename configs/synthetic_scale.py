@@ -35,6 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.shared_removal = "mean:4,top:4"
   c.shared_routers = "Vote,Vote-score"
   c.spectr_max_n = 250  # SpectR projects onto all N adapters per token
+  # Candidates k for these routers at these sizes (besides k above).
+  c.k_sweep = "1,2,8,16"
+  c.k_sweep_routers = "LAG,Vote,ReqLAG"
+  c.k_sweep_sizes = "16"
   c.k = 4
   c.batch_size = 16
 
@@ -62,6 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.routers = "LAG,Vote,ReqLAG"
     c.shared_removal = "top:1"
     c.shared_routers = "LAG,Vote"
+    c.k_sweep = "1"
+    c.k_sweep_routers = "Vote"
+    c.k_sweep_sizes = "6"
     c.k = 2
     c.knowledge_training.max_seq_len = 64
   elif arg:

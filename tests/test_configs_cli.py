@@ -60,13 +60,16 @@ def _check_outputs(job, workdir):
     report = json.loads((workdir / "results.json").read_text())
     assert {"Instr", "Oracle", "Arrow", "RAG", "PRAG", "P-LAG", "R-LAG"} <= set(report["methods"])
     assert (workdir / "results.md").exists() and (workdir / "score_vs_k.png").exists()
+    assert (workdir / "methods.png").exists()
   elif job == "routing_scale":
     report = json.loads((workdir / "scale.json").read_text())
     assert report["sizes"] == [3, 6]
     rows = report["routers"]
-    assert {"LAG", "Vote", "ReqLAG", "LAG [shared top:1]", "Vote [shared top:1]"} == set(rows)
-    for row in rows.values():
-      for n in ("3", "6"):
+    want = {"LAG", "Vote", "ReqLAG", "LAG [shared top:1]", "Vote [shared top:1]", "Vote (k=1)"}
+    assert set(rows) == want
+    assert set(rows["Vote (k=1)"]) == {"6"}  # the k sweep runs at its sizes only
+    for label, row in rows.items():
+      for n in ("3", "6") if label != "Vote (k=1)" else ("6",):
         assert 0.0 <= row[n]["request_acc"] <= 1.0 and row[n]["requests"] > 0
     assert (workdir / "scale.md").exists() and (workdir / "scale.png").exists()
   else:

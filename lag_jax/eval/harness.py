@@ -649,7 +649,8 @@ def markdown_table(report: dict) -> str:
 
 
 def plot(report: dict, workdir: str) -> None:
-  """score_vs_k.png and routing_by_layer.png next to the JSON and markdown."""
+  """score_vs_k.png, routing_by_layer.png and methods.png next to the JSON and
+  markdown."""
   import os
 
   import matplotlib
@@ -696,3 +697,38 @@ def plot(report: dict, workdir: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "routing_by_layer.png"), dpi=120)
     plt.close(fig)
+  plot_methods(report, os.path.join(workdir, "methods.png"))
+
+
+def plot_methods(report: dict, path: str) -> None:
+  """Every method side by side: AVG score as % of the oracle, and the share of requests
+  routed to their gold knowledge adapter (methods that route)."""
+  import os
+
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = report["methods"]
+  names = [m for m, r in rows.items() if r.get("normalized", {}).get("AVG") is not None]
+  if not names:
+    return
+  x = np.arange(len(names))
+  avg = [100 * rows[m]["normalized"]["AVG"] for m in names]
+  req = [100 * (rows[m].get("routing_request_acc") or float("nan")) for m in names]
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4))
+  ax.bar(x - 0.2, avg, 0.4, label="AVG score (% of oracle)")
+  ax.bar(x + 0.2, req, 0.4, label="requests routed to the gold adapter (%)")
+  ax.axhline(100, color="gray", lw=0.8, ls=":")
+  ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+  ax.set_title(
+    f"{report['benchmark']}: {report['num_examples']} examples, "
+    f"{report['num_knowledge_adapters']} knowledge adapters"
+  )
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)

@@ -100,6 +100,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     method(name, config.k)  # checks every name before any run
   examples = [ex for task in c.tasks for ex in world.tasks[task]]
 
+  sweep_ks = [int(v) for v in common.split_list(config.k_sweep)]
+  sweep_routers = common.split_list(config.k_sweep_routers)
+  sweep_sizes = {int(v) for v in common.split_list(config.k_sweep_sizes)}
+  for name in sweep_routers:
+    method(name, 1)
   rows: dict[str, dict] = {}
   removed: dict[str, dict] = {}
   for n in sizes:
@@ -123,13 +128,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         max_new_tokens=1,
         batch_size=config.batch_size,
       )
-      for name in routers:
-        if spec != "none" and name not in shared_routers:
+      runs = [(name, config.k, name) for name in routers]
+      if n in sweep_sizes:
+        runs += [(name, k, f"{name} (k={k})") for name in sweep_routers for k in sweep_ks]
+      for name, k, base_label in runs:
+        if spec != "none" and (name not in shared_routers or k != config.k):
           continue
         if name == "SpectR" and n > config.spectr_max_n:
           continue
-        label = name if spec == "none" else f"{name} [shared {spec}]"
-        r = harness.run_method(setting, method(name, config.k), reqs, gold, None, None)
+        label = base_label if spec == "none" else f"{base_label} [shared {spec}]"
+        r = harness.run_method(setting, method(name, k), reqs, gold, None, None)
         entity_acc, by_layer = harness.routing_accuracy(r.routing, "entity")
         req = r.request_routing
         rows.setdefault(label, {})[str(n)] = {
@@ -207,6 +215,8 @@ def plot(report: dict, path: str) -> None:
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
   for label, row in report["routers"].items():
+    if " (k=" in label:  # the k sweep runs at one or two sizes: it is in the table
+      continue
     ns = [n for n in report["sizes"] if str(n) in row]
     style = "--" if "[shared" in label else "-"
     for ax, key in zip(axes, ("request_acc", "entity_token_acc"), strict=True):
