@@ -21,6 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.job = "routing_scale"
   c.checkpoint = "smollm2"
   c.library_root = ""  # default: the workdir
+  # False: measure the library in <library_root>/knowledge/library as it stands (its
+  # first people), without training; sizes measured before in the workdir are kept.
+  c.build = True
 
   c.synthetic = ml_collections.ConfigDict()
   c.synthetic.num_entities = 1000

@@ -94,6 +94,25 @@ def test_tiny_variant_runs(tmp_path, path):
   _check_outputs(_load(path).get_config(arg).job, tmp_path)
 
 
+def test_routing_scale_measures_a_library_as_it_stands(tmp_path):
+  """build=False measures the saved library without training, refuses a library of
+  another world, and a rerun keeps the sizes already measured."""
+  base = ["--config=configs/synthetic_scale.py:tiny", f"--workdir={tmp_path}"]
+  proc = _run(*base, "--config.sizes=3", "--config.k_sweep_sizes=")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  first = json.loads((tmp_path / "scale.json").read_text())
+  assert first["sizes"] == [3]
+  proc = _run(*base, "--config.build=False", "--config.sizes=3,6", "--config.k_sweep_sizes=")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Keeping" in proc.stderr
+  second = json.loads((tmp_path / "scale.json").read_text())
+  assert second["sizes"] == [3, 6]
+  for label, row in first["routers"].items():
+    assert second["routers"][label]["3"] == row["3"]
+  proc = _run(*base, "--config.build=False", "--config.synthetic.seed=1")
+  assert proc.returncode != 0 and "first 6 people" in proc.stderr
+
+
 @pytest.mark.parametrize("shared", ["none", "top:2"])
 def test_generate_with_routed_libraries(tmp_path, shared):
   # The issue's CLI: answer prompts with a knowledge and a task library, LAG k = 3

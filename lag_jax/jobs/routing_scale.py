@@ -15,6 +15,7 @@ Writes scale.json, scale.md and scale.png in the workdir.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -27,6 +28,7 @@ from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.eval import harness
 from lag_jax.jobs import common
 from lag_jax.jobs.evaluate import _train_config
+from lag_jax.routing.library import AdapterLibrary
 from lag_jax.routing.shared import parse_mode, remove_shared
 from lag_jax.text.tokenizer import Tokenizer
 from lag_jax.training import AdapterJob, build_library
@@ -74,14 +76,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   doc_eos = "<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None else None
   root = config.library_root or workdir
   t0 = time.perf_counter()
-  full = build_library(
-    jobs,
-    model,
-    tokenizer,
-    os.path.join(root, "knowledge"),
-    _train_config(config.knowledge_training),
-    eos_token=doc_eos,
-  )
+  if config.build:
+    full = build_library(
+      jobs,
+      model,
+      tokenizer,
+      os.path.join(root, "knowledge"),
+      _train_config(config.knowledge_training),
+      eos_token=doc_eos,
+    )
+  else:
+    # The library as it stands (e.g. while a build is still running elsewhere): the
+    # world's first people, in order, for as many as it holds.
+    full = AdapterLibrary.load(os.path.join(root, "knowledge", "library"))
+    expected = list(world.documents)[: len(full)]
+    if list(full.names) != expected:
+      raise ValueError(
+        f"{root}/knowledge/library does not hold the first {len(full)} people of this "
+        "world in order (another world, seed or order)"
+      )
   t_build = time.perf_counter() - t0
 
   sizes = sorted({int(v) for v in common.split_list(config.sizes)})
@@ -105,7 +118,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sweep_sizes = {int(v) for v in common.split_list(config.k_sweep_sizes)}
   for name in sweep_routers:
     method(name, 1)
+  # Sizes measured before with the same settings (scale.json in the workdir) are kept,
+  # so a run can add the largest size once its library is complete.
   rows: dict[str, dict] = {}
+  settings = {
+    "k": config.k,
+    "max_requests": config.max_requests,
+    "seed": c.seed,
+    "training": dict(config.knowledge_training),
+  }
+  previous = os.path.join(workdir, "scale.json")
+  if os.path.exists(previous):
+    with open(previous) as f:
+      old = json.load(f)
+    if old.get("settings") == settings:
+      rows = old["routers"]
+      logging.info("Keeping %d measured rows from %s", len(rows), previous)
   removed: dict[str, dict] = {}
   for n in sizes:
     lib = full.subset(range(n))
@@ -137,6 +165,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if name == "SpectR" and n > config.spectr_max_n:
           continue
         label = base_label if spec == "none" else f"{base_label} [shared {spec}]"
+        if str(n) in rows.get(label, {}):
+          continue
         r = harness.run_method(setting, method(name, k), reqs, gold, None, None)
         entity_acc, by_layer = harness.routing_accuracy(r.routing, "entity")
         req = r.request_routing
@@ -157,9 +187,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           r.seconds,
         )
 
+  measured = sorted({int(n) for row in rows.values() for n in row})
   report = {
     "num_entities": len(full),
-    "sizes": sizes,
+    "sizes": measured,
+    "settings": settings,
     "k": config.k,
     "training": dict(config.knowledge_training),
     "build_seconds": t_build,
