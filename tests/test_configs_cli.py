@@ -72,6 +72,7 @@ def _check_outputs(job, workdir):
       for n in ("3", "6") if label != "Vote (k=1)" else ("6",):
         assert 0.0 <= row[n]["request_acc"] <= 1.0 and row[n]["requests"] > 0
     assert (workdir / "scale.md").exists() and (workdir / "scale.png").exists()
+    assert (workdir / "scale_k.png").exists()
   else:
     raise AssertionError(f"no output check for job {job!r}")
 

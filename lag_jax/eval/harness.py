@@ -721,12 +721,14 @@ def plot_methods(report: dict, path: str) -> None:
   ax.bar(x - 0.2, avg, 0.4, label="AVG score (% of oracle)")
   ax.bar(x + 0.2, req, 0.4, label="requests routed to the gold adapter (%)")
   ax.axhline(100, color="gray", lw=0.8, ls=":")
+  top = max([v for v in avg + req if v == v] + [100.0])
+  ax.set_ylim(0, 1.3 * top)
   ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
   ax.set_title(
     f"{report['benchmark']}: {report['num_examples']} examples, "
     f"{report['num_knowledge_adapters']} knowledge adapters"
   )
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper left", ncol=2)
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=120)

@@ -9,7 +9,8 @@ router also runs on the library with shared directions removed (``shared_removal
 ``lag_jax.routing.shared``) where listed in ``shared_routers``. Prefill and one
 generated token per request: the routing is measured, not the answers.
 
-Writes scale.json, scale.md and scale.png in the workdir.
+Writes scale.json, scale.md, scale.png (accuracy against N) and scale_k.png (against k,
+where a k sweep ran) in the workdir.
 """
 
 from __future__ import annotations
@@ -206,6 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     f.write(markdown)
   os.replace(tmp, os.path.join(workdir, "scale.md"))
   plot(report, os.path.join(workdir, "scale.png"))
+  plot_k(report, os.path.join(workdir, "scale_k.png"))
   print(markdown)
   logging.info(
     "routing_scale: %.1fs in all (library build %.1fs)", report["total_seconds"], t_build
@@ -262,6 +264,48 @@ def plot(report: dict, path: str) -> None:
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("% gold")
   axes[1].legend(fontsize=7, loc="upper right")
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def plot_k(report: dict, path: str) -> None:
+  """Request and entity-token accuracy against k for each swept router and size."""
+  import re
+
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  curves: dict[tuple[str, str], dict[int, dict]] = {}
+  for label, row in report["routers"].items():
+    m = re.fullmatch(r"(.+) \(k=(\d+)\)", label)
+    if m is None:
+      continue
+    for n, cell in row.items():
+      curves.setdefault((m.group(1), n), {})[int(m.group(2))] = cell
+  if not curves:
+    return
+  for (name, n), points in curves.items():  # the main run at the configured k
+    if n in report["routers"].get(name, {}):
+      points.setdefault(report["k"], report["routers"][name][n])
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+  for (name, n), points in sorted(curves.items()):
+    ks = sorted(points)
+    for ax, key in zip(axes, ("request_acc", "entity_token_acc"), strict=True):
+      ax.plot(ks, [100 * points[k][key] for k in ks], marker="o", label=f"{name}, N={n}")
+  for ax, title in zip(
+    axes, ("requests routed to their own adapter", "entity-token decisions"), strict=True
+  ):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (Arrow-filter candidates)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("% gold")
+  axes[1].legend(fontsize=7)
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=110)
