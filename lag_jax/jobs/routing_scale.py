@@ -122,6 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Sizes measured before with the same settings (scale.json in the workdir) are kept,
   # so a run can add the largest size once its library is complete.
   rows: dict[str, dict] = {}
+  removed: dict[str, dict] = {}  # spec -> N -> module -> mean leading eigenvalue
   settings = {
     "k": config.k,
     "max_requests": config.max_requests,
@@ -134,20 +135,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       old = json.load(f)
     if old.get("settings") == settings:
       rows = old["routers"]
+      removed = old.get("shared_leading_eigenvalue", {})
       logging.info("Keeping %d measured rows from %s", len(rows), previous)
-  removed: dict[str, dict] = {}
   for n in sizes:
     lib = full.subset(range(n))
     reqs = pick_requests(examples, list(lib.names), config.max_requests, c.seed)
     gold = [lib.names.index(ex.provenance[0]) for ex in reqs]
-    variants = [("none", lib)]
-    for spec in shared_specs:
-      lib_s, report = remove_shared(lib, spec)
-      variants.append((spec, lib_s))
-      removed.setdefault(spec, {})[str(n)] = {
-        m: float(np.mean(v[:, 0])) for m, v in report.leading.items()
-      }
-    for spec, lib_v in variants:
+    runs = [(name, config.k, name) for name in routers]
+    if n in sweep_sizes:
+      runs += [(name, k, f"{name} (k={k})") for name in sweep_routers for k in sweep_ks]
+    for spec in ["none", *shared_specs]:
+      todo = []
+      for name, k, base_label in runs:
+        if spec != "none" and (name not in shared_routers or k != config.k):
+          continue
+        if name == "SpectR" and n > config.spectr_max_n:
+          continue
+        label = base_label if spec == "none" else f"{base_label} [shared {spec}]"
+        if str(n) not in rows.get(label, {}):
+          todo.append((name, k, label))
+      if not todo:  # measured before: skip the removal too
+        continue
+      lib_v = lib
+      if spec != "none":
+        lib_v, shared = remove_shared(lib, spec)
+        removed.setdefault(spec, {})[str(n)] = {
+          m: float(np.mean(v[:, 0])) for m, v in shared.leading.items()
+        }
       setting = harness.Setting(
         model=model,
         tokenizer=tokenizer,
@@ -157,17 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         max_new_tokens=1,
         batch_size=config.batch_size,
       )
-      runs = [(name, config.k, name) for name in routers]
-      if n in sweep_sizes:
-        runs += [(name, k, f"{name} (k={k})") for name in sweep_routers for k in sweep_ks]
-      for name, k, base_label in runs:
-        if spec != "none" and (name not in shared_routers or k != config.k):
-          continue
-        if name == "SpectR" and n > config.spectr_max_n:
-          continue
-        label = base_label if spec == "none" else f"{base_label} [shared {spec}]"
-        if str(n) in rows.get(label, {}):
-          continue
+      for name, k, label in todo:
         r = harness.run_method(setting, method(name, k), reqs, gold, None, None)
         entity_acc, by_layer = harness.routing_accuracy(r.routing, "entity")
         req = r.request_routing
