@@ -9,8 +9,8 @@ votes, pass 2 prefills again with the winner, decode applies it: expected 2 pref
 and decode at fixed's cost), ``request_lag`` (one prefill; decode reranks k
 candidates per request: cost independent of N) and ``lag`` gated with a vote fallback
 (2 prefills; decode pays lag plus the fallback's LoRA), and lag / vote on the library
-with one shared direction removed (``routing/shared.py``: SpectR norms see P x, one more
-[I, 1] projection per routed module and token). Prompts are pseudo-random ids
+with four shared directions removed (``routing/shared.py``: SpectR norms see P x, one more
+[I, 4] projection per routed module and token). Prompts are pseudo-random ids
 (routing cost does not depend on the text), greedy, EOS disabled. Each router
 compiles in a warm-up round; routers take turns within each timed round and the median
 of ``--runs`` rounds is reported, per library size N.
@@ -47,8 +47,8 @@ def router_table(k: int) -> dict:
     f"request_lag(k={k})": (RouterSpec("request_lag", k=k), "none"),
     f"lag+gate(k={k})": (RouterSpec("lag", k=k, gate=0.1), "none"),
     f"request_lag+gate(k={k})": (RouterSpec("request_lag", k=k, gate=0.1), "none"),
-    f"lag(k={k}) [shared top:1]": (RouterSpec("lag", k=k), "top:1"),
-    f"vote(k={k}) [shared top:1]": (RouterSpec("vote", k=k), "top:1"),
+    f"lag(k={k}) [shared top:4]": (RouterSpec("lag", k=k), "top:4"),
+    f"vote(k={k}) [shared top:4]": (RouterSpec("vote", k=k), "top:4"),
   }
 
 
