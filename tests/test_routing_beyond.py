@@ -33,7 +33,9 @@ L = CFG.num_hidden_layers
 N = 7
 
 
-def make_adapter(name, r, seed, layers=None) -> LoraAdapter:
+def make_adapter(name, r, seed, layers=None, shared_dirs=None) -> LoraAdapter:
+  """Random factors; with ``shared_dirs`` ({module: [I]} unit vectors) the first A row
+  is mostly that direction, as a common training recipe would leave."""
   rng = np.random.default_rng(seed)
   arrays = {}
   for layer in range(L) if layers is None else layers:
@@ -41,6 +43,8 @@ def make_adapter(name, r, seed, layers=None) -> LoraAdapter:
       O, I = CFG.module_shapes()[m]
       a = rng.normal(0.0, 1.0 / math.sqrt(I), (r, I)).astype(np.float32)
       b = rng.normal(0.0, 0.3, (O, r)).astype(np.float32)
+      if shared_dirs is not None:
+        a[0] = 0.3 * a[0] + (6.0 + rng.random()) * shared_dirs[m]
       arrays[f"model.layers.{layer}.mlp.{m}"] = (a, b)
   return LoraAdapter.from_arrays(name, arrays, r=r, alpha=2.0 * r)
 

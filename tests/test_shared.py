@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import routing_reference as ref
-from test_routing_beyond import ref_route_request
+from test_routing_beyond import make_adapter, ref_route_request
 
-from lag_jax.adapters import LoraAdapter
 from lag_jax.model.transformer import MLP_MODULES
 from lag_jax.routing import request
 from lag_jax.routing.library import AdapterLibrary
@@ -29,22 +27,6 @@ ATOL = 1e-4
 CFG = tiny_config()
 L = CFG.num_hidden_layers
 N = 7
-
-
-def make_adapter(name, r, seed, shared_dirs=None, layers=None) -> LoraAdapter:
-  """Random factors; with ``shared_dirs`` ({module: [I]} unit vectors) the adapter's
-  first A row is mostly that direction (as a common recipe would leave)."""
-  rng = np.random.default_rng(seed)
-  arrays = {}
-  for layer in range(L) if layers is None else layers:
-    for m in MLP_MODULES:
-      O, I = CFG.module_shapes()[m]
-      a = rng.normal(0.0, 1.0 / math.sqrt(I), (r, I)).astype(np.float32)
-      b = rng.normal(0.0, 0.3, (O, r)).astype(np.float32)
-      if shared_dirs is not None:
-        a[0] = 0.3 * a[0] + (6.0 + rng.random()) * shared_dirs[m]
-      arrays[f"model.layers.{layer}.mlp.{m}"] = (a, b)
-  return LoraAdapter.from_arrays(name, arrays, r=r, alpha=2.0 * r)
 
 
 ADAPTERS = [
@@ -146,14 +128,7 @@ SPECS = (
 
 
 def layer_lib(lib, module, layer) -> LayerLibrary:
-  w = lib.weights
-  return LayerLibrary(
-    a=w.a[module][layer],
-    b=w.b[module][layer],
-    arrows=w.arrows[module][layer],
-    valid=w.valid[module][layer],
-    shared=None if w.shared is None else w.shared[module][layer],
-  )
+  return LayerLibrary.of(lib.weights, module, layer)
 
 
 def fields(lib: LayerLibrary):

@@ -312,13 +312,7 @@ class RoutedAdapters:
       w, layer, state = xs if isinstance(xs, tuple) else (xs, None, None)
       if name not in w.a:
         continue
-      layer_lib = LayerLibrary(
-        a=w.a[name],
-        b=w.b[name],
-        arrows=w.arrows[name],
-        valid=w.valid[name],
-        shared=None if w.shared is None else w.shared[name],
-      )
+      layer_lib = LayerLibrary.of(w, name)
       args = (lib.routers, lib.router_index, x, layer_lib, lib.mask, lib.fixed_ids)
       if lib.request_level:
         if layer is None:

@@ -178,6 +178,20 @@ class LayerLibrary:
   valid: jax.Array
   shared: jax.Array | None = None
 
+  @classmethod
+  def of(cls, weights, module: str, layer=None) -> LayerLibrary:
+    """A module's slice of a library's weights (``LibraryWeights``): at ``layer``, or
+    as given when the layer axis is already scanned away."""
+    pick = (lambda x: x) if layer is None else (lambda x: x[layer])  # noqa: E731
+    shared = None if weights.shared is None else pick(weights.shared[module])
+    return cls(
+      a=pick(weights.a[module]),
+      b=pick(weights.b[module]),
+      arrows=pick(weights.arrows[module]),
+      valid=pick(weights.valid[module]),
+      shared=shared,
+    )
+
 
 def routing_input(x: jax.Array, lib: LayerLibrary) -> jax.Array:
   """What the SpectR norms see: x [B, T, I] with the library's shared directions
