@@ -29,6 +29,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lag_jax.errors import UserError
 from lag_jax.model.config import ModelConfig
 
 CONFIG_NAME = "adapter_config.json"
@@ -63,7 +64,7 @@ _UNSUPPORTED_FLAGS = {
 }
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
   """An adapter is missing, malformed, unsupported, or does not fit the base model."""
 
 

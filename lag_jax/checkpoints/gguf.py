@@ -28,6 +28,8 @@ import safetensors.numpy
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from lag_jax.errors import UserError
+
 # GGUF token types (llama.cpp's llama_token_type).
 _TOKEN_TYPE_CONTROL = 3
 
@@ -48,7 +50,7 @@ _LAYER_TENSORS = {
 _SUPPORTED_PRE_TOKENIZERS = ("smollm", "gpt-2", "default")
 
 
-class GGUFConversionError(ValueError):
+class GGUFConversionError(UserError):
   """A GGUF file is unreadable, incomplete, or holds something we cannot convert."""
 
 

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from lag_jax import distributed
+from lag_jax.errors import UserError
 from lag_jax.model import sharding as shd
 from lag_jax.model.config import ModelConfig
 from lag_jax.model.transformer import CausalLM
@@ -31,7 +32,7 @@ from lag_jax.model.transformer import CausalLM
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint is missing, truncated, or disagrees with its config."""
 
 

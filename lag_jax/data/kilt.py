@@ -55,6 +55,8 @@ from typing import Any
 
 from absl import logging
 
+from lag_jax.errors import UserError
+
 __all__ = [
   "KILT_DATASETS",
   "Document",
@@ -143,7 +145,7 @@ class KiltExample:
     }
 
 
-class KiltFormatError(ValueError):
+class KiltFormatError(UserError):
   """A malformed record (``strict=True``) or an unreadable file.
 
   Attributes:

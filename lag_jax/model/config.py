@@ -13,10 +13,12 @@ import json
 import os
 from typing import Any
 
+from lag_jax.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(UserError):
   """A checkpoint config asks for maths this implementation does not have."""
 
 

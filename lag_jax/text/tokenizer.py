@@ -21,8 +21,10 @@ import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 
+from lag_jax.errors import UserError
 
-class TokenizerFileError(ValueError):
+
+class TokenizerFileError(UserError):
   """A tokenizer file is missing, unreadable, or lacks something asked of it."""
 
 
