@@ -17,6 +17,7 @@ or layers is a zero (invalid) adapter elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,6 +33,8 @@ from flax import struct
 
 from lag_jax.adapters.apply import validate_adapter
 from lag_jax.adapters.peft_io import AdapterError, LoraAdapter
+from lag_jax.errors import IntegrityError
+from lag_jax.integrity import array_digests, first_nonfinite
 from lag_jax.model.config import ModelConfig
 from lag_jax.model.transformer import ADAPTABLE_MODULES, ATTENTION_MODULES, MLP_MODULES
 from lag_jax.routing.signatures import spectral_align_stacked
@@ -239,7 +242,12 @@ class AdapterLibrary(NamedAdapters):
   # --- persistence ----------------------------------------------------------------
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes arrays (orbax) and library.json; the folder appears only when complete."""
+    """Writes arrays (orbax) and library.json; the folder appears only when complete.
+
+    library.json records a sha256 digest of every array, which ``load`` checks.
+    Leftovers of an interrupted save into the same parent folder (``.tmp-library-*``,
+    ``.old-library-*``) are removed first: saves into one folder must not run at once.
+    """
     import orbax.checkpoint as ocp
 
     if self.weights.shared is not None:
@@ -251,12 +259,14 @@ class AdapterLibrary(NamedAdapters):
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-library-", dir=parent)
+    _remove_leftovers(parent)
+    tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=parent)
     old = None
     try:
       jax.block_until_ready(self.weights)
+      tree = _to_tree(self.weights)
       with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(tmp, "arrays"), _to_tree(self.weights))
+        ckptr.save(os.path.join(tmp, "arrays"), tree)
         ckptr.wait_until_finished()
       meta = {
         "format_version": _FORMAT_VERSION,
@@ -265,13 +275,17 @@ class AdapterLibrary(NamedAdapters):
         "rank": self.rank,
         "ranks": list(self.ranks),
         "metadata": self.metadata,
+        "digests": array_digests(
+          {f"{m}/{f}": np.asarray(x) for m, fields in tree.items() for f, x in fields.items()}
+        ),
       }
       with open(os.path.join(tmp, "library.json"), "w") as f:
         json.dump(meta, f, indent=1)
+      os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what os.makedirs gives
       # Move the old library aside rather than deleting it first, so that a kill at
       # any point leaves either the old or the new library at ``path``.
       if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=".old-library-", dir=parent)
+        old = tempfile.mkdtemp(prefix=_OLD_PREFIX, dir=parent)
         os.replace(path, os.path.join(old, "library"))
       os.replace(tmp, path)
     except BaseException:
@@ -284,7 +298,14 @@ class AdapterLibrary(NamedAdapters):
         shutil.rmtree(old, ignore_errors=True)
 
   @classmethod
-  def load(cls, path: str | os.PathLike, *, host: bool = False) -> AdapterLibrary:
+  def load(
+    cls,
+    path: str | os.PathLike,
+    *,
+    host: bool = False,
+    config: ModelConfig | None = None,
+    verify: bool = True,
+  ) -> AdapterLibrary:
     """Reads a library written by ``save``.
 
     Args:
@@ -292,35 +313,44 @@ class AdapterLibrary(NamedAdapters):
         device, for ``shard_library`` to place: a library split over a mesh never
         lands whole on one device, and each process of a multi-process run places
         only its own devices' slices.
+      config: the base model; the library must fit it (``check_fits``).
+      verify: check every array against the digest recorded at save and for NaN /
+        Inf (sha256 at ~1.5 GB/s per core, on a thread pool). A library saved
+        before digests were recorded loads with a warning.
+    Raises:
+      IntegrityError: library.json unreadable or inconsistent, arrays missing,
+        damaged or of the wrong shape, a digest mismatch or a non-finite value;
+        the message names the file (and module, array and adapter).
+      AdapterError: not a library; or it does not fit ``config``.
     """
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
-    meta_path = os.path.join(path, "library.json")
-    try:
-      with open(meta_path) as f:
-        meta = json.load(f)
-    except FileNotFoundError:
-      raise AdapterError(f"{meta_path}: not an adapter library (library.json missing)") from None
-    if meta.get("format_version") != _FORMAT_VERSION:
-      raise AdapterError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
+    meta = _read_meta(path)
     arrays = os.path.join(path, "arrays")
+    if not os.path.isdir(arrays):
+      raise IntegrityError(f"{arrays}: the library's arrays folder is missing; rebuild it")
     # Restored as numpy: the sharding saved with the arrays names one device, which
     # another process of a multi-process run (or another machine) may not have.
     as_numpy = {
-      m: dict.fromkeys(("a", "b", "arrows", "valid"), ocp.RestoreArgs(restore_type=np.ndarray))
-      for m in meta["modules"]
+      m: dict.fromkeys(_FIELDS, ocp.RestoreArgs(restore_type=np.ndarray)) for m in meta["modules"]
     }
-    with ocp.PyTreeCheckpointer() as ckptr:
-      tree = ckptr.restore(arrays, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    try:
+      with _quiet_orbax(), ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.restore(arrays, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    except Exception as e:  # orbax / tensorstore: a missing or damaged data file
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+      raise IntegrityError(
+        f"{arrays}: cannot read the library's arrays ({type(e).__name__}: {first}); "
+        "a data file is missing or damaged: rebuild the library"
+      ) from None
+    _check_arrays(path, meta, tree, verify)
     convert = np.asarray if host else jnp.asarray
     weights = LibraryWeights(
-      **{
-        f: {m: convert(tree[m][f]) for m in meta["modules"]} for f in ("a", "b", "arrows", "valid")
-      }
+      **{f: {m: convert(tree[m][f]) for m in meta["modules"]} for f in _FIELDS}
     )
     logging.info("Loaded library of %d adapters from %s", len(meta["names"]), path)
-    return cls(
+    library = cls(
       tuple(meta["names"]),
       tuple(meta["modules"]),
       int(meta["rank"]),
@@ -328,6 +358,143 @@ class AdapterLibrary(NamedAdapters):
       weights,
       meta.get("metadata", {}),
     )
+    if config is not None:
+      library.check_fits(config, source=path)
+    return library
+
+  def check_fits(self, config: ModelConfig, source: str = "the library") -> None:
+    """Raises AdapterError unless every module is one the model has, with the model's
+    depth and (O, I) shapes: a library of another base model would otherwise fail
+    deep inside the layer scan, or not at all where shapes happen to agree."""
+    shapes = config.module_shapes()
+    problems = []
+    for m in self.modules:
+      if m not in shapes:
+        problems.append(f"module {m!r} is not one the model has ({sorted(shapes)})")
+        continue
+      L, _, O, _ = self.weights.b[m].shape
+      I = self.weights.a[m].shape[-1]
+      if config.num_hidden_layers != L:
+        problems.append(f"{m}: {L} layers, the model has {config.num_hidden_layers}")
+      if shapes[m] != (O, I):
+        problems.append(f"{m}: (out, in) = {(O, I)}, the model's is {shapes[m]}")
+    if problems:
+      raise AdapterError(
+        f"{source}: this library does not fit the base model "
+        f"({config.model_type}, hidden size {config.hidden_size}): " + "; ".join(problems)
+      )
+
+
+_FIELDS = ("a", "b", "arrows", "valid")
+_TMP_PREFIX, _OLD_PREFIX = ".tmp-library-", ".old-library-"
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _remove_leftovers(parent: str) -> None:
+  """Removes what an interrupted save left in ``parent`` (never a library in use)."""
+  for name in os.listdir(parent):
+    if name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+      full = os.path.join(parent, name)
+      logging.info("Removing %s, left by an interrupted library save", full)
+      shutil.rmtree(full, ignore_errors=True)
+
+
+def _read_meta(path: str) -> dict:
+  """library.json, checked for the fields ``load`` needs and their agreement."""
+  meta_path = os.path.join(path, "library.json")
+  if not os.path.isdir(path):
+    raise AdapterError(f"{path}: no such library folder")
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise AdapterError(f"{meta_path}: not an adapter library (library.json missing)") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise IntegrityError(
+      f"{meta_path}: not valid JSON ({e}); the file is truncated or damaged: rebuild the library"
+    ) from None
+  if not isinstance(meta, dict):
+    raise IntegrityError(f"{meta_path}: expected a JSON object")
+  if meta.get("format_version") != _FORMAT_VERSION:
+    raise AdapterError(f"{meta_path}: unsupported format_version {meta.get('format_version')}")
+  missing = [k for k in ("names", "modules", "rank", "ranks") if k not in meta]
+  if missing:
+    raise IntegrityError(f"{meta_path}: fields {missing} are missing")
+  if len(meta["ranks"]) != len(meta["names"]):
+    raise IntegrityError(f"{meta_path}: {len(meta['names'])} names but {len(meta['ranks'])} ranks")
+  return meta
+
+
+def _check_arrays(path: str, meta: dict, tree: dict, verify: bool) -> None:
+  """Shapes against library.json; with ``verify``, digests and finite values."""
+  arrays = os.path.join(path, "arrays")
+  N, R = len(meta["names"]), int(meta["rank"])
+  for m in meta["modules"]:
+    if m not in tree or any(f not in tree[m] for f in _FIELDS):
+      raise IntegrityError(f"{arrays}: no arrays for module {m!r}")
+    a, b, arrows, valid = (tree[m][f] for f in _FIELDS)
+    L, I = a.shape[0], a.shape[-1]
+    want = {
+      "a": (L, N, R, I),
+      "b": (L, N, b.shape[2] if b.ndim == 4 else -1, R),
+      "arrows": (L, I, N),
+      "valid": (L, N),
+    }
+    for f in _FIELDS:
+      if tuple(tree[m][f].shape) != want[f]:
+        raise IntegrityError(
+          f"{arrays}: {m}/{f} has shape {tuple(tree[m][f].shape)}, but library.json's "
+          f"{N} adapters of rank {R} need {want[f]}"
+        )
+    del arrows, valid
+  if not verify:
+    return
+  digests = meta.get("digests")
+  if digests is None:
+    logging.warning(
+      "%s: saved without array digests (an older version): not verified; save it again to add them",
+      path,
+    )
+  else:
+    have = array_digests({f"{m}/{f}": tree[m][f] for m in meta["modules"] for f in _FIELDS})
+    bad = sorted(k for k, d in have.items() if digests.get(k) != d)
+    if bad:
+      raise IntegrityError(
+        f"{arrays}: {', '.join(bad)} differ from the digests recorded at save "
+        "(the files are damaged): rebuild the library"
+      )
+  for m in meta["modules"]:
+    for f in ("a", "b", "arrows"):
+      i = first_nonfinite(tree[m][f])
+      if i is not None:
+        index = np.unravel_index(i, tree[m][f].shape)
+        n = index[2] if f == "arrows" else index[1]
+        raise IntegrityError(
+          f"{arrays}: {m}/{f} holds a NaN or Inf (adapter {meta['names'][n]!r}, layer {index[0]})"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Silences the error records orbax's worker threads log for a failed restore (a
+  missing data file printed 16 tracebacks before the exception): the exception the
+  restore raises says it once."""
+  import logging as py_logging
+
+  loggers = [py_logging.getLogger(n) for n in ("absl", "orbax", "asyncio")]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(py_logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for lg, level in zip(loggers, levels, strict=True):
+      lg.setLevel(level)
 
 
 def _n_axes(weights: LibraryWeights):
@@ -418,7 +585,7 @@ def load_or_build_library(
   if not os.path.isdir(path):
     raise AdapterError(f"{path}: no such library folder")
   if os.path.exists(os.path.join(path, "library.json")):
-    return AdapterLibrary.load(path, host=host)
+    return AdapterLibrary.load(path, host=host, config=config)
   dirs = peft_adapter_dirs(path)
   if not dirs:
     raise AdapterError(
