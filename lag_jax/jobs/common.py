@@ -1,12 +1,17 @@
-"""Pieces every job shares: resolving a checkpoint name, loading model + tokenizer."""
+"""Pieces every job shares: resolving a checkpoint name, parsing config fields, writing
+outputs atomically with the ordinary file mode."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import tempfile
 
 import jax.numpy as jnp
+
+from lag_jax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -43,7 +48,7 @@ def resolve_adapters_dir(name: str) -> str:
 
 def dtype(field: str, name: str):
   if name not in DTYPES:
-    raise ValueError(f"config field {field!r}={name!r}: choose from {sorted(DTYPES)}")
+    raise ConfigError(f"config field {field!r}={name!r}: choose from {sorted(DTYPES)}")
   return DTYPES[name]
 
 
@@ -54,15 +59,83 @@ def split_list(value) -> list[str]:
   return [str(v) for v in value]
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON to a temp file in the same folder, then renames it into place."""
+def int_list(field: str, value) -> list[int]:
+  """``split_list`` as integers: '1,2,3' or (1, 2, 3) -> [1, 2, 3]; '' -> [].
+
+  Raises:
+    ConfigError: naming ``field`` and its value, if an item is not an integer.
+  """
+  out = []
+  for item in split_list(value):
+    try:
+      out.append(int(item))
+    except ValueError:
+      raise ConfigError(
+        f"config field {field!r}={value!r}: expected integers separated by commas, "
+        f"e.g. '1,2,3' ({item!r} is not one)"
+      ) from None
+  return out
+
+
+def float_list(field: str, value) -> list[float]:
+  """``split_list`` as finite floats: '0.5,1' or (0.5, 1) -> [0.5, 1.0]; '' -> [].
+
+  Raises:
+    ConfigError: naming ``field`` and its value, if an item is not a finite number.
+  """
+  out = []
+  for item in split_list(value):
+    try:
+      number = float(item)
+    except ValueError:
+      number = math.nan
+    if not math.isfinite(number):
+      raise ConfigError(
+        f"config field {field!r}={value!r}: expected numbers separated by commas, "
+        f"e.g. '0.5,1' ({item!r} is not a finite number)"
+      )
+    out.append(number)
+  return out
+
+
+def default_file_mode() -> int:
+  """The mode ``open(path, 'w')`` gives a new file: 0o666 less the process umask."""
+  umask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
+def publish(tmp: str, path: str) -> None:
+  """Moves a finished temporary file into place: gives it the default file mode
+  (``mkstemp`` makes files private, 0o600), then renames it over ``path`` (atomic
+  within one file system)."""
+  os.chmod(tmp, default_file_mode())
+  os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", **open_kwargs):
+  """``with atomic_write(path) as f: ...`` writes a temporary file next to ``path``
+  and publishes it when the block ends; an error removes it and leaves ``path`` as
+  it was. ``mode``: 'w' (UTF-8 text unless ``encoding`` is given) or 'wb'."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+  suffix = os.path.splitext(path)[1]  # e.g. savefig and np.savez look at the extension
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+  if "b" not in mode:
+    open_kwargs.setdefault("encoding", "utf-8")
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    with os.fdopen(fd, mode, **open_kwargs) as f:
+      yield f
+    publish(tmp, path)
   except BaseException:
-    os.unlink(tmp)
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
     raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON to a temp file in the same folder, then renames it into place with the
+  default file mode (``atomic_write``)."""
+  with atomic_write(path) as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
