@@ -8,10 +8,13 @@ return int32 token ids [B].
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+
+from lag_jax.errors import ConfigError
 
 
 class Sampler(Protocol):
@@ -80,27 +83,93 @@ class Sample:
 
 
 _SAMPLERS = {"greedy": Greedy, "sample": Sample}
-_NEUTRAL = {"temperature": 1.0, "top_k": None, "top_p": None}  # what Greedy amounts to
+# The values at which a sampling argument does nothing (what Greedy amounts to).
+_OFF = {"temperature": (1.0,), "top_k": (None, 0), "top_p": (None, 1.0)}
+
+
+class SamplerArgumentError(ConfigError):
+  """``make_sampler`` got a bad value.
+
+  Attributes:
+    argument: the parameter at fault ("sampler" for the name itself).
+    value: its value.
+  """
+
+  def __init__(self, message: str, argument: str, value: Any):
+    super().__init__(message)
+    self.argument, self.value = argument, value
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _config_arguments(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+  """Checks the sampling arguments and maps the config's "off" values (top_k 0,
+  top_p 1) to None."""
+  kwargs = dict(kwargs)
+  if "temperature" in kwargs:
+    t = kwargs["temperature"]
+    if not (_is_number(t) and t > 0 and math.isfinite(t)):
+      raise SamplerArgumentError(
+        f"sampler {name!r}: temperature must be a number > 0, got {t!r} "
+        "(use sampler 'greedy' for argmax decoding)",
+        "temperature",
+        t,
+      )
+  if kwargs.get("top_k") is not None:
+    k = kwargs["top_k"]
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
+      raise SamplerArgumentError(
+        f"sampler {name!r}: top_k must be an integer >= 0 (0: off), got {k!r}", "top_k", k
+      )
+    kwargs["top_k"] = k or None
+  if kwargs.get("top_p") is not None:
+    p = kwargs["top_p"]
+    if not (_is_number(p) and 0 < p <= 1):
+      raise SamplerArgumentError(
+        f"sampler {name!r}: top_p must be in (0, 1] (1: off), got {p!r}", "top_p", p
+      )
+    kwargs["top_p"] = None if p == 1 else p
+  return kwargs
 
 
 def make_sampler(name: str, **kwargs: Any) -> Greedy | Sample:
   """A sampler from a config: ``make_sampler("greedy")``, or
   ``make_sampler("sample", temperature=0.7, top_p=0.9)``.
 
-  A config can pass its sampling fields whatever the name: "greedy" accepts them
-  at their neutral values (temperature 1, top_k / top_p None) and refuses others,
-  which would silently do nothing. Unknown names or arguments raise ValueError.
+  Takes a config's values as they are: ``top_k`` 0 and ``top_p`` 1 mean off (as
+  None does), so ``make_sampler("sample", top_k=0, top_p=1.0) == Sample()``. A
+  config can pass its sampling fields whatever the name: "greedy" accepts them at
+  their neutral values (temperature 1, top_k / top_p off) and refuses others, which
+  would silently do nothing.
+
+  Raises:
+    SamplerArgumentError: a ``ConfigError`` (so a ``ValueError``) whose ``argument``
+      names the parameter at fault: an unknown name ("sampler") or argument,
+      temperature <= 0, top_k < 0 or not an integer, top_p outside (0, 1].
   """
   if name not in _SAMPLERS:
-    raise ValueError(f"unknown sampler {name!r}; choose from {sorted(_SAMPLERS)}")
+    raise SamplerArgumentError(
+      f"unknown sampler {name!r}; choose from {sorted(_SAMPLERS)}", "sampler", name
+    )
   if name == "greedy":
-    active = {k: v for k, v in kwargs.items() if k in _NEUTRAL and v != _NEUTRAL[k]}
+    active = {k: v for k, v in kwargs.items() if k in _OFF and v not in _OFF[k]}
     if active:
-      raise ValueError(
-        f"sampler 'greedy' takes no sampling arguments, got {active} (use sampler 'sample')"
+      argument = next(iter(active))
+      raise SamplerArgumentError(
+        f"sampler 'greedy' takes no sampling arguments, got {active} (use sampler 'sample')",
+        argument,
+        active[argument],
       )
-    kwargs = {k: v for k, v in kwargs.items() if k not in _NEUTRAL}
-  try:
-    return _SAMPLERS[name](**kwargs)
-  except TypeError as e:
-    raise ValueError(f"sampler {name!r}: bad arguments {kwargs} ({e})") from None
+    kwargs = {k: v for k, v in kwargs.items() if k not in _OFF}
+  else:
+    kwargs = _config_arguments(name, kwargs)
+  unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(_SAMPLERS[name])})
+  if unknown:
+    raise SamplerArgumentError(
+      f"sampler {name!r}: bad arguments {kwargs} (unknown: {unknown})",
+      unknown[0],
+      kwargs[unknown[0]],
+    )
+  return _SAMPLERS[name](**kwargs)
