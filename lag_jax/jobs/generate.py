@@ -8,9 +8,12 @@ process 0 alone writes them.
 
 from __future__ import annotations
 
+import codecs
 import functools
+import io
 import json
 import os
+import re
 
 import jax
 import ml_collections
@@ -21,33 +24,168 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lag_jax import distributed
 from lag_jax.adapters import load_peft_adapter, merge_into_model, stack_lora, validate_adapter
 from lag_jax.checkpoints.safetensors_loader import load_model
+from lag_jax.errors import ConfigError, DataFileError
 from lag_jax.generation import generate, make_sampler
+from lag_jax.generation.sampling import SamplerArgumentError
 from lag_jax.jobs import common
 from lag_jax.model.sharding import mesh_from_sizes
 from lag_jax.routing import RoutedAdapters, RouterSpec, load_or_build_library, routed
 from lag_jax.routing.library import KNOWLEDGE_MODULES, TASK_MODULES
-from lag_jax.routing.sharded import shard_library
+from lag_jax.routing.sharded import IMPLS, shard_library
 from lag_jax.routing.shared import parse_mode, remove_shared
 from lag_jax.routing.spans import user_turn_span
 from lag_jax.text.tokenizer import Tokenizer
 
+SPANS = ("user", "prompt")
+
 
 def _prompts(config) -> list[str]:
+  """The prompts: ``config.prompts_file`` if given, else ``config.prompts``.
+
+  Raises:
+    DataFileError: the file is missing or unreadable, not UTF-8, has no prompts, or a
+      .jsonl line is not an object with a non-empty string "prompt" (names the line).
+    ConfigError: ``config.prompts`` is empty or holds something else than text.
+  """
   if config.prompts_file:
-    with open(config.prompts_file) as f:
-      lines = [ln.rstrip("\n") for ln in f if ln.strip()]
-    if config.prompts_file.endswith(".jsonl"):
-      return [json.loads(ln)["prompt"] for ln in lines]
-    return lines
-  prompts = list(config.prompts)
+    return _read_prompts_file(config.prompts_file)
+  prompts = [config.prompts] if isinstance(config.prompts, str) else list(config.prompts)
   if not prompts:
-    raise ValueError("config field 'prompts' is empty and no 'prompts_file' is given")
+    raise ConfigError("config field 'prompts' is empty and no 'prompts_file' is given")
+  for p in prompts:
+    if not isinstance(p, str) or not p.strip():
+      raise ConfigError(
+        f"config field 'prompts'={tuple(prompts)!r}: expected non-empty strings, got {p!r}"
+      )
   return prompts
+
+
+def _read_prompts_file(path: str) -> list[str]:
+  """One prompt per non-blank line (.txt), or one {"prompt": ...} object per line (.jsonl)."""
+  field = "config field 'prompts_file'"
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise DataFileError(f"{field}={path!r}: cannot read it ({e.strerror or e})") from None
+  if data.startswith(codecs.BOM_UTF8):
+    data = data[len(codecs.BOM_UTF8) :]
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    column = e.start - data.rfind(b"\n", 0, e.start)
+    raise DataFileError(
+      f"{field}: {path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column})"
+    ) from None
+  jsonl = path.endswith(".jsonl")
+  prompts = []
+  # Newlines as open() reads them in text mode ('\r\n' and '\r' too).
+  for line_no, line in enumerate(io.StringIO(text, newline=None), start=1):
+    if not line.strip():
+      continue
+    if not jsonl:
+      prompts.append(line.rstrip("\n"))
+      continue
+    where = f"{field}: {path}:{line_no}:"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataFileError(f"{where} not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict) or "prompt" not in record:
+      shown = line.strip()
+      shown = shown if len(shown) <= 60 else shown[:57] + "..."
+      raise DataFileError(f'{where} expected a JSON object with a "prompt" key, got {shown}')
+    prompt = record["prompt"]
+    if not isinstance(prompt, str) or not prompt.strip():
+      raise DataFileError(f'{where} "prompt" must be a non-empty string, got {prompt!r}')
+    prompts.append(prompt)
+  if not prompts:
+    raise DataFileError(f"{field}: {path} has no prompts (it is empty or has only blank lines)")
+  return prompts
+
+
+def _check_config(config) -> None:
+  """Every check that needs neither the model nor a file, so that a bad field fails
+  before any work.
+
+  Raises:
+    ConfigError: naming the field, its value and what is expected.
+  """
+  try:
+    parse_mode(config.shared_removal)
+  except ValueError as e:
+    raise ConfigError(
+      f"config field 'shared_removal'={config.shared_removal!r}: {e} "
+      "(expected 'none', 'mean:S' or 'top:S' with S >= 1)"
+    ) from None
+  common.dtype("param_dtype", config.param_dtype)
+  common.dtype("dtype", config.dtype)
+  for field, choices in (("span", SPANS), ("adapter_sharding", IMPLS)):
+    if config[field] not in choices:
+      raise ConfigError(f"config field {field!r}={config[field]!r}: choose from {choices}")
+  _adapter_weights(config)
+  for field in ("route_layers", "vote_layers"):
+    _layer_list(config[field], field)
+  for field, router in _routers(config):
+    _router_spec(config, router, field)
+    if router == "fixed" and not config.fixed_adapter:
+      raise ConfigError(
+        f"config field 'fixed_adapter'={config.fixed_adapter!r}: {field} 'fixed' needs the "
+        "name of the adapter to apply"
+      )
+  _sampler(config)
+  n = config.generation.max_new_tokens
+  if not isinstance(n, int) or n < 1:
+    raise ConfigError(f"config field 'generation.max_new_tokens'={n!r}: expected an integer >= 1")
+
+
+def _routers(config) -> list[tuple[str, str]]:
+  """(config field, router) for the knowledge and, if set apart, the task library."""
+  out = [("router", config.router)]
+  if config.task_router:
+    out.append(("task_router", config.task_router))
+  return out
+
+
+def _adapter_weights(config) -> list[float] | None:
+  """``config.adapter_weights`` as floats, one per adapter (None: not given)."""
+  weights = common.float_list("adapter_weights", config.adapter_weights)
+  n = len(common.split_list(config.adapters))
+  if weights and len(weights) != n:
+    raise ConfigError(
+      f"config field 'adapter_weights'={config.adapter_weights!r}: {len(weights)} "
+      f"value{'s' if len(weights) != 1 else ''} for {n} adapters "
+      f"(config field 'adapters'={config.adapters!r})"
+    )
+  return weights or None
+
+
+def _sampler(config):
+  """The sampler of ``config.generation``; ``make_sampler`` checks the values."""
+  g = config.generation
+  try:
+    return make_sampler(g.sampler, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+  except SamplerArgumentError as e:
+    raise ConfigError(f"config field 'generation.{e.argument}'={e.value!r}: {e}") from None
+
+
+def _check_layers(config, num_layers: int) -> None:
+  """route_layers / vote_layers hold layers of the model (``num_layers`` deep)."""
+  for field in ("route_layers", "vote_layers"):
+    layers = _layer_list(config[field], field)
+    if layers is not None and max(layers) >= num_layers:
+      raise ConfigError(
+        f"config field {field!r}={config[field]!r}: layer {max(layers)} is outside the "
+        f"model's {num_layers} layers (0 to {num_layers - 1})"
+      )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Loads model, tokenizer and adapters, generates, writes ``generations.json``."""
-  parse_mode(config.shared_removal)  # a bad value fails before any work
+  _check_config(config)  # a bad field fails before any work
+  texts = _prompts(config)
+  sampler = _sampler(config)
   # Process 0 first: the first use converts / writes the checkpoint into the cache.
   folder = distributed.primary_first(
     lambda: common.resolve_checkpoint(config.checkpoint), "resolve_checkpoint"
@@ -61,17 +199,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     mesh=mesh,
     rules=rules,
   )
+  _check_layers(config, model.config.num_hidden_layers)
   tokenizer = Tokenizer.from_dir(folder)
 
   adapters = [
     load_peft_adapter(p, allow_pickle=config.allow_pickle)
     for p in common.split_list(config.adapters)
   ]
-  weights = [float(w) for w in common.split_list(config.adapter_weights)] or None
-  if weights is not None and len(weights) != len(adapters):
-    raise ValueError(
-      f"config field 'adapter_weights' has {len(weights)} values for {len(adapters)} adapters"
-    )
+  weights = _adapter_weights(config)
   for a in adapters:
     validate_adapter(a, model.config)
   lora = None
@@ -80,9 +215,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   elif adapters:
     lora = stack_lora(adapters, model.config, weights)
 
-  texts = _prompts(config)
   split = mesh is not None and mesh.shape.get(rules.get("adapter"), 1) > 1
-  libraries = _libraries(config, model.config, host=split)
+  libraries = _libraries(config, model.config, len(texts), host=split)
   if split:
     libraries = [(_shard(lib, mesh, rules, config), s, f) for lib, s, f in libraries]
   if config.chat_template:
@@ -103,8 +237,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   else:
     prompt_ids = [tokenizer.encode(t) for t in texts]
     user_spans = [np.ones(len(ids), bool) for ids in prompt_ids]
-  if config.span not in ("user", "prompt"):
-    raise ValueError(f"config field 'span'={config.span!r}: choose 'user' or 'prompt'")
   if libraries:
     spans = user_spans if config.span == "user" else None
     hook = RoutedAdapters(
@@ -116,12 +248,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     )
     lora = hook
   g = config.generation
-  sampler = make_sampler(
-    g.sampler,
-    temperature=g.temperature,
-    top_k=g.top_k or None,
-    top_p=g.top_p if g.top_p < 1.0 else None,
-  )
   out = generate(
     model,
     prompt_ids,
@@ -161,14 +287,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return results
 
 
-def _libraries(config, model_config, host=False):
+def _libraries(config, model_config, num_prompts: int, host=False):
   """(library, router, fixed ids) for each library the config names; ``host``: saved
   libraries stay in host memory until they are sharded."""
   out = []
-  for field, router, modules in (
-    ("library", config.router, KNOWLEDGE_MODULES),
-    ("task_library", config.task_router or config.router, TASK_MODULES),
+  task_field = "task_router" if config.task_router else "router"
+  for field, router_field, modules in (
+    ("library", "router", KNOWLEDGE_MODULES),
+    ("task_library", task_field, TASK_MODULES),
   ):
+    router = config[router_field]
     path = getattr(config, field)
     if not path:
       continue
@@ -178,47 +306,103 @@ def _libraries(config, model_config, host=False):
     )
     if field == "library":
       lib, _ = remove_shared(lib, config.shared_removal)
-    spec = _router_spec(config, router)
+    spec = _router_spec(config, router, router_field)
     fixed = None
     if router == "fixed":
       if config.fixed_adapter not in lib.names:
-        raise ValueError(
+        raise ConfigError(
           f"config field 'fixed_adapter'={config.fixed_adapter!r} is not in "
           f"{field} (names: {list(lib.names)[:5]} ...)"
         )
-      fixed = [config.fixed_adapter] * len(_prompts(config))
+      fixed = [config.fixed_adapter] * num_prompts
     out.append((lib, spec, fixed))
   return out
 
 
-def _layer_list(value: str):
-  """'0-9+20-29' (or '0,1,2' as a tuple) -> a tuple of layer indices; '' -> None."""
-  if isinstance(value, tuple | list):
-    return tuple(int(v) for v in value) or None
+_LAYERS_EXPECTED = "expected layer indices like '0-9+20-29' or '0,1,2'"
+_LAYER_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+
+
+def _layer_list(value, field: str = "route_layers"):
+  """'0-9+20-29' (or '0,1,2' as a tuple) -> a tuple of layer indices; '' -> None.
+
+  Raises:
+    ConfigError: naming ``field`` if ``value`` is not such a list (or a range runs
+      backwards).
+  """
+  listed = isinstance(value, tuple | list)
+  text = ",".join(map(str, value)) if listed else str(value).strip()
+  if not text:
+    return None
+  parts = [p for p in text.replace(",", "+").split("+") if p.strip()]
+  if not parts:
+    raise ConfigError(f"config field {field!r}={value!r}: {_LAYERS_EXPECTED}")
   out = []
-  for part in filter(None, str(value).replace(",", "+").split("+")):
-    lo, _, hi = part.partition("-")
-    out += list(range(int(lo), int(hi or lo) + 1))
-  return tuple(out) or None
+  for part in parts:
+    m = _LAYER_RANGE.fullmatch(part)
+    if m is None:
+      raise ConfigError(f"config field {field!r}={value!r}: {_LAYERS_EXPECTED}")
+    lo, hi = int(m[1]), int(m[2] or m[1])
+    if hi < lo:
+      raise ConfigError(
+        f"config field {field!r}={value!r}: {_LAYERS_EXPECTED} (the range {part.strip()!r} "
+        "runs backwards)"
+      )
+    out += range(lo, hi + 1)
+  return tuple(out)
 
 
-def _router_spec(config, router: str) -> RouterSpec:
-  """The config's RouterSpec for ``router``; gate / route_layers only where they apply
-  (lag and request_lag), so a task router of another kind is unaffected."""
+# RouterSpec argument -> the config field that sets it.
+_SPEC_FIELDS = {
+  "k": "k",
+  "temperature": "temperature",
+  "projection": "projection",
+  "vote_scope": "vote_scope",
+  "vote_score": "vote_score",
+  "vote_top_m": "vote_top_m",
+  "vote_layers": "vote_layers",
+  "gate": "gate",
+  "gate_fallback": "gate_fallback",
+  "layers": "route_layers",
+}
+
+
+def _router_spec(config, router: str, field: str = "router") -> RouterSpec:
+  """The config's RouterSpec for ``router`` (set by config field ``field``); gate /
+  route_layers only where they apply (lag and request_lag), so a task router of another
+  kind is unaffected.
+
+  Raises:
+    ConfigError: RouterSpec refuses a value; names the config field that holds it.
+  """
   gated = router in ("lag", "request_lag")
-  return RouterSpec(
-    router,
+  kwargs = dict(
     k=config.k,
     temperature=config.temperature,
     projection=config.projection,
     vote_scope=config.vote_scope,
     vote_score=config.vote_score,
     vote_top_m=config.vote_top_m,
-    vote_layers=_layer_list(config.vote_layers),
+    vote_layers=_layer_list(config.vote_layers, "vote_layers"),
     gate=config.gate if gated else 0.0,
     gate_fallback=config.gate_fallback,
-    layers=_layer_list(config.route_layers) if gated else None,
+    layers=_layer_list(config.route_layers, "route_layers") if gated else None,
   )
+  try:
+    return RouterSpec(router, **kwargs)
+  except (TypeError, ValueError) as e:
+    error = e
+  # Which field: RouterSpec's checks, one argument at a time against its defaults.
+  try:
+    RouterSpec(router)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config field {field!r}={router!r}: {e}") from None
+  for arg, name in _SPEC_FIELDS.items():
+    try:
+      RouterSpec(router, **{arg: kwargs[arg]})
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config field {name!r}={config[name]!r}: {e}") from None
+  raise ConfigError(f"config field {field!r}={router!r}: {error}") from None
 
 
 def _batch_sharding(mesh, rules):
@@ -253,6 +437,5 @@ def _save_routing(path, routing, libraries):
       arrays[f"lib{i}/{module}"] = ids
   for i, lib in enumerate(libraries):
     arrays[f"lib{i}/names"] = np.asarray(lib.names)
-  tmp = path + ".tmp.npz"
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, path)
+  with common.atomic_write(path, "wb") as f:
+    np.savez_compressed(f, **arrays)
