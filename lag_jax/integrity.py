@@ -76,3 +76,11 @@ def first_nonfinite(x) -> int | None:
     return None
   bad = ~np.isfinite(x)
   return int(np.flatnonzero(bad)[0]) if bad.any() else None
+
+
+def umask() -> int:
+  """The process's umask (files written through mkstemp / mkdtemp get 0600 / 0700;
+  chmod them to ``0o666 & ~umask()`` / ``0o777 & ~umask()`` before publishing)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask

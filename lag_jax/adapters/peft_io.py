@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lag_jax.errors import UserError
+from lag_jax.integrity import umask
 from lag_jax.model.config import ModelConfig
 
 CONFIG_NAME = "adapter_config.json"
@@ -444,12 +445,18 @@ def _write_tensors(tensors: dict[str, np.ndarray], path: str) -> None:
   save_file(tensors, path, metadata={"format": "pt"})
 
 
-def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> None:
+def save_peft_adapter(
+  adapter: LoraAdapter, path: str | os.PathLike, extra_json: Mapping[str, Any] | None = None
+) -> None:
   """Writes ``adapter`` as a PEFT folder (adapter_config.json + safetensors).
 
   The folder is written complete under a temporary name next to ``path`` and then
   renamed into place, so a failure never leaves a half-written adapter; an existing
   folder at ``path`` is replaced only once the new one is complete.
+
+  Args:
+    extra_json: file name -> JSON-able object, written into the folder with the
+      adapter (atomically with it), e.g. the record of what it was trained on.
   """
   target = os.path.abspath(os.fspath(path))
   parent, base = os.path.split(target)
@@ -464,6 +471,11 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> None:
       json.dump(adapter.config, f, indent=2, sort_keys=True)
       f.write("\n")
     _write_tensors(tensors, os.path.join(tmp, SAFETENSORS_NAME))
+    for name, obj in (extra_json or {}).items():
+      with open(os.path.join(tmp, name), "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 -> what os.makedirs gives
     if os.path.exists(target):
       # A folder cannot be renamed over a non-empty one: move the old one aside first
       # and put it back if the swap fails.

@@ -1,7 +1,9 @@
 """The ``build_library`` job: stack a folder of PEFT adapters into a routed library.
 
-Signatures are computed once; rerunning on a grown adapter folder computes them for
-the new adapters only and rewrites the library atomically.
+Signatures are computed once. The library records a digest of every source adapter
+folder, so a rerun on the same folder brings the library up to date: new adapters
+are added, changed ones recomputed and deleted ones removed (the log and stdout say
+which), and the library is rewritten atomically.
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ import ml_collections
 from absl import logging
 
 from lag_jax.adapters import load_peft_adapter
+from lag_jax.errors import ConfigError
+from lag_jax.integrity import folder_digest
 from lag_jax.jobs import common
 from lag_jax.model.config import ModelConfig
 from lag_jax.routing.library import AdapterLibrary, peft_adapter_dirs
+
+
+def _some(names, most: int = 8) -> str:
+  shown = ", ".join(names[:most])
+  return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> AdapterLibrary:
@@ -27,30 +36,69 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> AdapterLibrary:
       "build_library runs as one process (it writes one library folder); "
       "multi-process jobs then load the saved library on every process"
     )
-  model_config = ModelConfig.from_file(common.resolve_checkpoint(config.checkpoint))
-  library_dir = config.library_dir or os.path.join(workdir, "library")
-  dirs = peft_adapter_dirs(common.resolve_adapters_dir(config.adapters_dir))
+  if not config.adapters_dir:
+    raise ConfigError(
+      "config field 'adapters_dir' is empty: give a folder whose sub-folders are PEFT "
+      "adapters (--config.adapters_dir=/path/to/adapters)"
+    )
+  source = common.resolve_adapters_dir(config.adapters_dir)
+  if not os.path.isdir(source):
+    raise ConfigError(f"config field 'adapters_dir'={config.adapters_dir!r}: no such folder")
+  dirs = peft_adapter_dirs(source)
   if not dirs:
-    raise ValueError(
+    raise ConfigError(
       f"config field 'adapters_dir'={config.adapters_dir!r}: no PEFT adapter "
       "sub-folders (with adapter_config.json) found"
     )
+  model_config = ModelConfig.from_file(common.resolve_checkpoint(config.checkpoint))
+  library_dir = config.library_dir or os.path.join(workdir, "library")
   modules = common.split_list(config.modules) or None
+  digests = {os.path.basename(d): folder_digest(d) for d in dirs}
+  by_name = {os.path.basename(d): d for d in dirs}
+
   existing = None
   if os.path.exists(os.path.join(library_dir, "library.json")):
-    existing = AdapterLibrary.load(library_dir)
-    dirs = [d for d in dirs if os.path.basename(d) not in set(existing.names)]
-    logging.info("Library %s has %d adapters; %d new", library_dir, len(existing), len(dirs))
-  if not dirs:
-    return existing
+    existing = AdapterLibrary.load(library_dir, config=model_config)
+    recorded = {n: existing.metadata.get(n, {}).get("source_digest") for n in existing.names}
+    deleted = [n for n in existing.names if n not in digests]
+    changed = [n for n in existing.names if n in digests and recorded[n] != digests[n]]
+    new = [n for n in digests if n not in recorded]
+    summary = (
+      f"library {library_dir}: {len(existing)} adapters; {len(new)} new, "
+      f"{len(changed)} changed, {len(deleted)} deleted from {source}"
+    )
+    logging.info("%s", summary)
+    for label, names in (("New", new), ("Changed", changed), ("Deleted", deleted)):
+      if names:
+        logging.info("%s: %s", label, _some(names))
+    if not (new or changed or deleted):
+      print(f"{summary}: up to date, nothing to do")
+      return existing
+    print(
+      summary
+      + "".join(
+        f"; {k}: {_some(v)}"
+        for k, v in (("changed (recomputed)", changed), ("deleted (removed)", deleted))
+        if v
+      )
+    )
+    keep = [n for n in existing.names if n not in deleted and n not in changed]
+    existing = existing.subset(keep) if keep else None
+    todo = [n for n in digests if existing is None or n not in existing.names]
+  else:
+    todo = list(digests)
+
   t0 = time.perf_counter()
-  adapters = [load_peft_adapter(d, allow_pickle=config.allow_pickle) for d in dirs]
+  adapters = [load_peft_adapter(by_name[n], allow_pickle=config.allow_pickle) for n in todo]
+  metadata = {a.name: {"source_digest": digests[n]} for a, n in zip(adapters, todo, strict=True)}
   t1 = time.perf_counter()
   dtype = common.dtype("dtype", config.dtype)
   if existing is None:
-    library = AdapterLibrary.from_adapters(adapters, model_config, modules, dtype=dtype)
+    library = AdapterLibrary.from_adapters(
+      adapters, model_config, modules, dtype=dtype, metadata=metadata
+    )
   else:
-    library = existing.add(adapters, model_config)
+    library = existing.add(adapters, model_config, metadata=metadata)
   t2 = time.perf_counter()
   library.save(library_dir)
   logging.info(
