@@ -20,6 +20,8 @@ naming the file, line, field and id. The kinds:
 
 - ``invalid_json``: a JSONL line that does not parse (a ``.json`` file that does
   not parse as a whole is always an error: there is no record boundary to skip to);
+- ``invalid_utf8``: a JSONL line that is not valid UTF-8 (likewise always an error
+  in a ``.json`` file);
 - ``not_an_object``: a record that is not a JSON object;
 - ``missing_field``: ``id``, ``input``, ``output``, a provenance ``title``, or the
   task (no ``task`` argument, no ``task`` field, unknown file name) is absent or null;
@@ -364,21 +366,61 @@ def _known_titles(knowledge: Iterable[Document] | Collection[str] | None) -> Col
   return frozenset(d.title if isinstance(d, Document) else d for d in knowledge)
 
 
-def _iter_jsonl(path: pathlib.Path) -> Iterator[tuple[int, Any, str | None]]:
-  """(line, record or None, JSON error or None) for every non-blank line."""
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        yield line_no, json.loads(line), None
-      except json.JSONDecodeError as e:
-        yield line_no, None, f"invalid JSON: {e.msg} at column {e.colno}"
+def _utf8_error(data: bytes, e: UnicodeDecodeError) -> tuple[int, str]:
+  """(1-based line, message) for a decoding error in ``data`` (a line or a whole file)."""
+  line_start = data.rfind(b"\n", 0, e.start) + 1
+  line = data.count(b"\n", 0, e.start) + 1
+  return line, f"invalid UTF-8: byte 0x{data[e.start]:02x} at column {e.start - line_start + 1}"
 
 
-def _iter_json_array(path: pathlib.Path) -> Iterator[tuple[int, Any, str | None]]:
+def _decode_jsonl_line(raw: bytes) -> tuple[str | None, Any, _RecordError | None]:
+  """(text, record, problem) for one JSONL line; text None for a blank line."""
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    _, message = _utf8_error(raw, e)
+    line = raw.decode("utf-8", errors="replace")
+    try:  # the record as far as it reads, so that the report can show its id
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    return line, record, _RecordError("invalid_utf8", None, message)
+  if not line.strip():
+    return None, None, None
+  try:
+    return line, json.loads(line), None
+  except json.JSONDecodeError as e:
+    return (
+      line,
+      None,
+      _RecordError("invalid_json", None, f"invalid JSON: {e.msg} at column {e.colno}"),
+    )
+
+
+def _iter_jsonl(path: pathlib.Path) -> Iterator[tuple[int, Any, _RecordError | None]]:
+  """(line, record or None, the line's problem or None) for every non-blank line."""
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      text, record, problem = _decode_jsonl_line(raw)
+      if text is not None:
+        yield line_no, record, problem
+
+
+def _read_utf8(path: pathlib.Path) -> str:
+  """A whole file as text; KiltFormatError naming the line if it is not UTF-8."""
+  data = path.read_bytes()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line, message = _utf8_error(data, e)
+    raise KiltFormatError(
+      f"{path}:{line}: {message}", file=str(path), line=line, kind="invalid_utf8"
+    ) from None
+
+
+def _iter_json_array(path: pathlib.Path) -> Iterator[tuple[int, Any, _RecordError | None]]:
   """(line where the record starts, record, None) for each element of a top-level array."""
-  text = path.read_text(encoding="utf-8")
+  text = _read_utf8(path)
   decoder = json.JSONDecoder()
 
   def skip_ws(pos: int) -> int:
@@ -427,7 +469,7 @@ def _iter_json_array(path: pathlib.Path) -> Iterator[tuple[int, Any, str | None]
 
 
 def _read_records(
-  rows: Iterable[tuple[int | None, Any, str | None]],
+  rows: Iterable[tuple[int | None, Any, _RecordError | None]],
   source: str,
   *,
   task: str | None,
@@ -441,13 +483,13 @@ def _read_records(
   report = ReadReport(source=source)
   examples: list[KiltExample] = []
   seen: set[str] = set()
-  for line, record, json_error in rows:
+  for line, record, line_problem in rows:
     report.records += 1
     raw_id = record.get("id") if isinstance(record, Mapping) else None
     raw_id = None if raw_id is None else str(raw_id)
     try:
-      if json_error is not None:
-        raise _RecordError("invalid_json", None, json_error)
+      if line_problem is not None:  # undecodable: skipped whatever it holds
+        raise line_problem
       ex, dropped = _parse_record(
         record,
         task=task,
@@ -499,7 +541,8 @@ def read_kilt(
   Returns:
     (examples in file order, the report of what was skipped).
   Raises:
-    KiltFormatError: in strict mode; or if a ``.json`` file does not parse as an array.
+    KiltFormatError: in strict mode; or if a ``.json`` file does not parse as an array
+      or is not UTF-8.
     FileNotFoundError: if the file does not exist.
   """
   path = pathlib.Path(path)
@@ -667,8 +710,8 @@ def read_kilt_wikipedia(
   Args:
     titles: keep only these pages (None: all).
     limit: stop after this many pages are kept.
-    strict: raise ``KiltFormatError`` on a malformed line; else skip it and warn once
-      with the count.
+    strict: raise ``KiltFormatError`` naming the file and line on a malformed line (not
+      UTF-8, not JSON, no title or text); else skip it and warn once with the count.
   Returns:
     Documents in file order; a title seen twice keeps its first page.
   """
@@ -677,21 +720,24 @@ def read_kilt_wikipedia(
   docs: list[Document] = []
   seen: set[str] = set()
   bad: list[str] = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      text, page, problem = _decode_jsonl_line(raw)
+      if text is None:
         continue
       try:
-        page = json.loads(line)
+        if problem is not None:
+          raise problem
         title, paragraphs = page.get("wikipedia_title"), page.get("text")
         if not isinstance(title, str) or not title:
           raise ValueError("missing or empty 'wikipedia_title'")
         if not isinstance(paragraphs, list) or not all(isinstance(p, str) for p in paragraphs):
           raise ValueError("'text' must be a list of strings")
-      except (json.JSONDecodeError, AttributeError, ValueError) as e:
+      except (_RecordError, AttributeError, ValueError) as e:
         msg = f"{path}:{line_no}: {e}"
+        kind = e.kind if isinstance(e, _RecordError) else None
         if strict:
-          raise KiltFormatError(msg, file=str(path), line=line_no) from None
+          raise KiltFormatError(msg, file=str(path), line=line_no, kind=kind) from None
         bad.append(msg)
         continue
       if (wanted is not None and title not in wanted) or title in seen:
@@ -716,13 +762,23 @@ def read_wiki_summaries(
   Returns:
     Documents sorted by title (the file's order is a dict order; sorting makes
     every index built from them reproducible).
+  Raises:
+    KiltFormatError: naming the file (and the line where known) if it is not UTF-8, not
+      JSON, or not an object of entries with a string 'extract'.
   """
   if path is None:
     from lag_jax.assets import WIKI_SUMMARIES_EN  # here: reading files needs no cache logic
 
     path = WIKI_SUMMARIES_EN.path()
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
+  try:
+    data = json.loads(_read_utf8(pathlib.Path(path)))
+  except json.JSONDecodeError as e:
+    raise KiltFormatError(
+      f"{path}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}",
+      file=str(path),
+      line=e.lineno,
+      kind="invalid_json",
+    ) from None
   if not isinstance(data, Mapping):
     raise KiltFormatError(f"{path}: expected an object title -> summary", file=str(path))
   docs = []
