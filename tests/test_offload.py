@@ -15,6 +15,7 @@ import pytest
 
 from lag_jax.adapters import AdapterError
 from lag_jax.checkpoints.safetensors_loader import load_model
+from lag_jax.errors import IntegrityError
 from lag_jax.generation import generate
 from lag_jax.routing import routers
 from lag_jax.routing.hook import RoutedAdapters, routed
@@ -263,11 +264,13 @@ def test_bad_input(tmp_path):
     OffloadedLibrary.open(tmp_path, slots=4)
   save_offloaded(lib, tmp_path / "ok")
   os.remove(tmp_path / "ok" / "up_proj.b.npy")
-  with pytest.raises(AdapterError, match=r"module 'up_proj': .*up_proj\.b\.npy is missing"):
+  with pytest.raises(IntegrityError, match=r"module 'up_proj': .*up_proj\.b\.npy is missing"):
     OffloadedLibrary.open(tmp_path / "ok", slots=4)
   save_offloaded(lib, tmp_path / "bad")
   np.save(tmp_path / "bad" / "down_proj.a.npy", np.zeros((L, 4, 4, 128), np.float32))
-  with pytest.raises(AdapterError, match=r"module 'down_proj'.*\[2, 4, 4, 128\].*\[2, 5, 4, 128\]"):
+  with pytest.raises(
+    IntegrityError, match=r"module 'down_proj'.*\[2, 4, 4, 128\].*\[2, 5, 4, 128\]"
+  ):
     OffloadedLibrary.open(tmp_path / "bad", slots=4)
 
   def writer():
