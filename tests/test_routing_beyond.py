@@ -19,6 +19,7 @@ import routing_reference as ref
 from flax import nnx
 
 from lag_jax.adapters import LoraAdapter
+from lag_jax.errors import ConfigError
 from lag_jax.generation.generate import TRACE_COUNTS, generate
 from lag_jax.model.transformer import MLP_MODULES, CausalLM
 from lag_jax.routing import request, spans
@@ -779,7 +780,10 @@ def test_harness_method_names():
   r = harness.method_from_name("R-Vote(k=2)")
   assert (r.knowledge, r.task, r.rag, r.k) == ("none", "vote", True, 2)
   assert harness.method_from_name("P-ReqLAG").knowledge == "prag"
-  assert harness.select_methods(std, ["R-Vote", "Vote"], 4, retrieval=False)[0].name == "Vote(k=4)"
+  assert harness.select_methods(std, ["Vote"], 4, retrieval=False)[0].name == "Vote(k=4)"
+  # A method this run cannot offer is an error that says why, never a silent skip.
+  with pytest.raises(ConfigError, match="needs retrieval"):
+    harness.select_methods(std, ["R-Vote", "Vote"], 4, retrieval=False)
   for bad in ("Vote(q=1)", "Vote(span=all)", "LAG+gate(gate=2)", "Nope(k=1)"):
     with pytest.raises(ValueError):
       harness.method_from_name(bad)

@@ -23,6 +23,7 @@ the user turn (the instruction names the task).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import time
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from lag_jax.data.kilt import Document, KiltExample
+from lag_jax.errors import ConfigError
 from lag_jax.eval import metrics
 from lag_jax.generation import generate
 from lag_jax.model.transformer import CausalLM
@@ -224,18 +226,66 @@ def select_methods(
   methods: Sequence[Method], wanted: Sequence[str], k: int, retrieval: bool = True
 ) -> list[Method]:
   """The evaluate job's ``methods`` field: standard ones by name or by the part before
-  '(' (in their order; names that are absent, e.g. RAG without retrieval, are
-  skipped), then request-level ones (``method_from_name``; a bare name gets k) in the
-  order given; without ``retrieval``, those that need it (R- / P-) are skipped like
-  RAG / PRAG."""
+  '(' (in their order), then request-level ones (``method_from_name``; a bare name gets
+  k) in the order given.
+
+  Args:
+    methods: the standard methods this run offers (e.g. without SpectR at large N, or
+      without RAG and its kin when there is no retrieval).
+    wanted: method names.
+    retrieval: whether RAG / PRAG (and the R- / P- request-level methods) can run.
+  Raises:
+    ConfigError: a name that is no method (the message lists the valid names), bad
+      options, a duplicate, or a method this run cannot offer (and why): never a
+      silent skip.
+  """
   wanted = list(wanted)
-  chosen = [m for m in methods if m.name in wanted or m.name.split("(")[0] in wanted]
-  beyond = [
-    method_from_name(n if "(" in n else f"{n}(k={k})", k)
-    for n in wanted
-    if n.split("(")[0] in BEYOND
-  ]
-  return chosen + [m for m in beyond if retrieval or not (m.rag or m.knowledge == "prag")]
+  if not wanted:
+    raise ConfigError("config field 'methods' names no method")
+  dupes = sorted({n for n in wanted if wanted.count(n) > 1})
+  if dupes:
+    raise ConfigError(f"config field 'methods' names {dupes} more than once")
+  every = {m.name.split("(")[0]: m for m in standard_methods(k)}
+  offered = {m.name for m in methods}
+  needs_retrieval = lambda m: m.rag or m.knowledge == "prag"  # noqa: E731
+  chosen, beyond = set(), []
+  for name in wanted:
+    base = name.split("(")[0]
+    if base in every:
+      standard = every[base]
+      if name not in (base, standard.name):
+        raise ConfigError(
+          f"config field 'methods': {name!r}: the standard method {base} takes its "
+          f"settings from the config (e.g. --config.k); write {base!r}"
+        )
+      if standard.name not in offered:
+        why = (
+          "it needs retrieval (config field 'retrieval' is off)"
+          if needs_retrieval(standard)
+          else "not offered for this library (SpectR: more adapters than 'spectr_max_n')"
+        )
+        raise ConfigError(f"config field 'methods': {name!r} cannot run here: {why}")
+      chosen.add(standard.name)
+    elif base in BEYOND:
+      try:
+        method = method_from_name(name if "(" in name else f"{name}(k={k})", k)
+      except ValueError as e:
+        raise ConfigError(f"config field 'methods': {e}") from None
+      if needs_retrieval(method) and not retrieval:
+        raise ConfigError(
+          f"config field 'methods': {name!r} needs retrieval (config field 'retrieval' is off)"
+        )
+      beyond.append(method)
+    else:
+      valid = [*every, *BEYOND]
+      near = difflib.get_close_matches(base, valid, n=1, cutoff=0.5)
+      raise ConfigError(
+        f"config field 'methods': unknown method {name!r}"
+        + (f" (did you mean {near[0]!r}?)" if near else "")
+        + f"; valid names: {', '.join(valid)} (request-level ones take options, e.g. "
+        "'Vote(k=4;score=score)')"
+      )
+  return [m for m in methods if m.name in chosen] + beyond
 
 
 @dataclasses.dataclass

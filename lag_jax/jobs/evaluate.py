@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
 
 import jax
@@ -17,6 +19,7 @@ import ml_collections
 from absl import logging
 
 from lag_jax.checkpoints.safetensors_loader import load_model
+from lag_jax.errors import ConfigError
 from lag_jax.eval import harness
 from lag_jax.jobs import common
 from lag_jax.routing.shared import parse_mode, remove_shared
@@ -29,7 +32,7 @@ def _train_config(c: ml_collections.ConfigDict) -> TrainConfig:
   kw = {k: v for k, v in c.items() if k in fields}
   unknown = sorted(set(c.keys()) - fields)
   if unknown:
-    raise ValueError(f"unknown training config fields: {unknown}")
+    raise ConfigError(f"unknown training config fields: {unknown}; valid: {sorted(fields)}")
   if "target_modules" in kw:
     kw["target_modules"] = tuple(common.split_list(kw["target_modules"]))
   return TrainConfig(**kw)
@@ -133,6 +136,25 @@ def _kilt(config):
   return knowledge_jobs, examples, dict(task_data), documents, families
 
 
+def _check_config(config) -> None:
+  """Everything that can be checked before any work: a bad field fails in a second,
+  not after the libraries are trained."""
+  parse_mode(config.shared_removal)
+  builders = ("synthetic", "fanoutqa", "kilt")
+  if config.benchmark not in builders:
+    raise ConfigError(f"config field 'benchmark'={config.benchmark!r}: choose from {builders}")
+  common.int_list("k_sweep", config.k_sweep)
+  if config.methods:
+    harness.select_methods(
+      harness.standard_methods(config.k),
+      common.split_list(config.methods),
+      config.k,
+      config.retrieval,
+    )
+  _train_config(config.knowledge_training)
+  _train_config(config.task_training)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_count() > 1:
     # Library builds write shared folders and results are written once: several
@@ -140,17 +162,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(
       f"the evaluate job runs in a single process; got {jax.process_count()} (drop --distributed)"
     )
-  parse_mode(config.shared_removal)  # a bad value fails before any training
+  _check_config(config)
   t_start = time.perf_counter()
+  builders = {"synthetic": _synthetic, "fanoutqa": _fanoutqa, "kilt": _kilt}
+  knowledge_jobs, examples, task_data, documents, families = builders[config.benchmark](config)
+  methods = harness.standard_methods(
+    config.k, with_spectr=len(knowledge_jobs) <= config.spectr_max_n
+  )
+  methods = [m for m in methods if config.retrieval or not (m.rag or m.knowledge == "prag")]
+  if config.methods:  # standard names, and request-level ones (harness.BEYOND)
+    wanted = common.split_list(config.methods)
+    methods = harness.select_methods(methods, wanted, config.k, config.retrieval)
   folder = common.resolve_checkpoint(config.checkpoint)
   model = load_model(folder)
   tokenizer = Tokenizer.from_dir(folder)
-  builders = {"synthetic": _synthetic, "fanoutqa": _fanoutqa, "kilt": _kilt}
-  if config.benchmark not in builders:
-    raise ValueError(
-      f"config field 'benchmark'={config.benchmark!r}: choose from {sorted(builders)}"
-    )
-  knowledge_jobs, examples, task_data, documents, families = builders[config.benchmark](config)
   root = config.library_root or workdir
 
   t0 = time.perf_counter()
@@ -204,14 +229,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batch_size=config.batch_size,
     rag_max_chars=config.rag_max_chars,
   )
-  methods = harness.standard_methods(config.k, with_spectr=len(knowledge) <= config.spectr_max_n)
-  methods = [m for m in methods if retrieved is not None or not (m.rag or m.knowledge == "prag")]
-  if config.methods:  # standard names, and request-level ones (harness.BEYOND)
-    wanted = common.split_list(config.methods)
-    methods = harness.select_methods(methods, wanted, config.k, retrieved is not None)
   results = [harness.run_method(setting, m, examples, gold, task_ids, retrieved) for m in methods]
   sweep = []
-  for k in [int(v) for v in common.split_list(config.k_sweep)]:
+  for k in common.int_list("k_sweep", config.k_sweep):
     m = harness.Method(f"LAG(k={k})", "lag", "lag", k=k)
     # LAG with k = 1 is hard Arrow and with k >= N is SpectR, selection for selection
     # (tests/test_routing.py): reuse those runs instead of generating again.
@@ -249,13 +269,38 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for r in results
     },
   }
-  common.write_json_atomic(os.path.join(workdir, "results.json"), report)
   markdown = harness.markdown_table(report)
-  tmp = os.path.join(workdir, ".results.md.tmp")
-  with open(tmp, "w") as f:
-    f.write(markdown)
-  os.replace(tmp, os.path.join(workdir, "results.md"))
-  harness.plot(report, workdir)
+  _write_results(workdir, report, markdown)
   print(markdown)
   logging.info("evaluate: %.1fs in all (library builds %.1fs)", report["total_seconds"], t_build)
   return report
+
+
+# Everything an evaluate run writes to its workdir, besides the libraries.
+RESULT_FILES = (
+  "results.json",
+  "results.md",
+  "score_vs_k.png",
+  "routing_by_layer.png",
+  "methods.png",
+)
+
+
+def _write_results(workdir: str, report: dict, markdown: str) -> None:
+  """Writes every result file into a temporary folder first, then moves them into the
+  workdir together (and removes an older run's files this run does not make), so a
+  run that fails leaves the previous run's set whole, never a mix of the two."""
+  stage = tempfile.mkdtemp(prefix=".tmp-results-", dir=workdir)
+  try:
+    common.write_json_atomic(os.path.join(stage, "results.json"), report)
+    with common.atomic_write(os.path.join(stage, "results.md")) as f:
+      f.write(markdown)
+    harness.plot(report, stage)
+    for name in RESULT_FILES:
+      made, target = os.path.join(stage, name), os.path.join(workdir, name)
+      if os.path.exists(made):
+        common.publish(made, target)
+      elif os.path.exists(target):
+        os.remove(target)  # an older run's plot that this run does not have
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)

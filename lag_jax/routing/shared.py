@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lag_jax.errors import ConfigError
+
 MODES = ("none", "mean", "top")
 
 
@@ -39,17 +41,17 @@ def parse_mode(spec: str) -> tuple[str, int]:
   """'none' | 'mean:S' | 'top:S' (S >= 1; 'mean' / 'top' alone mean S = 1)."""
   head, _, count = (spec or "none").partition(":")
   if head not in MODES:
-    raise ValueError(f"shared_removal {spec!r}: mode {head!r} is not one of {MODES}")
+    raise ConfigError(f"shared_removal {spec!r}: mode {head!r} is not one of {MODES}")
   if head == "none":
     if count:
-      raise ValueError(f"shared_removal {spec!r}: 'none' takes no count")
+      raise ConfigError(f"shared_removal {spec!r}: 'none' takes no count")
     return "none", 0
   try:
     s = int(count or 1)
   except ValueError:
-    raise ValueError(f"shared_removal {spec!r}: the count after ':' must be an integer") from None
+    raise ConfigError(f"shared_removal {spec!r}: the count after ':' must be an integer") from None
   if s < 1:
-    raise ValueError(f"shared_removal {spec!r}: the count must be >= 1")
+    raise ConfigError(f"shared_removal {spec!r}: the count must be >= 1")
   return head, s
 
 
