@@ -3,10 +3,11 @@
 Placement. Routing needs only the arrows (and valid flags): [L, I, N] per module stay
 resident on the device. The factors A* [L, N, R, I] and B* [L, N, O, R] live in host
 memory (numpy) or on disk (one ``.npy`` file per module and factor, memory-mapped;
-see ``OffloadWriter`` / ``save_offloaded``). A device-side cache holds recently used
-adapters: per module, a fixed number of A* slots [S_a + 1, R, I] and B* slots
-[S_b + 1, O, R] (the extra slot is a zero scratch row), keyed by (layer, adapter id)
-and shared by all layers, with least-recently-used eviction. The host keeps the
+see ``OffloadWriter`` / ``save_offloaded``; ``offload.json`` records every file's size
+and block digests, which ``OffloadedLibrary.open`` checks). A device-side cache holds
+recently used adapters: per module, a fixed number of A* slots [S_a + 1, R, I] and B*
+slots [S_b + 1, O, R] (the extra slot is a zero scratch row), keyed by (layer, adapter
+id) and shared by all layers, with least-recently-used eviction. The host keeps the
 directory (which key sits in which slot) and the hit / miss counters.
 
 Routing, per layer and module, inside the jitted layer scan (so ``generate``'s prefill
@@ -396,8 +397,8 @@ class OffloadWriter:
   (names, modules, rank, shapes, dtypes; under "files", each file's shape, dtype and
   size, its header's digest and sha256 digests of its data in blocks of whole rows),
   written last. Blocks are written out of order (pwrite, layer-major runs), so
-  ``close()`` reads each finished file back to digest it, on a thread pool (about 1.2
-  GB/s on this 2-core machine while the files are still in the page cache). The folder
+  ``close()`` reads each finished file back to digest it, on a thread pool (1.5 to 2.1 s
+  for 1.74 GB on this 2-core machine, the files still in the page cache). The folder
   appears only when ``close()`` succeeds (it is built in a temporary sibling and renamed).
 
   Usage:
@@ -884,15 +885,20 @@ class OffloadedLibrary(NamedAdapters):
         inside the jitted call, where JAX reports the IntegrityError as a
         JaxRuntimeError carrying its message; the library then refuses every call);
       "size": never (trusted files; only the checks above).
-    Why "full" by default: measured on this 2-core machine (benchmarks/results/
-    offload.md), full verification reads and hashes the factor files at about 1.3 GB/s
-    from the page cache (1.5 GB of bfloat16 factors: about 1.2 s more than the open
-    without it, which reads and checks the 0.2 GB of arrows) and at disk speed from a
-    cold cache: seconds for libraries that fit in RAM, paid once per open, against
-    "lazy" putting that hashing on the decode path (about 0.7 ms per 1 MB block on its
-    first read, amplifying a single-row miss to a whole block's read) and reporting
-    corruption mid-generation. Choose "lazy" for libraries far beyond host RAM, where
-    reading everything at open would take minutes (228 GB for N = 100k at 30 layers).
+
+    Why "full" by default. Measured on this 2-core machine (another job running, 1-min
+    load 2 to 4) with a synthetic library of N = 20,000 SmolLM2-shaped adapters (one
+    layer, gate/up/down, rank 6; 1.52 GB of bfloat16 A* / B*, 0.22 GB of arrows): the
+    open without it takes 0.2 to 0.65 s (it reads and checks the arrows); "full" adds
+    0.8 to 2.7 s with the files in the page cache (1.9 to 0.6 GB/s, digests and finite
+    checks on two threads) and 1.9 to 3.9 s from a cold cache (0.8 to 0.4 GB/s), about
+    0.5 to 2.6 s per GB, paid once per open. "lazy" moves the same hashing onto the
+    decode path (0.7 to 1.3 ms per new 1 MB block warm, 1.7 to 3 ms cold, a single-row
+    miss reading its whole block, against a decode step of 8 to 76 ms in
+    benchmarks/results/offload.md) and reports corruption in the middle of a generation
+    rather than before it. Choose "lazy" for libraries far beyond host RAM, where
+    reading everything at open would take minutes (228 GB of factors for N = 100k at
+    30 layers) or where most blocks are never read.
 
     A manifest written before digests were recorded opens with a logged warning: sizes,
     shapes and values are checked, contents cannot be.
@@ -969,6 +975,13 @@ class OffloadedLibrary(NamedAdapters):
       checks[field, m] = _FileCheck(where, file, offset, dtype, shape, n_axis, names, entry, data)
       arrays[field][m] = x
     now = [c for (f, _), c in checks.items() if f not in FACTORS or verify == "full"]
+    if (total := sum(c.nbytes for c in now)) > 1 << 30:
+      logging.info(
+        "Verifying %.1f GB of %s (verify=%r; 'lazy' checks each block when first read)",
+        total / 1e9,
+        folder,
+        verify,
+      )
     _raise(f"offloaded library {folder} is corrupt", _check_all(now))
     for field in ("arrows", "valid"):
       arrays[field] = {m: jnp.asarray(np.asarray(x)) for m, x in arrays[field].items()}
