@@ -136,7 +136,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - every failure to parse is reported
-    _fail(ConfigError(_config_problem(argv, e)), "--verbose" in argv)
+    error = ConfigError(_config_problem(argv, e))
+    error.__cause__ = e  # --verbose shows config_flags' own traceback
+    _fail(error, "--verbose" in argv)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -160,7 +162,9 @@ def main(argv):
     config = _CONFIG.value
     job = config.job  # a config that failed to load raises only when used
   except Exception as e:  # noqa: BLE001 - a config that failed to load
-    _fail(ConfigError(_config_problem(sys.argv, e)), _VERBOSE.value)
+    error = ConfigError(_config_problem(sys.argv, e))
+    error.__cause__ = e
+    _fail(error, _VERBOSE.value)
   workdir = _WORKDIR.value or os.path.join("workdir", job)
   try:
     _check_workdir(workdir)
