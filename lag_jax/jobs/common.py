@@ -27,7 +27,7 @@ def resolve_checkpoint(name: str) -> str:
 
     return os.fspath(testing.tiny_checkpoint())
   if not os.path.isdir(name):
-    raise FileNotFoundError(
+    raise ConfigError(
       f"config field 'checkpoint'={name!r}: no such folder (use "
       "'smollm2', 'tiny-random' or an HF checkpoint folder)"
     )
