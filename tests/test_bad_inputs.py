@@ -10,11 +10,10 @@ import os
 import pathlib
 import re
 import stat
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli import run_cli
 
 from lag_jax.data import KiltFormatError, read_kilt, read_kilt_wikipedia, read_wiki_summaries
 from lag_jax.errors import ConfigError, DataFileError, UserError
@@ -30,17 +29,6 @@ def _gen_config(arg="tiny"):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
-
-
-def _run_cli(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "lag_jax.run", *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
 
 
 # ---------------------------------------------------------------------------
@@ -98,7 +86,7 @@ def test_missing_prompts_file_names_the_path(tmp_path):
 def test_cli_bad_prompts_file_is_one_line(tmp_path):
   path = tmp_path / "prompts.jsonl"
   path.write_text('{"prompt": "a"}\n{"question": "b"}\n')
-  proc = _run_cli(
+  proc = run_cli(
     "--config=configs/generate.py:tiny", f"--workdir={tmp_path}", f"--config.prompts_file={path}"
   )
   assert proc.returncode != 0
@@ -165,7 +153,7 @@ def test_generate_config_reports_sampler_errors_by_field(field, value):
 
 
 def test_cli_rejects_top_p_above_one(tmp_path):
-  proc = _run_cli(
+  proc = run_cli(
     "--config=configs/generate.py:tiny",
     f"--workdir={tmp_path}",
     "--config.generation.sampler=sample",
@@ -233,7 +221,7 @@ def test_layers_outside_the_model_name_the_field():
 
 
 def test_cli_layers_outside_the_model_name_the_field(tmp_path):
-  proc = _run_cli(
+  proc = run_cli(
     "--config=configs/generate.py:tiny_lag",
     f"--workdir={tmp_path}",
     "--config.gate=0.1",

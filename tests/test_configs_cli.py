@@ -4,11 +4,10 @@ import glob
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import ml_collections
 import pytest
+from cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -23,17 +22,6 @@ def _load(path):
 
 def _tiny_arg(path):
   return None if os.path.basename(path) == "tiny.py" else "tiny"
-
-
-def _run(*args, env=None):
-  return subprocess.run(
-    [sys.executable, "-m", "lag_jax.run", *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
-  )
 
 
 def test_there_are_configs():
@@ -90,7 +78,7 @@ def test_config_parses(path):
 def test_tiny_variant_runs(tmp_path, path):
   arg = _tiny_arg(path)
   spec = os.path.relpath(path, ROOT) + (f":{arg}" if arg else "")
-  proc = _run(f"--config={spec}", f"--workdir={tmp_path}")
+  proc = run_cli(f"--config={spec}", f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   _check_outputs(_load(path).get_config(arg).job, tmp_path)
 
@@ -99,18 +87,18 @@ def test_routing_scale_measures_a_library_as_it_stands(tmp_path):
   """build=False measures the saved library without training, refuses a library of
   another world, and a rerun keeps the sizes already measured."""
   base = ["--config=configs/synthetic_scale.py:tiny", f"--workdir={tmp_path}"]
-  proc = _run(*base, "--config.sizes=3", "--config.k_sweep_sizes=")
+  proc = run_cli(*base, "--config.sizes=3", "--config.k_sweep_sizes=")
   assert proc.returncode == 0, proc.stderr[-3000:]
   first = json.loads((tmp_path / "scale.json").read_text())
   assert first["sizes"] == [3]
-  proc = _run(*base, "--config.build=False", "--config.sizes=3,6", "--config.k_sweep_sizes=")
+  proc = run_cli(*base, "--config.build=False", "--config.sizes=3,6", "--config.k_sweep_sizes=")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Keeping" in proc.stderr
   second = json.loads((tmp_path / "scale.json").read_text())
   assert second["sizes"] == [3, 6]
   for label, row in first["routers"].items():
     assert second["routers"][label]["3"] == row["3"]
-  proc = _run(*base, "--config.build=False", "--config.synthetic.seed=1")
+  proc = run_cli(*base, "--config.build=False", "--config.synthetic.seed=1")
   assert proc.returncode != 0 and "first 6 people" in proc.stderr
 
 
@@ -118,7 +106,7 @@ def test_routing_scale_measures_a_library_as_it_stands(tmp_path):
 def test_generate_with_routed_libraries(tmp_path, shared):
   # The issue's CLI: answer prompts with a knowledge and a task library, LAG k = 3
   # (and with two shared directions removed from the knowledge library's routing).
-  proc = _run(
+  proc = run_cli(
     "--config=configs/generate.py:tiny_lag",
     "--config.router=lag",
     "--config.k=3",
@@ -137,7 +125,7 @@ def test_generate_with_routed_libraries(tmp_path, shared):
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
-  proc = _run(
+  proc = run_cli(
     "--config=configs/tiny.py", "--config.generation.max_new_tokenz=3", f"--workdir={tmp_path}"
   )
   assert proc.returncode != 0
@@ -147,7 +135,7 @@ def test_unknown_config_key_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("config", ["generate.py:tiny_lag", "demo.py:tiny"])
 def test_bad_shared_removal_is_an_error_before_any_work(tmp_path, config):
-  proc = _run(
+  proc = run_cli(
     f"--config=configs/{config}", "--config.shared_removal=median:1", f"--workdir={tmp_path}"
   )
   assert proc.returncode != 0
@@ -155,8 +143,8 @@ def test_bad_shared_removal_is_an_error_before_any_work(tmp_path, config):
   assert os.listdir(tmp_path) == []
 
 
-def test_override_changes_the_run(tmp_path):
-  proc = _run(
+def test_override_changes_therun_cli(tmp_path):
+  proc = run_cli(
     "--config=configs/tiny.py",
     "--config.generation.max_new_tokens=3",
     "--config.prompts=('one prompt',)",
@@ -169,7 +157,7 @@ def test_override_changes_the_run(tmp_path):
 
 
 def test_prompt_longer_than_context_is_an_error(tmp_path):
-  proc = _run(
+  proc = run_cli(
     "--config=configs/tiny.py",
     "--config.chat_template=False",
     "--config.prompts=('" + "x" * 600 + "',)",

@@ -22,19 +22,19 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from cli import run_cli
 from flax import nnx
 
 from lag_jax.adapters import load_peft_adapter
 from lag_jax.adapters.peft_io import random_lora, save_peft_adapter
 from lag_jax.checkpoints.safetensors_loader import load_model
+from lag_jax.integrity import umask
 from lag_jax.routing.library import AdapterLibrary
 from lag_jax.testing import tiny_config, write_tiny_checkpoint
 from lag_jax.text.tokenizer import Tokenizer
@@ -115,9 +115,9 @@ def test_demo_rerun_with_another_world_uses_only_that_world(tmp_path):
   from lag_jax.data.synthetic import make_world
 
   fast = ["--config.methods=Instr,Oracle", "--config.k_sweep=", f"--workdir={tmp_path}"]
-  proc = _run("--config=configs/demo.py:tiny", *fast)
+  proc = run_cli("--config=configs/demo.py:tiny", *fast)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  proc = _run("--config=configs/demo.py:tiny", "--config.synthetic.seed=1", *fast)
+  proc = run_cli("--config=configs/demo.py:tiny", "--config.synthetic.seed=1", *fast)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "results.json").read_text())
   assert report["num_knowledge_adapters"] == 4
@@ -268,14 +268,8 @@ def test_save_cleans_leftovers_and_publishes_readable_files(saved):
   (path.parent / ".old-library-killed").mkdir()
   library.save(path)
   assert sorted(p.name for p in path.parent.iterdir()) == ["lib"]
-  assert stat.S_IMODE(os.stat(path).st_mode) == 0o777 & ~_umask()
-  assert stat.S_IMODE(os.stat(path / "library.json").st_mode) == 0o666 & ~_umask()
-
-
-def _umask():
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
+  assert stat.S_IMODE(os.stat(path).st_mode) == 0o777 & ~umask()
+  assert stat.S_IMODE(os.stat(path / "library.json").st_mode) == 0o666 & ~umask()
 
 
 # --- 4. methods and results -----------------------------------------------------------
@@ -285,7 +279,7 @@ def test_unknown_methods_fail_before_any_work_and_keep_old_results(tmp_path):
   old = {"methods": {"Oracle": {}}}
   (tmp_path / "results.json").write_text(json.dumps(old))
   for methods in ("LGA,Oracel", "Oracle,LGA"):
-    proc = _run(
+    proc = run_cli(
       "--config=configs/demo.py:tiny", f"--config.methods={methods}", f"--workdir={tmp_path}"
     )
     assert proc.returncode != 0
@@ -316,21 +310,10 @@ def test_results_are_written_together(tmp_path, monkeypatch):
   assert (tmp_path / "results.md").read_text() == "# new\n"
   assert not (tmp_path / "methods.png").exists()  # the old run's plot, not this run's
   mode = stat.S_IMODE(os.stat(tmp_path / "results.json").st_mode)
-  assert mode == 0o666 & ~_umask()
+  assert mode == 0o666 & ~umask()
 
 
 # --- 5. the CLI: one line, no traceback -----------------------------------------------
-
-
-def _run(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "lag_jax.run", *args],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +352,7 @@ def test_cli_user_errors_are_one_line(case, tmp_path, other_model_library):
   args = [a.format(file=tmp_path / "file", library=other_model_library) for a in args]
   if not any(a.startswith("--workdir") for a in args):
     args.append(f"--workdir={tmp_path / 'out'}")
-  proc = _run(*args)
+  proc = run_cli(*args)
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
@@ -377,5 +360,5 @@ def test_cli_user_errors_are_one_line(case, tmp_path, other_model_library):
     proc.stderr.strip().splitlines()[-1]
   ]
   assert not (tmp_path / "out" / "generations.json").exists()
-  verbose = _run(*args, "--verbose")
+  verbose = run_cli(*args, "--verbose")
   assert verbose.returncode != 0 and "Traceback" in verbose.stderr

@@ -34,6 +34,22 @@ from lag_jax.routing.signatures import arrows_of, spectral_align_stacked
 from lag_jax.testing import tiny_config
 
 ATOL = 1e-4
+
+
+def assert_logits_close(got, want):
+  """Model logits against the float64 reference: 1e-4 times the logits' magnitude (at
+  least 1). The reference routes with float64 signatures (a dense SVD of the original
+  factors), ours with the library's float32 ones, and the sharpened model amplifies
+  their rounding: with both libraries routed, request 0 (arrow + arrow_softmax) was
+  off by 1.5e-4 at |logit| ~ 5.6 on an AMD EPYC host at the landed commit b5f8c4f
+  (3.5e-5 with the task library alone, 6e-6 with the knowledge library alone), where a
+  bare 1e-4 had passed on the machine it was chosen on.
+  """
+  want = np.asarray(want)
+  scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+  np.testing.assert_allclose(np.asarray(got), want, atol=ATOL * scale, rtol=0)
+
+
 CFG = tiny_config()  # hidden 64, intermediate 128, 2 layers, 4 query / 2 KV heads
 L = CFG.num_hidden_layers
 
@@ -545,7 +561,7 @@ def test_model_prefill_matches_reference(model, libraries, case):
   hook = reference_hook(setups)
   logits_ref, _, aux_ref = forward(model, PROMPTS, hook)
   assert hook.margin > 1e-5, f"near tie in the test data ({hook.margin})"
-  np.testing.assert_allclose(logits, logits_ref, atol=ATOL, rtol=0)
+  assert_logits_close(logits, logits_ref)
   assert_same_aux(aux, aux_ref)
   # Telemetry: [L, B, T] per module and library holding it; down_proj is in both.
   assert aux["down_proj"][0].shape == (L, 2, 6) and len(aux["down_proj"]) == 2
@@ -582,8 +598,8 @@ def test_model_decode_matches_reference_and_full_forward(model, libraries):
     if which == "ref":
       assert hook.margin > 1e-5, f"near tie in the test data ({hook.margin})"
   ours, refs = results["ours"], results["ref"]
-  np.testing.assert_allclose(ours[0], refs[0], atol=ATOL, rtol=0)
-  np.testing.assert_allclose(ours[1], refs[1], atol=ATOL, rtol=0)
+  assert_logits_close(ours[0], refs[0])
+  assert_logits_close(ours[1], refs[1])
   assert_same_aux(ours[2], refs[2], "prefill")
   for j in range(NEW.shape[1]):
     assert_same_aux(ours[3][j], refs[3][j], f"decode step {j}")

@@ -12,6 +12,7 @@ import tempfile
 import jax.numpy as jnp
 
 from lag_jax.errors import ConfigError
+from lag_jax.integrity import umask
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -100,9 +101,7 @@ def float_list(field: str, value) -> list[float]:
 
 def default_file_mode() -> int:
   """The mode ``open(path, 'w')`` gives a new file: 0o666 less the process umask."""
-  umask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
-  os.umask(umask)
-  return 0o666 & ~umask
+  return 0o666 & ~umask()
 
 
 def publish(tmp: str, path: str) -> None:

@@ -401,8 +401,6 @@ def _remove_leftovers(parent: str) -> None:
 def _read_meta(path: str) -> dict:
   """library.json, checked for the fields ``load`` needs and their agreement."""
   meta_path = os.path.join(path, "library.json")
-  if not os.path.isdir(path):
-    raise AdapterError(f"{path}: no such library folder")
   try:
     with open(meta_path, encoding="utf-8") as f:
       meta = json.load(f)
