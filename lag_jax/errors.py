@@ -24,3 +24,9 @@ class DataFileError(UserError):
 class IntegrityError(UserError):
   """Saved work is corrupt, incomplete or stale (a digest, fingerprint or shape does
   not match what was recorded); names the file or adapter."""
+
+
+def some_names(names, most: int = 8) -> str:
+  """'a', 'b', 'c' and 5 more: a list of names short enough for one message line."""
+  shown = ", ".join(repr(n) for n in list(names)[:most])
+  return shown + (f" and {len(names) - most} more" if len(names) > most else "")

@@ -16,16 +16,11 @@ import ml_collections
 from absl import logging
 
 from lag_jax.adapters import load_peft_adapter
-from lag_jax.errors import ConfigError
+from lag_jax.errors import ConfigError, some_names
 from lag_jax.integrity import folder_digest
 from lag_jax.jobs import common
 from lag_jax.model.config import ModelConfig
 from lag_jax.routing.library import AdapterLibrary, peft_adapter_dirs
-
-
-def _some(names, most: int = 8) -> str:
-  shown = ", ".join(names[:most])
-  return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> AdapterLibrary:
@@ -70,14 +65,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> AdapterLibrary:
     logging.info("%s", summary)
     for label, names in (("New", new), ("Changed", changed), ("Deleted", deleted)):
       if names:
-        logging.info("%s: %s", label, _some(names))
+        logging.info("%s: %s", label, some_names(names))
     if not (new or changed or deleted):
       print(f"{summary}: up to date, nothing to do")
       return existing
     print(
       summary
       + "".join(
-        f"; {k}: {_some(v)}"
+        f"; {k}: {some_names(v)}"
         for k, v in (("changed (recomputed)", changed), ("deleted (removed)", deleted))
         if v
       )

@@ -429,21 +429,16 @@ def _check_arrays(path: str, meta: dict, tree: dict, verify: bool) -> None:
   for m in meta["modules"]:
     if m not in tree or any(f not in tree[m] for f in _FIELDS):
       raise IntegrityError(f"{arrays}: no arrays for module {m!r}")
-    a, b, arrows, valid = (tree[m][f] for f in _FIELDS)
-    L, I = a.shape[0], a.shape[-1]
-    want = {
-      "a": (L, N, R, I),
-      "b": (L, N, b.shape[2] if b.ndim == 4 else -1, R),
-      "arrows": (L, I, N),
-      "valid": (L, N),
-    }
+    # L, I and O come from the arrays (check_fits holds them against the model).
+    a, b = tree[m]["a"], tree[m]["b"]
+    L, I, O = a.shape[0], a.shape[-1], b.shape[2] if b.ndim == 4 else -1
+    want = {"a": (L, N, R, I), "b": (L, N, O, R), "arrows": (L, I, N), "valid": (L, N)}
     for f in _FIELDS:
       if tuple(tree[m][f].shape) != want[f]:
         raise IntegrityError(
           f"{arrays}: {m}/{f} has shape {tuple(tree[m][f].shape)}, but library.json's "
           f"{N} adapters of rank {R} need {want[f]}"
         )
-    del arrows, valid
   if not verify:
     return
   digests = meta.get("digests")

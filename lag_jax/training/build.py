@@ -46,6 +46,7 @@ from flax import nnx
 
 from lag_jax.adapters.apply import stack_lora
 from lag_jax.adapters.peft_io import LoraAdapter, load_peft_adapter, save_peft_adapter
+from lag_jax.errors import some_names
 from lag_jax.integrity import array_digests, fingerprint
 from lag_jax.model.transformer import CausalLM
 from lag_jax.routing.library import AdapterLibrary
@@ -251,34 +252,31 @@ def build_library(
       "fingerprint": prints[i],
     }
 
-  # Adapters on disk from this build (fingerprints match) are finished; others retrain.
-  stale = []
-  finished = []
+  # Adapters in the library or on disk with this job's fingerprint are finished; other
+  # adapters on disk are of another build, and are retrained.
+  library = _current_library(library_dir, dict(zip(names, prints, strict=True)))
+  in_library = set(library.names) if library is not None else set()
+  stale, finished = [], []
   for i in range(len(jobs)):
     on_disk = os.path.exists(os.path.join(folder(i), "adapter_config.json"))
     current = on_disk and _recorded_fingerprint(folder(i)) == prints[i]
-    if on_disk and not current:
+    if names[i] in in_library and not on_disk:
+      logging.warning(
+        "Adapter %r is in the library but its PEFT folder %s is missing; not retraining it",
+        names[i],
+        folder(i),
+      )
+    elif on_disk and not current and names[i] not in in_library:
       stale.append(names[i])
-    finished.append(current)
+    finished.append(current or names[i] in in_library)
   if stale:
     logging.warning(
       "%d adapter(s) in %s were trained on other data, settings or base model (or before "
       "builds recorded fingerprints); retraining them: %s",
       len(stale),
       adapters_dir,
-      _some(stale),
+      some_names(stale),
     )
-  library = _current_library(library_dir, dict(zip(names, prints, strict=True)))
-  in_library = set(library.names) if library is not None else set()
-  for i in range(len(jobs)):
-    if names[i] in in_library and not finished[i]:
-      finished[i] = True  # its fingerprint in the library matches: nothing to retrain
-      if not os.path.exists(folder(i)):
-        logging.warning(
-          "Adapter %r is in the library but its PEFT folder %s is missing; not retraining it",
-          names[i],
-          folder(i),
-        )
 
   def flush(force: bool) -> None:
     """Appends the finished prefix of the job list that the library lacks."""
@@ -455,11 +453,6 @@ def build_library(
   return library
 
 
-def _some(names: Sequence[str], most: int = 8) -> str:
-  shown = ", ".join(repr(n) for n in names[:most])
-  return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
 def _current_library(library_dir: str, prints: dict[str, str]) -> AdapterLibrary | None:
   """The saved library of this build, or None when there is none or it must be
   rebuilt: it holds an adapter that is not among the jobs, or one whose fingerprint
@@ -481,8 +474,8 @@ def _current_library(library_dir: str, prints: dict[str, str]) -> AdapterLibrary
     "; ".join(
       part
       for part in (
-        foreign and f"{len(foreign)} adapter(s) not in this build ({_some(foreign)})",
-        changed and f"{len(changed)} trained on other data or settings ({_some(changed)})",
+        foreign and f"{len(foreign)} adapter(s) not in this build ({some_names(foreign)})",
+        changed and f"{len(changed)} trained on other data or settings ({some_names(changed)})",
       )
       if part
     ),
