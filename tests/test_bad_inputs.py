@@ -1,4 +1,4 @@
-"""Bad inputs fail with a UserError that names the culprit (issue 11): the generate
+"""Bad inputs fail with a UserError that names the culprit: the generate
 job's prompts file and config fields, the sampler's parameters, list fields, file
 permissions of atomic writes, and undecodable bytes in KILT files."""
 

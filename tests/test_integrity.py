@@ -110,7 +110,7 @@ def test_build_retrains_what_changed_and_never_mixes_builds(tiny, tmp_path):
 
 
 def test_demo_rerun_with_another_world_uses_only_that_world(tmp_path):
-  """The issue's case: the tiny demo, then again with another world's seed. The
+  """The tiny demo, then again with another world's seed (a user's rerun). The
   second run's libraries hold its own 4 people, trained on their own articles."""
   from lag_jax.data.synthetic import make_world
 

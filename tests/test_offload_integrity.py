@@ -1,4 +1,4 @@
-"""Nothing corrupt, nothing silent (issue 11), for offloaded libraries: offload.json
+"""Nothing corrupt, nothing silent, for offloaded libraries: offload.json
 records every file's size, header digest and block digests; opening a folder with a
 flipped byte, a truncated or missing file, or a NaN raises an IntegrityError naming the
 file (and the layer and adapter), at open or, with ``verify="lazy"``, at first read."""
