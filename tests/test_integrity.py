@@ -326,6 +326,17 @@ def other_model_library(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="module")
+def damaged_library(tmp_path_factory):
+  """A saved library of the tiny model whose largest data file was deleted."""
+  config = tiny_config()
+  path = tmp_path_factory.mktemp("damaged") / "lib"
+  adapters = [random_lora(config, f"x{i}", 2, 4.0, ["up_proj"], seed=i) for i in range(2)]
+  AdapterLibrary.from_adapters(adapters, config).save(path)
+  os.remove(max(_data_files(path), key=os.path.getsize))
+  return path
+
+
 CLI_ERRORS = {
   "unknown field": (
     ["--config=configs/generate.py:tiny", "--config.generation.max_new_tokenz=3"],
@@ -338,6 +349,10 @@ CLI_ERRORS = {
     ["--config=configs/build_library.py:tiny", "--config.adapters_dir="],
     "config field 'adapters_dir' is empty",
   ),
+  "library with a deleted data file": (
+    ["--config=configs/generate.py:tiny", "--config.library={damaged}", "--config.router=lag"],
+    "a data file is missing or damaged",
+  ),
   "library of another model": (
     ["--config=configs/generate.py:tiny", "--config.library={library}", "--config.router=lag"],
     "does not fit the base model",
@@ -346,10 +361,11 @@ CLI_ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(CLI_ERRORS))
-def test_cli_user_errors_are_one_line(case, tmp_path, other_model_library):
+def test_cli_user_errors_are_one_line(case, tmp_path, other_model_library, damaged_library):
   args, message = CLI_ERRORS[case]
   (tmp_path / "file").write_text("x")
-  args = [a.format(file=tmp_path / "file", library=other_model_library) for a in args]
+  paths = dict(file=tmp_path / "file", library=other_model_library, damaged=damaged_library)
+  args = [a.format(**paths) for a in args]
   if not any(a.startswith("--workdir") for a in args):
     args.append(f"--workdir={tmp_path / 'out'}")
   proc = run_cli(*args)
