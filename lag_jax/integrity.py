@@ -80,7 +80,12 @@ def first_nonfinite(x) -> int | None:
 
 def umask() -> int:
   """The process's umask (files written through mkstemp / mkdtemp get 0600 / 0700;
-  chmod them to ``0o666 & ~umask()`` / ``0o777 & ~umask()`` before publishing)."""
+  chmod them to ``0o666 & ~umask()`` / ``folder_mode()`` before publishing)."""
   mask = os.umask(0)
   os.umask(mask)
   return mask
+
+
+def folder_mode() -> int:
+  """The mode ``os.makedirs`` gives a new folder: 0o777 less the process umask."""
+  return 0o777 & ~umask()

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lag_jax.errors import UserError
-from lag_jax.integrity import umask
+from lag_jax.integrity import folder_mode
 from lag_jax.model.config import ModelConfig
 
 CONFIG_NAME = "adapter_config.json"
@@ -475,7 +475,7 @@ def save_peft_adapter(
       with open(os.path.join(tmp, name), "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 -> what os.makedirs gives
+    os.chmod(tmp, folder_mode())  # mkdtemp makes it 0700
     if os.path.exists(target):
       # A folder cannot be renamed over a non-empty one: move the old one aside first
       # and put it back if the swap fails.

@@ -90,6 +90,11 @@ class Method:
   knowledge_options: tuple = ()
   task_options: tuple = ()
 
+  @property
+  def needs_retrieval(self) -> bool:
+    """The BM25-top page in the prompt (RAG) or its adapter (PRAG) is part of it."""
+    return self.rag or self.knowledge == "prag"
+
 
 def standard_methods(k: int = 20, with_spectr: bool = True) -> list[Method]:
   """The paper's methods plus the uniform merge (SpectR where N makes it affordable)
@@ -247,7 +252,6 @@ def select_methods(
     raise ConfigError(f"config field 'methods' names {dupes} more than once")
   every = {m.name.split("(")[0]: m for m in standard_methods(k)}
   offered = {m.name for m in methods}
-  needs_retrieval = lambda m: m.rag or m.knowledge == "prag"  # noqa: E731
   chosen, beyond = set(), []
   for name in wanted:
     base = name.split("(")[0]
@@ -261,7 +265,7 @@ def select_methods(
       if standard.name not in offered:
         why = (
           "it needs retrieval (config field 'retrieval' is off)"
-          if needs_retrieval(standard)
+          if standard.needs_retrieval
           else "not offered for this library (SpectR: more adapters than 'spectr_max_n')"
         )
         raise ConfigError(f"config field 'methods': {name!r} cannot run here: {why}")
@@ -271,7 +275,7 @@ def select_methods(
         method = method_from_name(name if "(" in name else f"{name}(k={k})", k)
       except ValueError as e:
         raise ConfigError(f"config field 'methods': {e}") from None
-      if needs_retrieval(method) and not retrieval:
+      if method.needs_retrieval and not retrieval:
         raise ConfigError(
           f"config field 'methods': {name!r} needs retrieval (config field 'retrieval' is off)"
         )
@@ -424,7 +428,7 @@ def run_method(
     task_ids: the right task adapter id per example, or None without a task library.
     retrieved: BM25-top document index per example (for RAG / PRAG), or None.
   """
-  if retrieved is None and (method.rag or method.knowledge == "prag"):
+  if retrieved is None and method.needs_retrieval:
     raise ValueError(f"method {method.name!r} needs retrieval (RAG / PRAG): none was given")
   t0 = time.perf_counter()
   tok = setting.tokenizer

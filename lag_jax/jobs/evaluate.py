@@ -169,7 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   methods = harness.standard_methods(
     config.k, with_spectr=len(knowledge_jobs) <= config.spectr_max_n
   )
-  methods = [m for m in methods if config.retrieval or not (m.rag or m.knowledge == "prag")]
+  methods = [m for m in methods if config.retrieval or not m.needs_retrieval]
   if config.methods:  # standard names, and request-level ones (harness.BEYOND)
     wanted = common.split_list(config.methods)
     methods = harness.select_methods(methods, wanted, config.k, config.retrieval)

@@ -43,7 +43,7 @@ def method(name: str, k: int) -> harness.Method:
   if name in _PER_TOKEN:
     return harness.Method(name, _PER_TOKEN[name], "none", k=k)
   m = harness.method_from_name(name if "(" in name else f"{name}(k={k})", k)
-  if m.rag or m.knowledge == "prag":
+  if m.needs_retrieval:
     raise ValueError(f"config field 'routers': {name!r} needs retrieval; routing_scale routes only")
   return dataclasses.replace(m, name=name, task="none")
 

@@ -34,7 +34,7 @@ from flax import struct
 from lag_jax.adapters.apply import validate_adapter
 from lag_jax.adapters.peft_io import AdapterError, LoraAdapter
 from lag_jax.errors import IntegrityError
-from lag_jax.integrity import array_digests, first_nonfinite, umask
+from lag_jax.integrity import array_digests, first_nonfinite, folder_mode
 from lag_jax.model.config import ModelConfig
 from lag_jax.model.transformer import ADAPTABLE_MODULES, ATTENTION_MODULES, MLP_MODULES
 from lag_jax.routing.signatures import spectral_align_stacked
@@ -281,7 +281,7 @@ class AdapterLibrary(NamedAdapters):
       }
       with open(os.path.join(tmp, "library.json"), "w") as f:
         json.dump(meta, f, indent=1)
-      os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 -> what os.makedirs gives
+      os.chmod(tmp, folder_mode())  # mkdtemp makes it 0700
       # Move the old library aside rather than deleting it first, so that a kill at
       # any point leaves either the old or the new library at ``path``.
       if os.path.exists(path):
