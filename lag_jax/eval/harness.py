@@ -70,6 +70,8 @@ class Method:
     knowledge: 'none' | 'oracle' | 'prag' (BM25-top document's adapter) | a router name.
     task: 'none' | 'oracle' | a router name.
     rag: put the BM25-top document in the prompt.
+    gold_page: put the question's gold document in the prompt (the in-context
+      ceiling of a knowledge adapter: the same model reading the page it was trained on).
     k: candidates for 'lag' / 'arrow_softmax' (and the request-level routers).
     span: the prompt tokens the knowledge library's request-level routing counts:
       'question' (the task input), 'user' (the user's message: instruction, input,
@@ -84,6 +86,7 @@ class Method:
   knowledge: str = "none"
   task: str = "none"
   rag: bool = False
+  gold_page: bool = False
   k: int = 20
   span: str = "question"
   task_span: str = "user"
@@ -100,11 +103,13 @@ def standard_methods(k: int = 20, with_spectr: bool = True) -> list[Method]:
   """The paper's methods plus the uniform merge (SpectR where N makes it affordable)
   and a control, "Task only" (the right task adapter, no knowledge adapter): what the
   oracle scores without the knowledge library, i.e. from format and the base model's
-  own memory."""
+  own memory; and "Page+Task", the ceiling of knowledge injection: the gold page in
+  the prompt with the right task adapter."""
   out = [
     Method("Instr"),
     Method("Oracle", "oracle", "oracle"),
     Method("Task only", "none", "oracle"),
+    Method("Page+Task", "none", "oracle", gold_page=True),
     Method("Arrow", "arrow", "arrow"),
     Method(f"LAG(k={k})", "lag", "lag", k=k),
     Method("Uniform", "uniform", "uniform"),
@@ -433,9 +438,17 @@ def run_method(
   t0 = time.perf_counter()
   tok = setting.tokenizer
   rendered, types, spans = [], [], []
+  by_title = {d.title: d for d in setting.documents} if method.gold_page else {}
   for i, ex in enumerate(examples):
-    # The retrieved page, cut to fit the context window (whole pages can be long).
-    context = setting.documents[retrieved[i]].text[: setting.rag_max_chars] if method.rag else None
+    # The retrieved (or gold) page, cut to fit the context window (pages can be long).
+    context = None
+    if method.rag:
+      context = setting.documents[retrieved[i]].text[: setting.rag_max_chars]
+    elif method.gold_page:
+      gold_doc = by_title.get(ex.provenance[0]) if ex.provenance else None
+      if gold_doc is None:
+        raise ValueError(f"method {method.name!r}: example {ex.id!r} has no gold page")
+      context = gold_doc.text[: setting.rag_max_chars]
     text, q, e = render_prompt(tok, ex, context, setting.system_prompt)
     enc = tok.backend.encode(text, add_special_tokens=False)
     rendered.append(list(enc.ids))
