@@ -22,6 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.library_root = ""  # default: the workdir
 
   c.synthetic = ml_collections.ConfigDict()
+  # people (lag_jax/data/synthetic.py) or companies (lag_jax/data/companies.py: longer
+  # pages, other relations; held out, never used to choose a recipe or setting).
+  c.synthetic.domain = "people"
   c.synthetic.num_entities = 16
   c.synthetic.seed = 0
   c.synthetic.questions_per_entity = 1
@@ -36,8 +39,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fanoutqa.task_examples = 256
   c.fanoutqa.seed = 0
   c.fanoutqa.answerable_only = False
-  # Title-anchored restatements of each page's first sentences (lag_jax.data.restate).
-  c.fanoutqa.restate_sentences = 8
+
+  # Knowledge adapters' training data, from each document alone (and the base model):
+  # lag_jax/training/knowledge_data.py. Steps: page, restate, cloze, shuffle, rewrite;
+  # on the synthetic world also 'generator' (its template paraphrases and Q/A
+  # restatements, made from structured facts: an ablation, not a user's data).
+  c.knowledge_data = ml_collections.ConfigDict(
+    dict(
+      steps="page,restate,cloze,shuffle,rewrite",
+      restate_sentences=32,
+      cloze_turns=64,
+      shuffles=2,
+      rewrite_prompts=3,
+      rewrite_samples=2,
+      temperature=0.7,
+      top_k=50,
+      top_p=0.9,
+      max_new_tokens=256,
+      max_page_chars=3000,
+      batch_size=16,
+      seed=0,
+    )
+  )
 
   # Chosen for SmolLM2 on 2 CPU cores by the oracle's score (RESULTS.md): at lr 1e-3 and
   # 4 epochs (~2,400 tokens per adapter) the oracle scored 0 on QA and slot filling; at
@@ -98,6 +121,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.k_sweep = "1,4"
     c.max_new_tokens = 4
     c.rag_max_chars = 200  # the tiny model's byte tokenizer and 512-token context
+    c.knowledge_data.update(dict(rewrite_prompts=1, rewrite_samples=1, max_new_tokens=16))
+    c.knowledge_data.max_page_chars = 200
   elif arg:
     raise ValueError(f"configs/demo.py: unknown variant {arg!r} (use 'tiny')")
   return c

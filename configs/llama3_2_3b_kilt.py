@@ -9,15 +9,27 @@ The knowledge library is one LoRA per page for the 1000 pages most cited as
 provenance by the evaluation files (rank 6, alpha 12, gate/up/down, 4 epochs, lr
 1e-4, dropout 0.05, batch 1); task adapters are rank 8, alpha 16 on q/k/v/o, one
 epoch, trained on KILT train examples whose provenance lies outside those pages.
-The paper also trains on rewrites of each page by the base model; that step is not
-part of this config (pages are trained on as they are).
+Each page's adapter trains on the page and data made from it alone
+(``knowledge_data``, as configs/demo.py: restatements, fill-in-the-blank turns,
+shuffles, and rewrites by the base model, as the paper's synthetic continued
+pretraining), never on anything derived from the questions.
+
+Variant ``:smollm2`` (the packaged model on 2 CPU cores, one command): writes a
+synthetic companies world (lag_jax/data/companies.py, 3-paragraph pages) as KILT
+files into the workdir and runs this path on them, with configs/demo.py's training:
+  python -m lag_jax.run --config=configs/llama3_2_3b_kilt.py:smollm2 --workdir=/tmp/lag_kilt
+Your own KILT files: the same, with --config.kilt.eval_files=... etc.
 Tiny variant (fixture KILT files, tiny random model; used by the tests):
   python -m lag_jax.run --config=configs/llama3_2_3b_kilt.py:tiny
 """
 
 import os
+import sys
 
 import ml_collections
+
+sys.path.insert(0, os.path.dirname(__file__))
+import demo  # noqa: E402
 
 _FIXTURES = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "kilt"
@@ -38,8 +50,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.kilt.num_pages = 1000
   c.kilt.max_per_dataset = 0
   c.kilt.task_examples = 10000
-  # The paper's rewrites come from the base model; 0 trains on the pages alone.
-  c.kilt.restate_sentences = 0
+  # > 0 and no eval_files: write a synthetic companies world of this many pages as KILT
+  # files into <library_root or workdir>/kilt_files and run on them.
+  c.kilt.companies = 0
+  c.kilt.companies_seed = 0
+  c.kilt.questions_per_entity = 1
+  c.knowledge_data = demo.get_config().knowledge_data
 
   c.knowledge_training = ml_collections.ConfigDict(
     dict(
@@ -83,7 +99,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_new_tokens = 32
   c.batch_size = 64
 
-  if arg == "tiny":
+  if arg == "smollm2":
+    demo_config = demo.get_config()
+    c.checkpoint = "smollm2"
+    c.kilt.companies = 16
+    c.kilt.questions_per_entity = 3
+    c.kilt.num_pages = 16
+    c.kilt.task_examples = 192
+    c.knowledge_training = demo_config.knowledge_training
+    c.knowledge_training.max_seq_len = 256  # the pages are 3 paragraphs (~250 tokens)
+    c.task_training = demo_config.task_training
+    c.k = 4
+    c.k_sweep = "1,2,4,8,16"
+    c.max_new_tokens = 12
+    c.batch_size = 16
+  elif arg == "tiny":
     c.checkpoint = "tiny-random"
     c.kilt.eval_files = ",".join(
       os.path.join(_FIXTURES, f"{d}-dev-kilt.jsonl") for d in ("nq", "fever", "structured_zeroshot")
@@ -101,6 +131,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_new_tokens = 4
     c.rag_max_chars = 200  # the tiny model's byte tokenizer and 512-token context
     c.batch_size = 8
+    c.knowledge_data = demo.get_config("tiny").knowledge_data
   elif arg:
-    raise ValueError(f"configs/llama3_2_3b_kilt.py: unknown variant {arg!r} (use 'tiny')")
+    raise ValueError(
+      f"configs/llama3_2_3b_kilt.py: unknown variant {arg!r} (use 'smollm2' or 'tiny')"
+    )
   return c

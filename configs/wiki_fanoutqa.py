@@ -32,7 +32,7 @@ def get_config(arg: str | None = None):
   c.fanoutqa.library_size = 1000
   c.fanoutqa.split = "tune"
   # About 600 training tokens per adapter (LAG.md's budget for N = 1000 on 2 cores).
-  c.fanoutqa.restate_sentences = 4
+  c.knowledge_data.restate_sentences = 4
   c.knowledge_training.epochs = 1
   c.k = 20
   c.k_sweep = "1,2,5,10,20,50"
@@ -47,7 +47,7 @@ def get_config(arg: str | None = None):
   elif arg == "answerable":
     c.fanoutqa.answerable_only = True
     c.fanoutqa.library_size = 100
-    c.fanoutqa.restate_sentences = 6
+    c.knowledge_data.restate_sentences = 6
     c.knowledge_training.epochs = 2
     c.k = 4
     c.k_sweep = "1,2,4,8,16,32,50"

@@ -20,11 +20,13 @@ from absl import logging
 
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.errors import ConfigError
-from lag_jax.eval import harness
+from lag_jax.eval import harness, injection
 from lag_jax.jobs import common
 from lag_jax.routing.shared import parse_mode, remove_shared
 from lag_jax.text.tokenizer import Tokenizer
 from lag_jax.training import AdapterJob, TrainConfig, build_library
+from lag_jax.training.knowledge_data import KnowledgeRecipe
+from lag_jax.training.knowledge_data import knowledge_jobs as knowledge_jobs_of
 
 
 def _train_config(c: ml_collections.ConfigDict) -> TrainConfig:
@@ -38,25 +40,52 @@ def _train_config(c: ml_collections.ConfigDict) -> TrainConfig:
   return TrainConfig(**kw)
 
 
-def _knowledge_texts(document, restate_sentences: int) -> list[str]:
-  """The page, plus title-anchored restatements of its first sentences (0: none)."""
-  from lag_jax.data.restate import restatements
-
-  return [document.text, *restatements(document.title, document.text, restate_sentences)]
+# A step of the synthetic world only: the generator's template paraphrases and Q/A
+# restatements, made from its structured facts (an ablation: a user has no such data).
+GENERATOR_STEP = "generator"
 
 
-def _synthetic(config):
+def knowledge_recipe(config, benchmark_has_generator: bool = False):
+  """The knowledge-data recipe of the config, and whether the generator's texts join it."""
+  c = config.knowledge_data
+  steps = common.split_list(c.steps)
+  generator = GENERATOR_STEP in steps
+  if generator and not benchmark_has_generator:
+    raise ConfigError(
+      f"config field 'knowledge_data.steps': {GENERATOR_STEP!r} exists for the synthetic "
+      "people world only (benchmark 'synthetic', domain 'people')"
+    )
+  steps = [s for s in steps if s != GENERATOR_STEP]
+  fields = {k: v for k, v in c.items() if k != "steps"}
+  return KnowledgeRecipe.from_config({**fields, "steps": steps or ("page",)}), generator
+
+
+DOMAINS = ("people", "companies")
+
+
+def _make_world(domain: str, n: int, seed: int, questions_per_entity: int = 1):
+  if domain == "companies":
+    from lag_jax.data.companies import make_company_world
+
+    return make_company_world(n, seed=seed, questions_per_entity=questions_per_entity)
   from lag_jax.data.synthetic import make_world
 
+  return make_world(n, seed=seed, questions_per_entity=questions_per_entity)
+
+
+def _synthetic(config, root):
   c = config.synthetic
-  world = make_world(c.num_entities, seed=c.seed, questions_per_entity=c.questions_per_entity)
-  knowledge_jobs = [
-    AdapterJob(t, texts=world.training_texts(t), metadata={"title": t}) for t in world.documents
-  ]
+  domain = c.get("domain", "people")
+  world = _make_world(domain, c.num_entities, c.seed, c.questions_per_entity)
+  recipe, generator = knowledge_recipe(config, benchmark_has_generator=domain == "people")
+  extra = None
+  if generator:
+    extra = {t: world.rewrites(t) + world.qa_restatements(t) for t in world.documents}
+  knowledge_jobs = (recipe, world.knowledge(), extra)
   examples = [ex for task in c.tasks for ex in world.tasks[task]]
-  # Task adapters learn each task's format on another world's people, so that they
+  # Task adapters learn each task's format on another world's entities, so that they
   # cannot carry the evaluation facts.
-  other = make_world(c.task_entities, seed=c.seed + 1000)
+  other = _make_world(domain, c.task_entities, c.seed + 1000)
   task_data = {task: other.tasks[task] for task in c.tasks}
   documents = world.knowledge()
   return (
@@ -68,7 +97,7 @@ def _synthetic(config):
   )
 
 
-def _fanoutqa(config):
+def _fanoutqa(config, root):
   from lag_jax.data.fanoutqa import build_fanoutqa
 
   c = config.fanoutqa
@@ -79,10 +108,7 @@ def _fanoutqa(config):
     seed=c.seed,
   )
   logging.info("FanOutQA: %s", bench.stats)
-  knowledge_jobs = [
-    AdapterJob(d.title, texts=_knowledge_texts(d, c.restate_sentences), metadata={"title": d.title})
-    for d in bench.documents
-  ]
+  knowledge_jobs = (knowledge_recipe(config)[0], list(bench.documents), None)
   examples = bench.split(c.split) if c.split != "all" else list(bench.examples)
   if c.max_questions:
     examples = examples[: c.max_questions]
@@ -98,13 +124,27 @@ def _fanoutqa(config):
   )
 
 
-def _kilt(config):
-  """KILT files: the N pages most cited as provenance form the knowledge library."""
+def _kilt(config, root):
+  """KILT files: the N pages most cited as provenance form the knowledge library.
+
+  With ``kilt.companies`` > 0 and no files given, the files are written first, into
+  ``<root>/kilt_files``: a synthetic companies world of that many pages
+  (``lag_jax.data.companies``) in KILT's formats, so the path runs end to end.
+  """
   import collections
 
   from lag_jax.data.kilt import KILT_DATASETS, dataset_from_filename, read_kilt, read_kilt_wikipedia
 
   c = config.kilt
+  if c.get("companies", 0) and not c.eval_files:
+    from lag_jax.data.companies import make_company_world, write_kilt_files
+
+    n, seed = c.companies, c.get("companies_seed", 0)
+    world = make_company_world(n, seed=seed, questions_per_entity=c.get("questions_per_entity", 1))
+    files = write_kilt_files(
+      world, make_company_world(max(n, 64), seed=seed + 1000), os.path.join(root, "kilt_files")
+    )
+    c = ml_collections.ConfigDict({**c.to_dict(), **files})
   eval_files = common.split_list(c.eval_files)
   examples = []
   for path in eval_files:
@@ -121,10 +161,7 @@ def _kilt(config):
     for ex in examples:
       per[ex.dataset].append(ex)
     examples = [ex for exs in per.values() for ex in exs[: c.max_per_dataset]]
-  knowledge_jobs = [
-    AdapterJob(d.title, texts=_knowledge_texts(d, c.restate_sentences), metadata={"title": d.title})
-    for d in documents
-  ]
+  knowledge_jobs = (knowledge_recipe(config)[0], documents, None)
   task_data = collections.defaultdict(list)
   for path in common.split_list(c.task_train_files):
     exs, _ = read_kilt(path)
@@ -140,6 +177,10 @@ def _check_config(config) -> None:
   """Everything that can be checked before any work: a bad field fails in a second,
   not after the libraries are trained."""
   parse_mode(config.shared_removal)
+  if config.benchmark == "synthetic" and config.synthetic.get("domain", "people") not in DOMAINS:
+    raise ConfigError(
+      f"config field 'synthetic.domain'={config.synthetic.domain!r}: choose from {DOMAINS}"
+    )
   builders = ("synthetic", "fanoutqa", "kilt")
   if config.benchmark not in builders:
     raise ConfigError(f"config field 'benchmark'={config.benchmark!r}: choose from {builders}")
@@ -153,6 +194,11 @@ def _check_config(config) -> None:
     )
   _train_config(config.knowledge_training)
   _train_config(config.task_training)
+  knowledge_recipe(
+    config,
+    benchmark_has_generator=config.benchmark == "synthetic"
+    and config.synthetic.get("domain", "people") == "people",
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -165,9 +211,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _check_config(config)
   t_start = time.perf_counter()
   builders = {"synthetic": _synthetic, "fanoutqa": _fanoutqa, "kilt": _kilt}
-  knowledge_jobs, examples, task_data, documents, families = builders[config.benchmark](config)
+  root = config.library_root or workdir
+  (recipe, knowledge_docs, extra), examples, task_data, documents, families = builders[
+    config.benchmark
+  ](config, root)
   methods = harness.standard_methods(
-    config.k, with_spectr=len(knowledge_jobs) <= config.spectr_max_n
+    config.k, with_spectr=len(knowledge_docs) <= config.spectr_max_n
   )
   methods = [m for m in methods if config.retrieval or not m.needs_retrieval]
   if config.methods:  # standard names, and request-level ones (harness.BEYOND)
@@ -176,9 +225,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   folder = common.resolve_checkpoint(config.checkpoint)
   model = load_model(folder)
   tokenizer = Tokenizer.from_dir(folder)
-  root = config.library_root or workdir
 
   t0 = time.perf_counter()
+  knowledge_jobs, data_report = knowledge_jobs_of(
+    knowledge_docs,
+    recipe,
+    model=model,
+    tokenizer=tokenizer,
+    cache_dir=os.path.join(root, "knowledge_data"),
+    extra_texts=extra,
+  )
   # Knowledge texts end with the document separator, not the chat turn's end.
   doc_eos = "<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None else None
   knowledge = build_library(
@@ -251,6 +307,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if sweep
     else {}
   )
+  fams = {harness.dataset_of(ex): families[ex.task] for ex in examples}
+  per_question = {
+    r.method: {
+      d: [
+        s[harness.PRIMARY_METRIC[f]]
+        for ex, s in zip(examples, r.scores)
+        if harness.dataset_of(ex) == d
+      ]
+      for d, f in fams.items()
+    }
+    for r in results
+  }
   report = {
     "benchmark": config.benchmark,
     "num_examples": len(examples),
@@ -258,9 +326,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "shared_removal": config.shared_removal,
     "num_task_adapters": 0 if task_lib is None else len(task_lib),
     "build_seconds": t_build,
+    "knowledge_data": {
+      "steps": list(recipe.steps) + ([GENERATOR_STEP] if extra else []),
+      **dataclasses.asdict(data_report),
+    },
     "total_seconds": time.perf_counter() - t_start,
     "methods": table,
     "k_sweep": {str(k): sweep_table.get(r.method) for k, r in sweep},
+    "knowledge_injection": injection.knowledge_injection(per_question),
     "predictions": {
       r.method: [
         {"id": ex.id, "input": ex.input, "answers": list(ex.answers), "prediction": p, **s}
@@ -270,6 +343,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     },
   }
   markdown = harness.markdown_table(report)
+  if report["knowledge_injection"]:
+    markdown += (
+      "\nKnowledge injection (per question; floor = Task only, ceiling = the gold page in "
+      "the prompt with the task adapter):\n\n" + injection.markdown(report["knowledge_injection"])
+    )
   _write_results(workdir, report, markdown)
   print(markdown)
   logging.info("evaluate: %.1fs in all (library builds %.1fs)", report["total_seconds"], t_build)

@@ -27,12 +27,13 @@ from absl import logging
 
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.eval import harness
-from lag_jax.jobs import common
+from lag_jax.jobs import common, evaluate
 from lag_jax.jobs.evaluate import _train_config
 from lag_jax.routing.library import AdapterLibrary
 from lag_jax.routing.shared import parse_mode, remove_shared
 from lag_jax.text.tokenizer import Tokenizer
-from lag_jax.training import AdapterJob, build_library
+from lag_jax.training import build_library
+from lag_jax.training.knowledge_data import knowledge_jobs
 
 # Per-token routers by name (the BEYOND ones come from harness.method_from_name).
 _PER_TOKEN = {"LAG": "lag", "Arrow": "arrow", "SpectR": "spectr"}
@@ -71,11 +72,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer = Tokenizer.from_dir(folder)
   c = config.synthetic
   world = make_world(c.num_entities, seed=c.seed)
-  jobs = [
-    AdapterJob(t, texts=world.training_texts(t), metadata={"title": t}) for t in world.documents
-  ]
-  doc_eos = "<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None else None
   root = config.library_root or workdir
+  recipe, generator = evaluate.knowledge_recipe(config, benchmark_has_generator=True)
+  jobs = []
+  if config.build:
+    extra = {t: world.rewrites(t) + world.qa_restatements(t) for t in world.documents}
+    jobs, _ = knowledge_jobs(
+      world.knowledge(),
+      recipe,
+      model=model,
+      tokenizer=tokenizer,
+      cache_dir=os.path.join(root, "knowledge_data"),
+      extra_texts=extra if generator else None,
+    )
+  doc_eos = "<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None else None
   t0 = time.perf_counter()
   if config.build:
     full = build_library(
