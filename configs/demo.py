@@ -41,12 +41,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fanoutqa.answerable_only = False
 
   # Knowledge adapters' training data, from each document alone (and the base model):
-  # lag_jax/training/knowledge_data.py. Steps: page, restate, cloze, shuffle, rewrite;
-  # on the synthetic world also 'generator' (its template paraphrases and Q/A
-  # restatements, made from structured facts: an ablation, not a user's data).
+  # lag_jax/training/knowledge_data.py. Steps: page, restate, cloze, qa, shuffle, and
+  # the generating rewrite, selfqa; on the people world also 'generator' (its template
+  # paraphrases and Q/A restatements, made from structured facts: an ablation, not a
+  # user's data). The default was chosen on the people world (RESULTS.md).
   c.knowledge_data = ml_collections.ConfigDict(
     dict(
-      steps="page,restate,cloze,shuffle,rewrite",
+      steps="page,restate,qa,shuffle",
       restate_sentences=32,
       cloze_turns=64,
       shuffles=2,

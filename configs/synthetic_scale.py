@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Document-only training data, as the demo's (configs/demo.py), without the
   # base-model rewrites: generating them for 1,000 pages is the hour-long part.
   c.knowledge_data = demo.get_config().knowledge_data
-  c.knowledge_data.steps = "page,restate,cloze,shuffle"
+  c.knowledge_data.steps = "page,restate,qa,shuffle"
   c.knowledge_training = ml_collections.ConfigDict(
     dict(
       rank=6,

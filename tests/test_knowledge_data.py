@@ -271,12 +271,12 @@ def test_kilt_path_on_written_company_files_trains_on_pages_alone(tmp_path):
   with open(tmp_path / "results.json") as f:
     report = json.load(f)
   assert report["num_knowledge_adapters"] == 3
-  assert report["knowledge_data"]["steps"] == ["page", "restate", "cloze", "shuffle", "rewrite"]
+  assert report["knowledge_data"]["steps"] == ["page", "restate", "qa", "shuffle"]
   assert set(report["knowledge_injection"]) == {"companies_qa", "companies_slot", "companies_fact"}
   with open(tmp_path / "knowledge" / "library" / "library.json") as f:
     meta = json.load(f)
   per_step = [m["texts_per_step"] for m in meta["metadata"].values()]
-  assert all(p["page"] == 1 and p["cloze"] > 3 for p in per_step), per_step
+  assert all(p["page"] == 1 and p["qa"] > 3 for p in per_step), per_step
 
 
 def test_question_turns_ask_each_span_in_place():
@@ -315,3 +315,22 @@ def test_qa_step_makes_chat_pairs_with_the_answer_only_as_target(tiny):
   assert "rewrites" not in report.summary()
   with pytest.raises(ValueError, match="'qa' step needs the tokenizer"):
     knowledge_jobs([ADA], recipe)
+
+
+def test_selfqa_filter_keeps_answers_the_page_states():
+  from lag_jax.training.knowledge_data import selfqa_pairs
+
+  generation = (
+    "Q: Who was Ada Lovelace's father?\nA: Lord Byron.\n\n"
+    "Q: What is Ada Lovelace's nationality?\nA: Not specified in the text.\n"
+    "Q: When did she publish notes?\nA: 1843\n"
+    "Q: Who is Ada Lovelace?\nA: Ada Lovelace\n"
+    "Question 5: What did Ada Lovelace play?\nAnswer 5: the harp"
+  )
+  kept, dropped = selfqa_pairs(ADA.title, ADA.text, generation)
+  assert kept == [
+    ("Who was Ada Lovelace's father?", "Lord Byron"),
+    ("About Ada Lovelace: When did she publish notes?", "1843"),
+    ("What did Ada Lovelace play?", "the harp"),
+  ]
+  assert dropped == 2

@@ -161,6 +161,38 @@ def test_rows_targets_pairs_and_token_budget(tiny):
     tokenize_job(AdapterJob("empty", texts=[""]), tok, eos)
 
 
+def test_texts_and_pairs_pack_into_one_stream_with_answer_masks(tiny):
+  """A knowledge job with texts and question turns, packed: no padded rows, every text
+  token after the stream's first and every answer token a target once per epoch,
+  no question token a target; unpacked, the old layout (a padded row per pair)."""
+  _, _, tok = tiny
+  eos = tok.eos_token_ids[0]
+  job = AdapterJob(
+    "mixed", texts=DOCS[:2], pairs=[("Q: who? A:", " Ada"), ("Q: when? A:", " 1815")]
+  )
+  ex = tokenize_job(job, tok, eos)
+  rows = make_rows(ex, epochs=3, T=32, pack=True, pad_id=0, np_seed=1)
+  answers = sum(int(m.sum()) for _, m in ex.pairs)
+  stream = 3 * (sum(len(t) for t in ex.texts) + sum(len(i) for i, _ in ex.pairs))
+  first_counts = 1  # the stream's first token is never a target (a text's or a pair's)
+  assert rows.targets in (
+    3 * (sum(len(t) for t in ex.texts) + answers) - first_counts,
+    3 * (sum(len(t) for t in ex.texts) + answers),
+  )
+  assert rows.tokens.shape[0] == -(-(stream - 1) // 31)  # stride T - 1, no padded rows
+  targets = rows.tokens[rows.loss_mask]
+  question = tok.encode("Q: who? A:")
+  assert not any(
+    np.array_equal(targets[i : i + len(question)], question) for i in range(len(targets))
+  )
+  assert tok.decode(rows.tokens[0]) != tok.decode(
+    make_rows(ex, epochs=3, T=32, pack=True, pad_id=0, np_seed=2).tokens[0]
+  )
+  unpacked = make_rows(ex, epochs=3, T=32, pack=False, pad_id=0, np_seed=1)
+  assert unpacked.tokens.shape[0] > rows.tokens.shape[0]
+  assert build_seq_len([ex], 3, 512, True) == 512 and build_seq_len([ex], 3, 512, False) < 512
+
+
 def test_loss_decreases_on_a_tiny_document(tiny):
   _, model, tok = tiny
   job = AdapterJob("repeat", texts=[DOCS[0] * 3])

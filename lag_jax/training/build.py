@@ -224,9 +224,15 @@ def build_library(
   T = _check_build_file(
     out_dir, config, build_seq_len(examples, config.epochs, config.max_seq_len, config.pack)
   )
-  recipe = fingerprint(
-    {"train": config.result_fields(), "seq_len": T, "base_model": model_fingerprint(model)}
-  )
+  recipe_fields = {
+    "train": config.result_fields(),
+    "seq_len": T,
+    "base_model": model_fingerprint(model),
+  }
+  if config.pack and any(ex.texts and ex.pairs for ex in examples):
+    # Rows laid out otherwise than before pairs were packed: never mistaken for those.
+    recipe_fields["rows"] = "texts and pairs packed together"
+  recipe = fingerprint(recipe_fields)
   prints = [job_fingerprint(ex, recipe) for ex in examples]
 
   def rows_of(i: int) -> AdapterRows:

@@ -109,6 +109,9 @@ def tokenize_job(job: AdapterJob, tokenizer, eos_id: int | None) -> Examples:
 
 def longest_row(examples: Examples, epochs: int, max_seq_len: int, pack: bool) -> int:
   """Length of the longest row ``make_rows`` will produce for these examples."""
+  if pack and examples.texts and examples.pairs:
+    total = sum(len(t) for t in examples.texts) + sum(len(ids) for ids, _ in examples.pairs)
+    return min(epochs * total, max_seq_len)
   lengths = [min(len(ids), max_seq_len) for ids, _ in examples.pairs]
   if examples.texts:
     if pack:
@@ -156,12 +159,21 @@ def make_rows(
   them), else each text is cut on its own. Pairs: one row each per epoch, in a
   fresh order; a pair longer than T loses the start of its prompt (or, when the
   answer alone is that long, the end of the answer). With both, the rows are
-  shuffled together once. ``max_targets`` keeps the first rows (at least one)
+  shuffled together once; with both and ``pack``, each epoch visits texts and pairs
+  together in a fresh order in one stream (a pair keeps its loss mask), cut into
+  rows as packed texts are: a short question-answer turn then costs its own tokens,
+  not a padded row. ``max_targets`` keeps the first rows (at least one)
   whose targets add up to at most that many: a token budget that cuts the last
   epochs short.
   """
   rng = np.random.default_rng(np_seed)
   text_rows, pair_rows = [], []
+  if pack and examples.texts and examples.pairs:
+    items = [(t, np.ones(len(t), bool)) for t in examples.texts] + list(examples.pairs)
+    order = [i for _ in range(epochs) for i in rng.permutation(len(items))]
+    ids = np.concatenate([items[i][0] for i in order])
+    mask = np.concatenate([items[i][1] for i in order])
+    return _pad_rows(list(_chunks(ids, mask, T)), T, pad_id, max_targets)
   if examples.texts:
     pieces = []
     for _ in range(epochs):
@@ -181,6 +193,11 @@ def make_rows(
   rows = text_rows + pair_rows
   if text_rows and pair_rows:
     rows = [rows[i] for i in rng.permutation(len(rows))]
+  return _pad_rows(rows, T, pad_id, max_targets)
+
+
+def _pad_rows(rows, T: int, pad_id: int, max_targets: int | None) -> AdapterRows:
+  """(ids, mask) rows -> padded AdapterRows, cut to the token budget."""
   tokens = np.full((len(rows), T), pad_id, np.int32)
   loss_mask = np.zeros((len(rows), T), bool)
   for r, (ids, mask) in enumerate(rows):

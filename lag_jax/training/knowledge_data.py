@@ -21,6 +21,11 @@ steps; an adapter's texts are the steps' texts in this order:
             not have (a data-free filter against invented facts). Generated once per
             document, batched, and cached under a fingerprint of the model, the
             prompts, the sampling settings and the page.
+  selfqa    the base model, page in the prompt, writes questions about it with their
+            answers ("Q: ... A: ..."); a pair is kept when its answer is a short span
+            of the page (not the title) that the question does not already contain
+            (data-free). Kept pairs become chat turns as in ``qa``. Generated and
+            cached as ``rewrite``.
 
 The cache (``<cache_dir>/<adapter folder>.json``) holds each document's raw generations
 and their cost; the filter runs on every call, so changing it needs no regeneration.
@@ -48,7 +53,9 @@ from lag_jax.errors import ConfigError
 from lag_jax.integrity import fingerprint
 from lag_jax.training.data import AdapterJob, folder_name
 
-STEPS = ("page", "restate", "cloze", "qa", "shuffle", "rewrite")
+STEPS = ("page", "restate", "cloze", "qa", "shuffle", "rewrite", "selfqa")
+# The steps that generate with the base model, and their prompts.
+GENERATED = ("rewrite", "selfqa")
 
 # {title} and {text} are the document's. Three framings, so that the rewrites differ in
 # form (the paper samples several rewrites per page).
@@ -59,6 +66,12 @@ REWRITE_PROMPTS = (
   "text.\n\nText: {text}",
   "Explain to a friend who or what {title} is, using only the facts in this text.\n\nText: {text}",
 )
+SELFQA_PROMPTS = (
+  "Read the text, then write five questions about {title}, each followed by its short "
+  "answer copied from the text. Use the format:\nQ: <question>\nA: <answer>\n\n"
+  "Text: {text}",
+)
+PROMPTS = {"rewrite": REWRITE_PROMPTS, "selfqa": SELFQA_PROMPTS}
 _CACHE_VERSION = 1
 
 
@@ -84,7 +97,7 @@ class KnowledgeRecipe:
     seed: the rewrites' sampling seed (and the shuffles').
   """
 
-  steps: tuple[str, ...] = ("page", "restate", "cloze", "shuffle", "rewrite")
+  steps: tuple[str, ...] = ("page", "restate", "qa", "shuffle")
   restate_sentences: int = 32
   cloze_turns: int = 64
   shuffles: int = 2
@@ -135,10 +148,13 @@ class KnowledgeRecipe:
       kw["steps"] = tuple(kw["steps"])
     return cls(**kw)
 
-  def generation_fields(self) -> dict:
-    """What a document's cached rewrites depend on (besides the model and the page)."""
+  def generation_fields(self, kind: str = "rewrite") -> dict:
+    """What a document's cached generations of ``kind`` (GENERATED) depend on, besides
+    the model and the page."""
+    prompts = REWRITE_PROMPTS[: self.rewrite_prompts] if kind == "rewrite" else PROMPTS[kind]
     return {
-      "prompts": list(REWRITE_PROMPTS[: self.rewrite_prompts]),
+      "kind": kind,
+      "prompts": list(prompts),
       "samples": self.rewrite_samples,
       "temperature": self.temperature,
       "top_k": self.top_k,
@@ -160,9 +176,10 @@ class DataReport:
     generated_tokens: tokens generated in this call.
     generation_seconds: wall time of this call's generation (compilation included).
     cached_tokens: tokens the cached documents cost when they were generated.
-    kept, dropped: rewrites kept / dropped by the filter, over every document.
+    kept, dropped: generations (rewrites; self-QA pairs) kept / dropped by the
+      filters, over every document.
     texts_per_step: texts (``qa``: pairs) per document, by step (mean).
-    rewrite: the recipe has the ``rewrite`` step.
+    rewrite: the recipe has a step that generates (``rewrite``, ``selfqa``).
   """
 
   documents: int = 0
@@ -183,11 +200,11 @@ class DataReport:
     if not self.rewrite:
       return head
     return (
-      f"{head}; rewrites generated for {self.generated_documents} documents now "
+      f"{head}; generations made for {self.generated_documents} documents now "
       f"({self.generated_tokens} tokens, {per:.0f} per document, "
       f"{self.generation_seconds:.1f} s, {rate:.0f} tokens/s), "
       f"{self.documents - self.generated_documents} from the cache; "
-      f"{self.kept} rewrites kept, {self.dropped} dropped by the filter"
+      f"{self.kept} kept, {self.dropped} dropped by the filters"
     )
 
 
@@ -240,8 +257,9 @@ def rewrite_problem(title: str, page: str, rewrite: str, max_new_names: float = 
   return None
 
 
-def _cache_path(cache_dir: str, title: str) -> str:
-  return os.path.join(cache_dir, folder_name(title) + ".json")
+def _cache_path(cache_dir: str, title: str, kind: str = "rewrite") -> str:
+  suffix = "" if kind == "rewrite" else "." + kind
+  return os.path.join(cache_dir, folder_name(title) + suffix + ".json")
 
 
 def _read_cache(path: str, want: str) -> dict | None:
@@ -269,8 +287,10 @@ def generate_rewrites(
   *,
   model_print: str,
   progress: bool = True,
+  kind: str = "rewrite",
 ) -> tuple[dict[str, list[str]], DataReport]:
-  """Every document's raw rewrites (title -> list), generated where not cached.
+  """Every document's raw generations of ``kind`` (title -> list; GENERATED), made
+  where not cached.
 
   Args:
     documents: the pages (unique titles).
@@ -284,7 +304,7 @@ def generate_rewrites(
   from lag_jax.generation.sampling import make_sampler
 
   os.makedirs(cache_dir, exist_ok=True)
-  fields = recipe.generation_fields()
+  fields = recipe.generation_fields(kind)
   report = DataReport(documents=len(documents))
   out: dict[str, list[str]] = {}
   todo = []
@@ -292,7 +312,7 @@ def generate_rewrites(
     want = fingerprint(
       {"model": model_print, "recipe": fields, "title": doc.title, "text": doc.text}
     )
-    entry = _read_cache(_cache_path(cache_dir, doc.title), want)
+    entry = _read_cache(_cache_path(cache_dir, doc.title, kind), want)
     if entry is not None:
       out[doc.title] = [str(g) for g in entry["generations"]]
       report.cached_tokens += int(entry.get("tokens", 0))
@@ -325,7 +345,7 @@ def generate_rewrites(
   tokens = [0] * len(todo)
   t0 = time.perf_counter()
   batches = [order[i : i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
-  bar = tqdm.tqdm(batches, desc="rewrites", unit="batch", disable=not progress)
+  bar = tqdm.tqdm(batches, desc=kind, unit="batch", disable=not progress)
   for b, batch in enumerate(bar):
     budget = min(recipe.max_new_tokens, int(1.5 * max(rows[r][2] for r in batch)) + 16)
     result = generate(
@@ -352,16 +372,49 @@ def generate_rewrites(
       "tokens": tokens[d],
       "seconds": report.generation_seconds * tokens[d] / max(report.generated_tokens, 1),
     }
-    _write_cache(_cache_path(cache_dir, doc.title), entry)
+    _write_cache(_cache_path(cache_dir, doc.title, kind), entry)
     out[doc.title] = texts[d]
   return out, report
 
 
+_QA_LINE = re.compile(r"Q(?:uestion)?\s*\d*\s*[:.]\s*(.+?)\s*\n+\s*A(?:nswer)?\s*\d*\s*[:.]\s*(.+)")
+
+
+def selfqa_pairs(title: str, page: str, generation: str, max_words: int = 8) -> tuple[list, int]:
+  """The (question, answer) pairs of one self-QA generation that pass the data-free
+  filter, and how many were dropped: the answer (trailing punctuation stripped) has at
+  most ``max_words`` words, occurs in the page (ignoring case), is not the title, and
+  is not already in the question; a question without the entity's name gets
+  "About <title>: " in front."""
+  kept, dropped = [], 0
+  page_lower = page.lower()
+  for m in _QA_LINE.finditer(generation):
+    question, answer = m.group(1).strip(), m.group(2).strip().rstrip(".!").strip()
+    ok = (
+      answer
+      and len(answer.split()) <= max_words
+      and answer.lower() in page_lower
+      and answer.lower() != title.lower()
+      and answer.lower() not in question.lower()
+    )
+    if not ok:
+      dropped += 1
+      continue
+    last = title.split()[-1] if title.split() else title
+    if title not in question and last not in question:
+      question = f"About {title}: {question}"
+    kept.append((question, answer))
+  return kept, dropped
+
+
 def knowledge_texts(
-  doc: Document, recipe: KnowledgeRecipe, rewrites: Sequence[str] = ()
+  doc: Document, recipe: KnowledgeRecipe, generated: Mapping[str, Sequence[str]] | None = None
 ) -> tuple[dict[str, list], int]:
-  """One document's training data by step (STEPS order): texts, except ``qa``'s
-  (question, answer) pairs; and how many raw rewrites the filter dropped."""
+  """One document's training data by step (STEPS order): texts, except the
+  (question, answer) pairs of ``qa`` and ``selfqa``; and how many generations (or
+  self-QA pairs) the filters dropped. ``generated``: kind -> the document's raw
+  generations (GENERATED)."""
+  generated = generated or {}
   steps = set(recipe.steps)
   by_step: dict[str, list[str]] = {}
   if "page" in steps:
@@ -377,14 +430,24 @@ def knowledge_texts(
   dropped = 0
   if "rewrite" in steps:
     kept = []
-    for raw in rewrites:
+    for raw in generated.get("rewrite", ()):
       text = clean_rewrite(raw)
       if rewrite_problem(doc.title, doc.text, text) is None and text not in kept:
         kept.append(text)
       else:
         dropped += 1
     by_step["rewrite"] = kept
+  if "selfqa" in steps:
+    pairs = []
+    for raw in generated.get("selfqa", ()):
+      got, bad = selfqa_pairs(doc.title, doc.text, raw)
+      pairs += [p for p in got if p not in pairs]
+      dropped += bad
+    by_step["selfqa"] = pairs
   return by_step, dropped
+
+
+_PAIR_STEPS = ("qa", "selfqa")
 
 
 def _chat_prompt(tokenizer, question: str) -> str:
@@ -416,36 +479,46 @@ def knowledge_jobs(
   Returns:
     The jobs (metadata: title, texts per step) and the cost report.
   """
-  rewrites: dict[str, list[str]] = {}
+  generated: dict[str, dict[str, list[str]]] = {}
   report = DataReport(documents=len(documents))
   if "qa" in recipe.steps and tokenizer is None:
     raise ValueError("the 'qa' step needs the tokenizer (its chat template)")
-  if "rewrite" in recipe.steps:
+  kinds = [k for k in GENERATED if k in recipe.steps]
+  if kinds:
     if model is None or tokenizer is None or not cache_dir:
-      raise ValueError("the 'rewrite' step needs the base model, its tokenizer and a cache_dir")
+      raise ValueError(f"the {kinds[0]!r} step needs the base model, its tokenizer and a cache_dir")
     from lag_jax.training.build import model_fingerprint
 
-    rewrites, report = generate_rewrites(
-      documents, recipe, model, tokenizer, cache_dir,
-      model_print=model_fingerprint(model), progress=progress,
-    )  # fmt: skip
+    model_print = model_fingerprint(model)
+    for kind in kinds:
+      generated[kind], part = generate_rewrites(
+        documents, recipe, model, tokenizer, cache_dir,
+        model_print=model_print, progress=progress, kind=kind,
+      )  # fmt: skip
+      report.generated_documents += part.generated_documents
+      report.generated_tokens += part.generated_tokens
+      report.generation_seconds += part.generation_seconds
+      report.cached_tokens += part.cached_tokens
   jobs = []
   counts: dict[str, list[int]] = {s: [] for s in STEPS if s in recipe.steps}
   for doc in documents:
-    by_step, dropped = knowledge_texts(doc, recipe, rewrites.get(doc.title, ()))
+    mine = {kind: got.get(doc.title, ()) for kind, got in generated.items()}
+    by_step, dropped = knowledge_texts(doc, recipe, mine)
     report.dropped += dropped
-    report.kept += len(by_step.get("rewrite", ()))
+    report.kept += len(by_step.get("rewrite", ())) + len(by_step.get("selfqa", ()))
     for step, texts in by_step.items():
       counts[step].append(len(texts))
-    texts = [t for step in STEPS if step != "qa" for t in by_step.get(step, ())]
+    texts = [t for step in STEPS if step not in _PAIR_STEPS for t in by_step.get(step, ())]
     texts += list((extra_texts or {}).get(doc.title, ()))
-    pairs = [(_chat_prompt(tokenizer, q), a) for q, a in by_step.get("qa", ())]
+    pairs = [
+      (_chat_prompt(tokenizer, q), a) for step in _PAIR_STEPS for q, a in by_step.get(step, ())
+    ]
     meta = {"title": doc.title, "texts_per_step": {k: len(v) for k, v in by_step.items()}}
     jobs.append(AdapterJob(doc.title, texts=texts, pairs=pairs, metadata=meta))
   report.texts_per_step = {k: float(np.mean(v)) if v else 0.0 for k, v in counts.items()}
-  report.rewrite = "rewrite" in recipe.steps
+  report.rewrite = bool(kinds)
   logging.info("%s", report.summary())
-  if cache_dir and "rewrite" in recipe.steps:
+  if cache_dir and kinds:
     from lag_jax.jobs.common import write_json_atomic
 
     write_json_atomic(os.path.join(cache_dir, "report.json"), dataclasses.asdict(report))
