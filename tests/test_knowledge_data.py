@@ -218,13 +218,19 @@ def test_injection_statistics_against_direct_computation():
   half = 1.959964 * d.std(ddof=1) / math.sqrt(60)
   assert g["gain"] == pytest.approx(d.mean()) and g["ci95"][1] - g["gain"] == pytest.approx(half)
   assert g["beyond_noise"] == (d.mean() - half > 0)
-  # At the needed question count the interval's half-width equals the gain.
+  # At the needed question count (and not one fewer) a gain at these rates is beyond
+  # noise by the paired interval and by McNemar's exact test.
+  win, loss = np.mean((oracle == 1) & (floor == 0)), np.mean((oracle == 0) & (floor == 1))
+
+  def significant(m):
+    var = win + loss - (win - loss) ** 2
+    w, lo = round(win * m), round(loss * m)
+    exact = injection.mcnemar_p([1] * w + [0] * lo, [0] * w + [1] * lo)
+    return 1.959964 * math.sqrt(var / m) < win - loss and exact < 0.05
+
   m = g["questions_needed"]
-  assert (
-    1.959964 * d.std(ddof=1) / math.sqrt(m)
-    <= d.mean()
-    < (1.959964 * d.std(ddof=1) / math.sqrt(m - 1))
-  )
+  assert significant(m) and not significant(m - 1)
+  assert injection.paired_gain(floor, oracle)["questions_needed"] is None
   table = injection.knowledge_injection(
     {
       "Oracle": {"qa": oracle},

@@ -47,7 +47,7 @@ def paired_gain(a: Sequence[float], b: Sequence[float]) -> dict:
   gain = float(d.mean()) if n else 0.0
   sd = float(d.std(ddof=1)) if n > 1 else 0.0
   half = _Z * sd / math.sqrt(n) if n else math.inf
-  needed = math.ceil((_Z * sd / gain) ** 2) if gain != 0 and sd > 0 else None
+  needed = _questions_needed(a, b) if gain > 0 else None
   return {
     "gain": gain,
     "ci95": [gain - half, gain + half],
@@ -55,6 +55,22 @@ def paired_gain(a: Sequence[float], b: Sequence[float]) -> dict:
     "mcnemar_p": mcnemar_p(a, b),
     "questions_needed": needed,
   }
+
+
+def _questions_needed(a: np.ndarray, b: np.ndarray, limit: int = 100_000) -> int | None:
+  """The fewest questions at which a gain with these rates of a-only and b-only wins
+  is significant at 5% by both the paired normal interval and McNemar's exact test."""
+  a, b = a > 0.5, b > 0.5
+  win, loss = float(np.mean(a & ~b)), float(np.mean(~a & b))
+  gain, var = win - loss, win + loss - (win - loss) ** 2
+  n = 2
+  while n <= limit:
+    wins, losses = round(win * n), round(loss * n)
+    normal = _Z * math.sqrt(var / n) < gain
+    if normal and mcnemar_p([1] * wins + [0] * losses, [0] * wins + [1] * losses) < 0.05:
+      return n
+    n = n + 1 if n < 1000 else int(n * 1.05)
+  return None
 
 
 def ratio_interval(
