@@ -340,3 +340,28 @@ def test_selfqa_filter_keeps_answers_the_page_states():
     ("What did Ada Lovelace play?", "the harp"),
   ]
   assert dropped == 2
+
+
+def test_synthetic_benchmark_on_the_companies_domain(tmp_path):
+  from tests.cli import run_cli
+
+  base = ["--config=configs/demo.py:tiny", f"--workdir={tmp_path}"]
+  proc = run_cli(*base, "--config.synthetic.domain=company")
+  assert proc.returncode != 0
+  assert "'synthetic.domain'='company'" in proc.stderr and "companies" in proc.stderr
+  proc = run_cli(
+    *base, "--config.synthetic.domain=companies", "--config.knowledge_data.steps=page,generator"
+  )
+  assert proc.returncode != 0 and "'generator' exists for the synthetic people world" in proc.stderr
+  proc = run_cli(
+    *base,
+    "--config.synthetic.domain=companies",
+    "--config.methods=Oracle,Task only,Page+Task",
+    "--config.k_sweep=",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "results.json") as f:
+    report = json.load(f)
+  assert set(report["knowledge_injection"]) == {"companies_qa", "companies_slot", "companies_fact"}
+  assert set(report["methods"]) == {"Oracle", "Task only", "Page+Task"}
+  assert "Knowledge injection" in (tmp_path / "results.md").read_text()
