@@ -108,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.kilt.task_examples = 192
     c.knowledge_training = demo_config.knowledge_training
     c.knowledge_training.max_seq_len = 256  # the pages are 3 paragraphs (~250 tokens)
+    c.knowledge_training.epochs = 6  # as the recipe was chosen (the demo trains 4)
     c.task_training = demo_config.task_training
     c.k = 4
     c.k_sweep = "1,2,4,8,16"
