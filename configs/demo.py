@@ -39,6 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fanoutqa.task_examples = 256
   c.fanoutqa.seed = 0
   c.fanoutqa.answerable_only = False
+  # Train only the pages the split's questions cite (oracle / floor / ceiling runs).
+  c.fanoutqa.split_pages_only = False
 
   # Knowledge adapters' training data, from each document alone (and the base model):
   # lag_jax/training/knowledge_data.py. Steps: page, restate, cloze, qa, shuffle, and

@@ -365,3 +365,24 @@ def test_synthetic_benchmark_on_the_companies_domain(tmp_path):
   assert set(report["knowledge_injection"]) == {"companies_qa", "companies_slot", "companies_fact"}
   assert set(report["methods"]) == {"Oracle", "Task only", "Page+Task"}
   assert "Knowledge injection" in (tmp_path / "results.md").read_text()
+
+
+def test_fanoutqa_split_pages_only_trains_the_cited_pages(tmp_path):
+  from tests.cli import run_cli
+
+  proc = run_cli(
+    "--config=configs/wiki_fanoutqa.py:tiny",
+    f"--workdir={tmp_path}",
+    "--config.fanoutqa.split=all",
+    "--config.fanoutqa.split_pages_only=True",
+    "--config.methods=Oracle,Task only,Page+Task",
+    "--config.k_sweep=",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "results.json") as f:
+    report = json.load(f)
+  cited = {p["id"] for p in report["predictions"]["Oracle"]}
+  with open(tmp_path / "knowledge" / "library" / "library.json") as f:
+    names = json.load(f)["names"]
+  assert 1 <= len(names) <= len(cited) < 6  # the tiny library holds 6 pages
+  assert set(report["knowledge_injection"]) == {"fanoutqa"}

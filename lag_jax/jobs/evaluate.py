@@ -108,10 +108,16 @@ def _fanoutqa(config, root):
     seed=c.seed,
   )
   logging.info("FanOutQA: %s", bench.stats)
-  knowledge_jobs = (knowledge_recipe(config)[0], list(bench.documents), None)
   examples = bench.split(c.split) if c.split != "all" else list(bench.examples)
   if c.max_questions:
     examples = examples[: c.max_questions]
+  library = list(bench.documents)
+  if c.get("split_pages_only", False):
+    # Only the pages this split's questions cite: enough for the oracle, the floor and
+    # the in-context ceiling (no routing among distractors), at a fraction of the cost.
+    cited = {ex.provenance[0] for ex in examples}
+    library = [d for d in library if d.title in cited]
+  knowledge_jobs = (knowledge_recipe(config)[0], library, None)
   other = build_fanoutqa(None, seed=c.seed + 1000)  # questions on pages NOT in the library
   library_titles = {d.title for d in bench.documents}
   task_examples = [ex for ex in other.examples if ex.provenance[0] not in library_titles]
@@ -119,7 +125,7 @@ def _fanoutqa(config, root):
     knowledge_jobs,
     examples,
     {"qa": task_examples[: c.task_examples]},
-    list(bench.documents),
+    library,
     {"qa": "QA"},
   )
 
