@@ -40,10 +40,10 @@ import json
 import numbers
 import os
 import random
-import tempfile
 from typing import Any
 
 from lag_jax.data.kilt import Document, KiltExample, write_kilt
+from lag_jax.jobs.common import atomic_write
 
 __all__ = [
   "COMPANY_RELATIONS",
@@ -490,24 +490,6 @@ _KILT_FILES = {
 KNOWLEDGE_SOURCE = "kilt_knowledgesource.jsonl"
 
 
-def _write_lines_atomic(path: str, lines: list[str]) -> None:
-  """Writes ``lines`` (each without "\\n") to ``path`` via a temp file in the same folder."""
-  folder = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for line in lines:
-        f.write(line + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes it private
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def write_kilt_files(
   world: CompanyWorld, train_world: CompanyWorld, folder: str | os.PathLike[str]
 ) -> dict[str, str]:
@@ -561,7 +543,8 @@ def write_kilt_files(
     for title, text in w.documents.items()
   ]
   knowledge_source = os.path.join(folder, KNOWLEDGE_SOURCE)
-  _write_lines_atomic(knowledge_source, pages)
+  with atomic_write(knowledge_source) as f:
+    f.writelines(page + "\n" for page in pages)
   return {
     "eval_files": ",".join(out["eval_files"]),
     "task_train_files": ",".join(out["task_train_files"]),

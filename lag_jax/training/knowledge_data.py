@@ -51,6 +51,7 @@ from lag_jax.data import restate
 from lag_jax.data.kilt import Document
 from lag_jax.errors import ConfigError
 from lag_jax.integrity import fingerprint
+from lag_jax.jobs.common import write_json_atomic
 from lag_jax.training.data import AdapterJob, folder_name
 
 STEPS = ("page", "restate", "cloze", "qa", "shuffle", "rewrite", "selfqa")
@@ -272,12 +273,6 @@ def _read_cache(path: str, want: str) -> dict | None:
   return entry if ok and isinstance(entry.get("generations"), list) else None
 
 
-def _write_cache(path: str, entry: dict) -> None:
-  from lag_jax.jobs.common import write_json_atomic
-
-  write_json_atomic(path, entry)
-
-
 def generate_rewrites(
   documents: Sequence[Document],
   recipe: KnowledgeRecipe,
@@ -372,7 +367,7 @@ def generate_rewrites(
       "tokens": tokens[d],
       "seconds": report.generation_seconds * tokens[d] / max(report.generated_tokens, 1),
     }
-    _write_cache(_cache_path(cache_dir, doc.title, kind), entry)
+    write_json_atomic(_cache_path(cache_dir, doc.title, kind), entry)
     out[doc.title] = texts[d]
   return out, report
 
@@ -519,7 +514,5 @@ def knowledge_jobs(
   report.rewrite = bool(kinds)
   logging.info("%s", report.summary())
   if cache_dir and kinds:
-    from lag_jax.jobs.common import write_json_atomic
-
     write_json_atomic(os.path.join(cache_dir, "report.json"), dataclasses.asdict(report))
   return jobs, report
