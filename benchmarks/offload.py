@@ -60,10 +60,8 @@ from lag_jax.routing.hook import RoutedAdapters, routed
 from lag_jax.routing.library import AdapterLibrary, LibraryWeights
 from lag_jax.routing.offload import (
   MANIFEST,
-  OffloadedAdapters,
   OffloadedLibrary,
   OffloadWriter,
-  routed_offloaded,
 )
 from lag_jax.routing.routers import RouterSpec
 
@@ -369,8 +367,8 @@ def measure(args) -> dict:
     hooks = {
       "base": None,
       "resident": RoutedAdapters((routed(resident, B, spec),)),
-      "offloaded_small": OffloadedAdapters((routed_offloaded(small_off, B, spec),)),
-      "offloaded": OffloadedAdapters((routed_offloaded(big, B, spec),)),
+      "offloaded_small": RoutedAdapters((routed(small_off, B, spec),)),
+      "offloaded": RoutedAdapters((routed(big, B, spec),)),
     }
     # Correctness at the resident size: the same ids and hidden states.
     h0, aux0 = _step(graphdef, state, hooks["resident"], fixed_tokens, positions, cache)

@@ -85,19 +85,34 @@ from lag_jax.adapters.peft_io import random_lora
 from lag_jax.model.config import ModelConfig
 from lag_jax.model.kv_cache import KVCache
 from lag_jax.model.transformer import ATTENTION_MODULES, MLP_MODULES, CausalLM
+from lag_jax.routing import core
+from lag_jax.routing.core import arrow_scores, project_all
 from lag_jax.routing.hook import RoutedAdapters, routed
 from lag_jax.routing.library import AdapterLibrary, LibraryWeights
-from lag_jax.routing.routers import (
-  LayerLibrary,
-  RouterSpec,
-  _apply_selected,
-  _project_candidates,
-  arrow_scores,
-  project_all,
-  route_arrow,
-  route_lag,
-  route_spectr,
-)
+from lag_jax.routing.routers import LayerLibrary, RouterSpec
+
+
+def route_lag(x, ll, allowed, k, projection="auto"):
+  """The paper's LAG at one module (the routing core's decision and apply)."""
+  return core.apply_hard(ll, core.lag_decision(ll, x, None, allowed, k, projection))
+
+
+def route_arrow(x, ll, allowed):
+  return core.route_arrow(ll, x, allowed)
+
+
+def route_spectr(x, ll, allowed):
+  return core.route_spectr(ll, x, None, allowed)
+
+
+def _project_candidates(x, a, cand, projection):
+  del projection  # the gather path
+  return core.contract(x, core.gather_adapters(a, cand))
+
+
+def _apply_selected(z, b, sel):
+  return jnp.einsum("btr,btor->bto", z, b[sel].astype(z.dtype))
+
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- routing:begin -->", "<!-- routing:end -->"

@@ -17,16 +17,13 @@ from lag_jax.adapters import AdapterError
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.errors import IntegrityError
 from lag_jax.generation import generate
-from lag_jax.routing import routers
+from lag_jax.routing import core, routers
 from lag_jax.routing.hook import RoutedAdapters, routed
 from lag_jax.routing.library import AdapterLibrary, LibraryWeights
 from lag_jax.routing.offload import (
-  OffloadedAdapters,
   OffloadedLibrary,
   OffloadWriter,
   SlotDirectory,
-  route_offloaded,
-  routed_offloaded,
   save_offloaded,
 )
 from lag_jax.routing.routers import LayerLibrary, RouterSpec
@@ -110,6 +107,7 @@ ROUTERS = (
   RouterSpec("lag", k=N + 5),  # clamped to N: SpectR
   RouterSpec("lag", k=3, projection="grouped"),  # (gather: the counter test below)
   RouterSpec("spectr"),
+  RouterSpec("uniform"),  # streams every adapter's A* and B*
 )
 
 
@@ -121,15 +119,19 @@ def _resident(lib, x, mask, fixed, *, module):
 
 
 @functools.partial(jax.jit, static_argnames=("module",))
-def _offloaded(o, layer, x, arrows, valid, *, module):
-  """Every router of ``o`` over the whole batch, in one program (sharing the caches)."""
-  return [route_offloaded(spec, o, module, layer, x, arrows, valid) for spec in o.routers]
+def _offloaded(o, layer, x, *, module):
+  """Every router of ``o`` over the whole batch, in one program (one argument holds the
+  caches: each router is the same library with another router)."""
+  out = []
+  for spec in o.routers:
+    d, c, _ = o.replace(routers=(spec,)).route(module, x, o.at_layer(layer))
+    out.append((d, c))
+  return out
 
 
 def run_offloaded(olib, module, layer, x, specs, **kw):
-  o = routed_offloaded(olib, x.shape[0], specs, router_index=np.zeros(x.shape[0], int), **kw)
-  arrows, valid = olib.arrows[module][layer], olib.valid[module][layer]
-  return _offloaded(o, jnp.int32(layer), x, arrows, valid, module=module)
+  o = routed(olib, x.shape[0], specs, router_index=np.zeros(x.shape[0], int), **kw)
+  return _offloaded(o, jnp.int32(layer), x, module=module)
 
 
 def test_every_router_matches_resident_one_layer():
@@ -160,7 +162,8 @@ def test_every_router_matches_resident_one_layer():
   stats = olib.stats()
   assert stats["total"].hits > 0 and stats["total"].misses > 0
   assert stats["total"].evictions > 0
-  assert stats["spectr/up_proj"].streamed_rows == 3 * N  # three layer calls, all N each
+  # Three layer calls, each streaming every adapter's A* (SpectR) and A* and B* (uniform).
+  assert stats["stream/up_proj"].streamed_rows == 3 * 3 * N
 
 
 # --- Counters --------------------------------------------------------------------------
@@ -174,8 +177,8 @@ def test_hits_misses_and_bytes_of_a_repeated_call():
   B, T, I = 1, 3, CFG.module_shapes()[module][1]  # B T k = 9 < N: candidates are gathered
   x = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, I)), jnp.float32)
   ((d1, c1),) = run_offloaded(olib, module, 1, x, (spec,))
-  view = LayerLibrary(None, None, olib.arrows[module][1], olib.valid[module][1])
-  _, cand = routers._candidates(routers.arrow_scores(x, view, jnp.ones((B, N), bool)), 3)
+  view = core.Resident(None, None, olib.arrows[module][1], olib.valid[module][1])
+  _, cand = view.top_k(core.arrow_scores(x, view, jnp.ones((B, N), bool)), 3)
   n_cand, n_sel = len(np.unique(np.asarray(cand))), len(np.unique(np.asarray(c1)))
   s = olib.stats()
   a, b = s[f"a/{module}"], s[f"b/{module}"]
@@ -218,7 +221,7 @@ def test_generate_matches_resident_library(tmp_path):
   kw = dict(mask=mask, fixed_ids=[0, 1, 2, 3], router_index=np.arange(B) % len(specs))
   t_routed = routed(task, B, RouterSpec("fixed"), fixed_ids=[1, -1, 3, 0])
   resident = RoutedAdapters((routed(knowledge, B, specs, **kw), t_routed))
-  offloaded = OffloadedAdapters((routed_offloaded(olib, B, specs, **kw), t_routed))
+  offloaded = RoutedAdapters((routed(olib, B, specs, **kw), t_routed))
   gen = dict(max_new_tokens=5, return_logits=True, return_routing=True)
   want = generate(model, prompts, lora=resident, **gen)
   got = generate(model, prompts, lora=offloaded, **gen)
@@ -297,14 +300,8 @@ def test_bad_input(tmp_path):
     w.write("up_proj", 0, a, b)
   assert not (tmp_path / "w").exists() and not list(tmp_path.glob(".tmp-offload-*"))
   olib = OffloadedLibrary.from_library(lib, slots=4)
-  with pytest.raises(ValueError, match="'uniform'"):
-    routed_offloaded(olib, 2, RouterSpec("uniform"))
-  if "request_lag" in routers.ROUTERS:  # request-level routing (another change) present
-    for spec in (RouterSpec("request_lag", k=2), RouterSpec("lag", k=2, gate=0.1)):
-      with pytest.raises(ValueError, match="request-level state"):
-        routed_offloaded(olib, 2, spec)
   with pytest.raises(ValueError, match=r"routing mask has shape"):
-    routed_offloaded(olib, 2, RouterSpec("lag", k=2), mask=np.ones((2, 4), bool))
+    routed(olib, 2, RouterSpec("lag", k=2), mask=np.ones((2, 4), bool))
   # A [2, 3] call at k = 2 may need all 5 adapters at once: 4 slots cannot hold them.
   x = jnp.zeros((2, 3, 64), jnp.float32)
   with pytest.raises(ValueError, match=r"module 'up_proj'.*5 candidates' A\*.*4 a slots"):

@@ -18,12 +18,11 @@ from test_offload import random_library
 
 from lag_jax.errors import IntegrityError
 from lag_jax.routing import offload
+from lag_jax.routing.hook import routed
 from lag_jax.routing.offload import (
   MANIFEST,
   OffloadedLibrary,
   OffloadWriter,
-  route_offloaded,
-  routed_offloaded,
   save_offloaded,
 )
 from lag_jax.routing.routers import RouterSpec
@@ -69,16 +68,16 @@ def redigest(folder, name: str, n_axis: int = 1) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("module",))
-def _route(o, layer, x, arrows, valid, *, module):
-  return route_offloaded(o.routers[0], o, module, layer, x, arrows, valid)
+def _route(o, layer, x, *, module):
+  d, c, _ = o.route(module, x, o.at_layer(layer))
+  return d, c
 
 
 def use(olib, layer: int, adapter: int):
   """The ``fixed`` router with ``adapter`` at ``layer``: fetches its A* and B* rows."""
-  o = routed_offloaded(olib, 1, RouterSpec("fixed"), fixed_ids=[adapter])
+  o = routed(olib, 1, RouterSpec("fixed"), fixed_ids=[adapter])
   x = jnp.ones((1, 2, 64), jnp.float32)
-  arrows, valid = olib.arrows[MODULE][layer], olib.valid[MODULE][layer]
-  return _route(o, jnp.int32(layer), x, arrows, valid, module=MODULE)
+  return _route(o, jnp.int32(layer), x, module=MODULE)
 
 
 # --- What the manifest records ------------------------------------------------------------

@@ -691,7 +691,8 @@ def test_lag_path_is_unchanged():
   """A library whose routers are all per-token takes the paper's path: the layer scan
   carries only its weights, exactly as before."""
   lib = routed(library(), 2, (RouterSpec("lag", k=3), RouterSpec("arrow")), router_index=[0, 1])
-  assert not lib.request_level and lib.per_layer() is lib.weights
+  w, layer, state = lib.per_layer()
+  assert not lib.request_level and w is lib.weights and layer is None and state is None
   assert RoutedAdapters((lib,)).request_passes == 0
   assert RouterSpec("lag", k=3, vote_top_m=2).request_level is False  # vote options unused
 
@@ -727,34 +728,29 @@ def test_bad_request_routing_inputs():
     hook.for_prompts(np.arange(8)[None] < 3)  # the span lies past the prompt
 
 
-def test_sharded_library_refuses_shard_map_and_runs_with_jit():
-  """shard_map routing refuses request-level routers clearly; with impl='jit' (XLA
-  partitions the one-device routers) they run on the 8 simulated devices and agree
-  with one device."""
+def test_request_routers_on_a_sharded_library_in_the_model():
+  """request_lag on a library sharded over 8 simulated devices, by shard_map and by
+  impl='jit' (XLA partitions the one-device routers): the same decisions and state as
+  on one device, inside the model."""
   from lag_jax.checkpoints.safetensors_loader import load_model
   from lag_jax.model.sharding import mesh_from_sizes
   from lag_jax.routing.sharded import shard_library
   from lag_jax.testing import tiny_checkpoint
 
   mesh = mesh_from_sizes({"data": 1, "model": 1, "adapter": -1})
-  with pytest.raises(ValueError, match="impl='jit'"):
-    routed(shard_library(library(), mesh), 1, RouterSpec("vote"))
-  sharded = shard_library(library(), mesh, impl="jit")
-  hooks = [
-    RoutedAdapters((routed(lib, 2, RouterSpec("request_lag", k=2)),))
-    for lib in (library(), sharded)
-  ]
+  libs = [library()] + [shard_library(library(), mesh, impl=i) for i in ("shard_map", "jit")]
+  hooks = [RoutedAdapters((routed(lib, 2, RouterSpec("request_lag", k=2)),)) for lib in libs]
   tokens = np.asarray(PROMPTS[1][:6] + PROMPTS[0][:6]).reshape(2, 6)
+  sharded_model = load_model(tiny_checkpoint(), mesh=mesh)
   outs = []
-  for hook, m in zip(
-    hooks, (load_model(tiny_checkpoint()), load_model(tiny_checkpoint(), mesh=mesh)), strict=True
-  ):
+  for hook, m in zip(hooks, (load_model(tiny_checkpoint()), sharded_model, sharded_model)):
     _, aux = forward(m, tokens, hook)
     outs.append(hook.split_aux(aux))
-  (tel1, (st1,)), (tel8, (st8,)) = outs
-  for m in MLP_MODULES:
-    np.testing.assert_array_equal(np.asarray(tel8[m][0]), np.asarray(tel1[m][0]))
-    np.testing.assert_array_equal(np.asarray(st8.cand[m]), np.asarray(st1.cand[m]))
+  tel1, (st1,) = outs[0]
+  for tel8, (st8,) in outs[1:]:
+    for m in MLP_MODULES:
+      np.testing.assert_array_equal(np.asarray(tel8[m][0]), np.asarray(tel1[m][0]))
+      np.testing.assert_array_equal(np.asarray(st8.cand[m]), np.asarray(st1.cand[m]))
 
 
 # --- 5. The evaluation harness ------------------------------------------------------------

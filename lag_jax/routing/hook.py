@@ -16,6 +16,7 @@ prompt first (``request_passes``, ``for_prompts``, ``split_aux``,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,11 @@ from flax import struct
 
 from lag_jax.model.layers import LoraWeights, lora_delta
 from lag_jax.routing import request
-from lag_jax.routing.library import AdapterLibrary, LibraryWeights
+from lag_jax.routing.core import ON_DEVICE
+from lag_jax.routing.library import LibraryWeights
 from lag_jax.routing.request import RequestState
-from lag_jax.routing.routers import LayerLibrary, RouterSpec, route_batch
-from lag_jax.routing.sharded import AdapterSharding, ShardedLibrary, route_batch_sharded
+from lag_jax.routing.routers import RouterSpec
+from lag_jax.routing.sharded import AdapterSharding
 
 
 @struct.dataclass
@@ -35,18 +37,22 @@ class RoutedLibrary:
   """One library and how a batch routes over it.
 
   Attributes:
-    weights: the library's arrays (leaves [L, ...]).
+    weights: the library's arrays (leaves [L, ...]; an offloaded library's have no
+      A* / B*, which its form fetches).
     mask: [B, N] bool, the adapters each request may route to.
     fixed_ids: [B] int32, each request's adapter for the ``fixed`` router (-1: none).
     router_index: [B] int32, each request's router, an index into ``routers``.
     routers: the routers this batch uses (static: part of the compiled shape).
-    sharding: for a ShardedLibrary, its mesh and adapter axis (static); None for a
-      library on one device.
+    form: where the factors live and how a module is routed over them (static):
+      ``core.ON_DEVICE``, a sharded library's ``AdapterSharding`` or an offloaded
+      library's host (``offload._Host``).
     span: [B, S] bool, the prompt tokens each request's request-level routing pools
       over (votes, request_lag's filter); None: the whole prompt.
     state: the request-level state (``request.RequestState``, leaves [L, B, ...])
       once computed; None before (the library is then *resolving*: see
       ``lag_jax.routing.request``).
+    caches: an offloaded library's device caches (``jax.Ref`` leaves, updated in place;
+      one offloaded library may appear once per call); None otherwise.
   """
 
   weights: LibraryWeights
@@ -54,13 +60,18 @@ class RoutedLibrary:
   fixed_ids: jax.Array
   router_index: jax.Array
   routers: tuple[RouterSpec, ...] = struct.field(pytree_node=False)
-  sharding: AdapterSharding | None = struct.field(pytree_node=False, default=None)
+  form: Any = struct.field(pytree_node=False, default=ON_DEVICE)
   span: jax.Array | None = None
   state: RequestState | None = None
+  caches: Any = None
 
   @property
   def modules(self) -> tuple[str, ...]:
-    return tuple(self.weights.a)
+    return tuple(self.weights.arrows)
+
+  @property
+  def sharding(self) -> AdapterSharding | None:
+    return self.form if isinstance(self.form, AdapterSharding) else None
 
   @property
   def request_level(self) -> bool:
@@ -82,12 +93,57 @@ class RoutedLibrary:
     return 2 if any(s.votes for s in self.routers) else 1
 
   def per_layer(self):
-    """The layer-scanned inputs: the weights alone (per-token routers, as before), or
-    (weights, the layer index, the request-level state or None)."""
-    if not self.request_level:
-      return self.weights
+    """The layer-scanned inputs: (weights, the layer index or None, the request-level
+    state or None). Per-token routers on one device or shards need no layer index (the
+    paper's path scans the weights alone); request-level routers and offloaded
+    libraries (whose caches are keyed by layer) do."""
+    layer = None
+    if self.request_level or self.caches is not None:
+      L = next(iter(self.weights.valid.values())).shape[0]
+      layer = jnp.arange(L, dtype=jnp.int32)
+    return (self.weights, layer, self.state)
+
+  def at_layer(self, layer):
+    """``per_layer()``'s inputs of one layer (to route a module outside the decoder)."""
+    w, index, state = self.per_layer()
+    pick = lambda t: jax.tree.map(lambda v: v[layer], t)  # noqa: E731
     L = next(iter(self.weights.valid.values())).shape[0]
-    return (self.weights, jnp.arange(L, dtype=jnp.int32), self.state)
+    index = jnp.arange(L, dtype=jnp.int32)[layer] if index is None else index[layer]
+    return pick(w), index, None if state is None else pick(state)
+
+  def route(self, module: str, x, layer_xs):
+    """Routes module ``module`` at one layer: (delta [B, T, O], chosen [B, T], and
+    while resolving the request-level quantities) through the library's form."""
+    w, layer, state = layer_xs
+    span = module_state = None
+    if self.resolving and self.span is not None:
+      span = self.span
+      if span.shape[1] != x.shape[1]:
+        raise ValueError(
+          f"routing span has {span.shape[1]} columns for {x.shape[1]} prompt tokens: "
+          "fit it with for_prompts (generate does)"
+        )
+    if state is not None:
+      module_state = {
+        "cand": state.cand[module],
+        "ids": state.ids[module],
+        "weights": state.weights[module],
+      }
+    K, _ = request.state_dims(self.routers, self.mask.shape[1])
+    return self.form.route(
+      self.routers,
+      self.router_index,
+      x,
+      w,
+      module,
+      self.mask,
+      self.fixed_ids,
+      self.caches,
+      layer=layer,
+      span=span,
+      state=module_state,
+      K=K,
+    )
 
   def pad_batch(self, batch: int) -> RoutedLibrary:
     """Adds rows (all adapters allowed, no fixed id, router 0) up to ``batch``."""
@@ -127,7 +183,7 @@ class RoutedLibrary:
 
 
 def routed(
-  library: AdapterLibrary | ShardedLibrary,
+  library,
   batch: int,
   router: RouterSpec | Sequence[RouterSpec],
   *,
@@ -139,7 +195,8 @@ def routed(
   """Checks and packs per-request routing inputs for ``library``.
 
   Args:
-    library: the adapter library, or one sharded over a mesh (``shard_library``).
+    library: the adapter library (``AdapterLibrary``), one sharded over a mesh
+      (``shard_library``) or one whose factors stay on the host (``OffloadedLibrary``).
     batch: B, the number of requests.
     router: one RouterSpec for all requests, or several (then ``router_index`` [B]
       picks each request's).
@@ -156,8 +213,8 @@ def routed(
   """
   routers = (router,) if isinstance(router, RouterSpec) else tuple(router)
   N = len(library)
-  if any(s.request_level for s in routers):
-    _check_request_routers(library, routers)
+  weights, form, caches, padded = library.routing_parts()
+  _check_layers(weights, routers)
   if span is not None:
     span = _pack_span(span, batch)
   mask = np.ones((batch, N), bool) if mask is None else np.asarray(mask, bool)
@@ -187,33 +244,23 @@ def routed(
   router_index = np.asarray(router_index, np.int32)
   if router_index.shape != (batch,) or router_index.min() < 0 or router_index.max() >= len(routers):
     raise ValueError(f"router_index must be {batch} values in [0, {len(routers)})")
-  sharding = None
-  if isinstance(library, ShardedLibrary):
-    # Padding adapters: never allowed, never counted by ``uniform``.
-    mask = np.pad(mask, ((0, 0), (0, library.padded_size - N)))
-    sharding = library.sharding
+  # Padding adapters of a sharded library: never allowed, never counted by ``uniform``.
+  mask = np.pad(mask, ((0, 0), (0, padded - N)))
   return RoutedLibrary(
-    library.weights,
+    weights,
     jnp.asarray(mask),
     jnp.asarray(fixed_ids),
     jnp.asarray(router_index),
     routers,
-    sharding,
+    form,
     None if span is None else jnp.asarray(span),
+    None,
+    caches,
   )
 
 
-def _check_request_routers(library, routers) -> None:
-  if isinstance(library, ShardedLibrary) and library.sharding.impl == "shard_map":
-    names = sorted({s.name for s in routers if s.request_level})
-    raise ValueError(
-      f"request-level routing ({names}: vote, request_lag, gated lag) is not implemented "
-      "with shard_map on a sharded library; shard it with impl='jit' (XLA partitions the "
-      "one-device routers) or keep the library on one device"
-    )
-  if library.weights is None:
-    raise ValueError("request-level routers need a resident (or sharded) library")
-  L = next(iter(library.weights.valid.values())).shape[0]
+def _check_layers(weights, routers) -> None:
+  L = next(iter(weights.valid.values())).shape[0]
   for s in routers:
     for field in ("layers", "vote_layers"):
       value = getattr(s, field)
@@ -309,44 +356,9 @@ class RoutedAdapters:
     if static is not None and name in static:
       total = lora_delta(x, static[name])
     for lib, xs in zip(self.libraries, lib_xs, strict=True):
-      w, layer, state = xs if isinstance(xs, tuple) else (xs, None, None)
-      if name not in w.a:
+      if name not in lib.modules:
         continue
-      layer_lib = LayerLibrary.of(w, name)
-      args = (lib.routers, lib.router_index, x, layer_lib, lib.mask, lib.fixed_ids)
-      if lib.request_level:
-        if layer is None:
-          raise ValueError(
-            "request-level routers need RoutedLibrary.per_layer() inputs (the layer index "
-            "and state): this hook does not pass them"
-          )
-        d, c = self._delta_request(lib, args, name, x, layer, state)
-      elif lib.sharding is None:
-        d, c = route_batch(*args)
-      else:
-        d, c = route_batch_sharded(*args, lib.sharding)
+      d, c, stats = lib.route(name, x, xs)
       total = d if total is None else total + d
-      chosen.append(c)
+      chosen.append(c if stats is None else {"chosen": c, **stats})
     return total, (tuple(chosen) if chosen else None)
-
-  @staticmethod
-  def _delta_request(lib, args, name, x, layer, state):
-    span = None
-    if state is None and lib.span is not None:
-      span = lib.span
-      if span.shape[1] != x.shape[1]:
-        raise ValueError(
-          f"routing span has {span.shape[1]} columns for {x.shape[1]} prompt tokens: "
-          "fit it with for_prompts (generate does)"
-        )
-    module_state = None
-    if state is not None:
-      module_state = {
-        "cand": state.cand[name],
-        "ids": state.ids[name],
-        "weights": state.weights[name],
-      }
-    d, c, stats = request.route_batch_request(*args, layer, span, module_state)
-    if stats is None:
-      return d, c
-    return d, {"chosen": c, **stats}

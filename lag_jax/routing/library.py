@@ -37,6 +37,7 @@ from lag_jax.errors import IntegrityError
 from lag_jax.integrity import array_digests, first_nonfinite, folder_mode
 from lag_jax.model.config import ModelConfig
 from lag_jax.model.transformer import ADAPTABLE_MODULES, ATTENTION_MODULES, MLP_MODULES
+from lag_jax.routing.core import ON_DEVICE
 from lag_jax.routing.signatures import spectral_align_stacked
 
 KNOWLEDGE_MODULES = MLP_MODULES
@@ -96,6 +97,10 @@ class AdapterLibrary(NamedAdapters):
   @property
   def num_layers(self) -> int:
     return next(iter(self.weights.a.values())).shape[0]
+
+  def routing_parts(self):
+    """(weights, routing form, caches, padded N) for ``hook.routed``."""
+    return self.weights, ON_DEVICE, None, len(self)
 
   def nbytes(self) -> int:
     """Resident bytes of all arrays."""

@@ -93,19 +93,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import struct
 from jax.experimental import io_callback
 
 from lag_jax.adapters.peft_io import AdapterError
 from lag_jax.errors import IntegrityError
 from lag_jax.integrity import array_digest, first_nonfinite
-from lag_jax.model.layers import lora_delta
-from lag_jax.routing import routers
-from lag_jax.routing.hook import RoutedAdapters, RoutedLibrary, routed
-from lag_jax.routing.library import AdapterLibrary, NamedAdapters
-from lag_jax.routing.routers import LayerLibrary, RouterSpec
+from lag_jax.routing import core
+from lag_jax.routing.library import AdapterLibrary, LibraryWeights, NamedAdapters
 
-OFFLOAD_ROUTERS = ("none", "fixed", "arrow", "arrow_softmax", "lag", "spectr")
 FACTORS = ("a", "b")
 MANIFEST = "offload.json"
 _FORMAT_VERSION = 1
@@ -720,20 +715,37 @@ class _Host:
       self.failed = e
       raise
 
-  def stream(self, module: str, layer, i):
-    """Callback: A* of adapters [i c, (i + 1) c), zero rows past N (c = stream_chunk)."""
+  def stream(self, field: str, module: str, layer, i):
+    """Callback: ``field``'s factor of adapters [i c, (i + 1) c), zero rows past N
+    (c = stream_chunk)."""
     c = self.stream_chunk
-    store = self.factors["a"][module]
+    store = self.factors[field][module]
     lo = int(i) * c
     hi = min(lo + c, self.num_adapters)
     with self.lock:
-      self._verify("a", module, int(layer), np.arange(lo, hi))
+      self._verify(field, module, int(layer), np.arange(lo, hi))
     rows = np.zeros((c, *store.shape[2:]), store.dtype)
     rows[: hi - lo] = store[int(layer), lo:hi]
     with self.lock:
       self.streamed[module].streamed_rows += hi - lo
       self.streamed[module].streamed_bytes += rows.nbytes
     return rows
+
+  def route(self, specs, router_index, x, w, module, mask, fixed_ids, caches, **kw):
+    """``core.route_module`` at one module with this host's factors (the hook's entry;
+    w: this layer's arrows, valid flags and shared directions)."""
+    pl = Offloaded(
+      a=None,
+      b=None,
+      arrows=w.arrows[module],
+      valid=w.valid[module],
+      shared=None if w.shared is None else w.shared[module],
+      module=module,
+      layer=kw["layer"],
+      caches=caches,
+      host=self,
+    )
+    return core.route_module(specs, router_index, x, pl, mask, fixed_ids, **kw)
 
 
 # --- The library ------------------------------------------------------------------------
@@ -765,6 +777,23 @@ class OffloadedLibrary(NamedAdapters):
   caches: dict[str, dict[str, Any]]
   host: _Host
   metadata: dict[str, dict] = dataclasses.field(default_factory=dict)
+  shared: dict[str, jax.Array] | None = None
+
+  def routing_parts(self):
+    """What ``hook.routed`` needs: (the scanned weights, with no A* / B*; the form
+    that routes them; the caches; the padded N).
+
+    Raises:
+      IntegrityError: the library was opened with ``verify="lazy"`` and a call has
+        found a corrupt block.
+    """
+    if self.host.failed is not None:  # verify="lazy" found a corrupt block
+      raise IntegrityError(
+        f"{self.host.failed} (found by an earlier call; the library cannot be used)"
+      )
+    weights = LibraryWeights(a={}, b={}, arrows=self.arrows, valid=self.valid, shared=self.shared)
+    caches = {f: dict(d) for f, d in self.caches.items()}
+    return weights, self.host, caches, len(self)
 
   @property
   def num_layers(self) -> int:
@@ -779,7 +808,18 @@ class OffloadedLibrary(NamedAdapters):
 
   @classmethod
   def _build(
-    cls, names, modules, rank, ranks, arrows, valid, factors, metadata, checks=None, **cache_kw
+    cls,
+    names,
+    modules,
+    rank,
+    ranks,
+    arrows,
+    valid,
+    factors,
+    metadata,
+    checks=None,
+    shared=None,
+    **cache_kw,
   ):
     slots = cache_kw["slots"]
     b_slots = cache_kw.get("b_slots") or slots
@@ -808,7 +848,16 @@ class OffloadedLibrary(NamedAdapters):
       for field in FACTORS
     }
     return cls(
-      tuple(names), tuple(modules), int(rank), tuple(ranks), arrows, valid, caches, host, metadata
+      tuple(names),
+      tuple(modules),
+      int(rank),
+      tuple(ranks),
+      arrows,
+      valid,
+      caches,
+      host,
+      metadata,
+      shared,
     )
 
   @classmethod
@@ -832,11 +881,6 @@ class OffloadedLibrary(NamedAdapters):
         (at most; a call that can need fewer rows uses that many).
       stream_chunk: adapters per transfer when SpectR streams A*.
     """
-    if library.weights.shared is not None:
-      raise ValueError(
-        "OffloadedLibrary: the library has shared directions removed (routing/shared.py), "
-        "which offloaded routing does not implement; offload the library as built"
-      )
     w = library.weights
     factors = {
       "a": {m: np.asarray(w.a[m]) for m in library.modules},
@@ -851,6 +895,7 @@ class OffloadedLibrary(NamedAdapters):
       dict(w.valid),
       factors,
       dict(library.metadata),
+      shared=None if w.shared is None else dict(w.shared),
       slots=slots,
       b_slots=b_slots,
       chunk_rows=chunk_rows,
@@ -1027,10 +1072,10 @@ class OffloadedLibrary(NamedAdapters):
     return sum(x.nbytes for d in self.host.factors.values() for x in d.values())
 
   def stats(self) -> dict[str, CacheStats]:
-    """Counters by "{field}/{module}" ("a/up_proj", ...), "spectr/{module}" for the
+    """Counters by "{field}/{module}" ("a/up_proj", ...), "stream/{module}" for the
     SpectR stream, and "total"."""
     out = {f"{f}/{m}": d.stats for (f, m), d in self.host.directories.items()}
-    out.update({f"spectr/{m}": s for m, s in self.host.streamed.items() if s.streamed_rows})
+    out.update({f"stream/{m}": s for m, s in self.host.streamed.items() if s.streamed_rows})
     out = {k: dataclasses.replace(v) for k, v in out.items()}
     out["total"] = sum(out.values(), CacheStats())
     return out
@@ -1051,114 +1096,17 @@ class OffloadedLibrary(NamedAdapters):
 # --- Routing over the offloaded library ---------------------------------------------------
 
 
-@struct.dataclass
-class OffloadedRouted:
-  """One offloaded library and how a batch routes over it (the RoutedLibrary analogue).
-
-  The caches are ``jax.Ref`` leaves: arguments of the jitted call, updated in place.
-  """
-
-  arrows: dict[str, jax.Array]
-  valid: dict[str, jax.Array]
-  caches: dict[str, dict[str, Any]]
-  mask: jax.Array
-  fixed_ids: jax.Array
-  router_index: jax.Array
-  routers: tuple[RouterSpec, ...] = struct.field(pytree_node=False)
-  host: _Host = struct.field(pytree_node=False)
-
-  @property
-  def modules(self) -> tuple[str, ...]:
-    return tuple(self.arrows)
-
-  def per_layer(self):
-    L = next(iter(self.arrows.values())).shape[0]
-    return {"layer": jnp.arange(L, dtype=jnp.int32), "arrows": self.arrows, "valid": self.valid}
-
-  def pad_batch(self, batch: int) -> OffloadedRouted:
-    extra = batch - self.mask.shape[0]
-    if extra <= 0:
-      return self
-    return self.replace(
-      mask=jnp.pad(self.mask, ((0, extra), (0, 0)), constant_values=True),
-      fixed_ids=jnp.pad(self.fixed_ids, (0, extra), constant_values=-1),
-      router_index=jnp.pad(self.router_index, (0, extra)),
-    )
-
-
-class _RoutingView:
-  """What ``hook.routed`` reads of a library to check the per-request inputs."""
-
-  def __init__(self, library: OffloadedLibrary):
-    self.names, self.id, self.weights = library.names, library.id, None
-
-  def __len__(self):
-    return len(self.names)
-
-
-def routed_offloaded(
-  library: OffloadedLibrary,
-  batch: int,
-  router: RouterSpec | Sequence[RouterSpec],
-  *,
-  mask=None,
-  fixed_ids=None,
-  router_index=None,
-) -> OffloadedRouted:
-  """``hook.routed`` for an offloaded library (same arguments and checks).
-
-  Raises:
-    ValueError: as ``routed``; or a router that needs every adapter's factors
-      (``uniform``).
-    IntegrityError: the library was opened with ``verify="lazy"`` and a call has found
-      a corrupt block.
-  """
-  if library.host.failed is not None:  # verify="lazy" found a corrupt block
-    raise IntegrityError(
-      f"{library.host.failed} (found by an earlier call; the library cannot be used)"
-    )
-  specs = (router,) if isinstance(router, RouterSpec) else tuple(router)
-  for spec in specs:
-    if getattr(spec, "request_level", False) or spec.name not in OFFLOAD_ROUTERS:
-      why = (
-        "mixes every adapter's A* and B* per token, which an offloaded library would "
-        "have to stream whole"
-        if spec.name == "uniform"
-        else "needs request-level state (vote, request_lag, gated / layer-limited lag), "
-        "not implemented for an offloaded library"
-      )
-      raise ValueError(f"router {spec!r} {why}; offloaded routers: {OFFLOAD_ROUTERS}")
-  r = routed(
-    _RoutingView(library),
-    batch,
-    specs,
-    mask=mask,
-    fixed_ids=fixed_ids,
-    router_index=router_index,
-  )
-  return OffloadedRouted(
-    dict(library.arrows),
-    dict(library.valid),
-    {f: dict(d) for f, d in library.caches.items()},
-    r.mask,
-    r.fixed_ids,
-    r.router_index,
-    r.routers,
-    library.host,
-  )
-
-
 def _sds(shape, dtype):
   return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-def _fetch(lib: OffloadedRouted, field: str, module: str, layer, ids, need):
+def _fetch(host: _Host, caches, field: str, module: str, layer, ids, need):
   """Brings the adapters ``ids`` (where ``need``) of ``layer`` into the device cache.
 
   Returns (the cache's value after the fetch, each id's slot; the scratch slot, all
   zeros, where ``need`` is False). Read the rows out of the value at once.
   """
-  host, ref = lib.host, lib.caches[field][module]
+  ref = caches[field][module]
   most = min(math.prod(ids.shape), host.num_adapters)
   # Chunks no larger than the call can fill (a decode step's one B* row per token
   # travels as B rows, not as a padded chunk_rows block).
@@ -1195,229 +1143,67 @@ def _fetch(lib: OffloadedRouted, field: str, module: str, layer, ids, need):
   return jax.lax.bitcast_convert_type(ref[...], dtype), slots
 
 
-def _gather_a(cache, slots):
-  """A* rows of ``slots`` [...] from the cache [S + 1, R, I]: [..., R, I]."""
-  return routers.gather_adapters(cache, slots)
+@dataclasses.dataclass(frozen=True)
+class Offloaded(core.Resident):
+  """The placement of one layer and module of an offloaded library: arrows, valid
+  flags and shared directions on the device; A* and B* fetched by id into the device
+  caches (``a_rows`` / ``b_rows``), or streamed (``scan``: SpectR, uniform)."""
 
+  module: str = ""
+  layer: Any = None
+  caches: Any = None
+  host: Any = None
 
-def _contract(x, rows):
-  """A* x for gathered rows [B, T, C, R, I]: [B, T, C, R], as project_gathered does."""
-  B, T, C, R, I = rows.shape
-  flat = rows.astype(x.dtype).reshape(B, T, C * R, I)
-  return jnp.einsum("bti,btji->btj", x, flat).reshape(B, T, C, R)
+  @property
+  def out_dim(self) -> int:
+    return self.host.factors["b"][self.module].shape[2]
 
+  @property
+  def rank(self) -> int:
+    return self.host.factors["a"][self.module].shape[2]
 
-def _fixed(lib, module, layer, x, allowed):
-  B, T = x.shape[:2]
-  N = lib.host.num_adapters
-  ids = jnp.clip(lib.fixed_ids, 0, N - 1)
-  ok = (lib.fixed_ids >= 0) & jnp.take_along_axis(allowed, ids[:, None], axis=1)[:, 0]
-  cache_a, slots = _fetch(lib, "a", module, layer, ids, ok)
-  z = jnp.einsum("bti,bri->btr", x, _gather_a(cache_a, slots).astype(x.dtype))
-  cache_b, b_slots = _fetch(lib, "b", module, layer, ids, ok)
-  bsel = jnp.broadcast_to(b_slots[:, None], (B, T))
-  delta = routers._apply_selected(z, cache_b, bsel)
-  sel = jnp.broadcast_to(ids[:, None], (B, T))
-  ok = jnp.broadcast_to(ok[:, None], (B, T))
-  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, sel, -1).astype(jnp.int32)
+  def _fetch(self, field, ids, need):
+    need = jnp.broadcast_to(jnp.asarray(need, bool), ids.shape) & (ids >= 0)
+    return _fetch(self.host, self.caches, field, self.module, self.layer, ids, need)
 
+  def a_rows(self, ids, need):
+    cache, slots = self._fetch("a", ids, need)
+    return core.gather_adapters(cache, slots)
 
-def _apply(lib, module, layer, z_sel, sel, ok):
-  """B*_sel z_sel, fetching the selected adapters' B*; nothing where ``ok`` is False."""
-  cache_b, b_slots = _fetch(lib, "b", module, layer, sel, ok)
-  delta = routers._apply_selected(z_sel, cache_b, b_slots)
-  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, sel, -1).astype(jnp.int32)
+  def b_rows(self, ids, need):
+    cache, slots = self._fetch("b", ids, need)
+    return cache[slots]
 
+  def all_a(self):
+    """Every adapter's A* (at most the B T k rows a gather could need), fetched into
+    id order, so the library has the resident shape and is projected as it would be."""
+    everyone = jnp.arange(self.n, dtype=jnp.int32)
+    cache, slots = self._fetch("a", everyone, self.valid)
+    return cache[slots]
 
-def _arrow(lib, module, layer, x, view, allowed):
-  scores = routers.arrow_scores(x, view, allowed)
-  ids = jnp.arange(scores.shape[-1], dtype=jnp.int32)
-  sel = routers._argmax_low_id(scores, ids)
-  ok = jnp.isfinite(jnp.max(scores, axis=-1))
-  cache_a, slots = _fetch(lib, "a", module, layer, sel, ok)
-  z_sel = _contract(x, _gather_a(cache_a, slots[..., None]))[:, :, 0]
-  return _apply(lib, module, layer, z_sel, sel, ok)
+  def scan(self, fn, carry, allowed, with_b: bool):
+    """Streams A* (and B*) ``stream_chunk`` adapters per callback straight through the
+    device, not through the cache (which it would flush)."""
+    host, module = self.host, self.module
+    N, c = host.num_adapters, host.stream_chunk
+    chunks = -(-N // c)
+    allowed = jnp.pad(allowed, ((0, 0), (0, chunks * c - N)))
 
+    def fetch(field, i):
+      store = host.factors[field][module]
+      return io_callback(
+        functools.partial(host.stream, field, module),
+        _sds((c, *store.shape[2:]), store.dtype),
+        self.layer,
+        i,
+        ordered=True,
+      )
 
-def _lag(lib, module, layer, x, view, allowed, k: int, projection: str):
-  vals, cand = routers._candidates(routers.arrow_scores(x, view, allowed), k)  # [B, T, C]
-  B, T, C = cand.shape
-  N = lib.host.num_adapters
-  if projection == "auto":  # the resident router's choice, so the same kernels run
-    projection = routers._auto_projection(B * T * C, N)
-  if projection == "dense" or (projection == "grouped" and N <= B * T * C):
-    # Every adapter's A* (at most the B T k rows a gather could need): fetched into
-    # id order, the library has the resident shape and is projected as it would be.
-    everyone = jnp.arange(N, dtype=jnp.int32)
-    cache_a, slots = _fetch(lib, "a", module, layer, everyone, view.valid)
-    if projection == "dense":
-      z = jnp.take_along_axis(routers.project_all(x, cache_a[slots]), cand[..., None], axis=2)
-    else:
-      z = routers.project_grouped(x, cache_a[slots], cand)
-  else:
-    cache_a, slots = _fetch(lib, "a", module, layer, cand, jnp.isfinite(vals))
-    if projection == "grouped":  # one grouped matmul over the cache's slots
-      z = routers.project_grouped(x, cache_a, slots)
-    else:
-      z = _contract(x, _gather_a(cache_a, slots))  # [B, T, C, R]
-  norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
-  norms = jnp.where(jnp.isfinite(vals), norms, -1.0)  # disallowed candidates lose
-  best = routers._argmax_low_id(norms, cand)
-  sel = jnp.take_along_axis(cand, best[..., None], axis=-1)[..., 0]
-  z_sel = jnp.take_along_axis(z, best[..., None, None], axis=2)[:, :, 0]
-  ok = jnp.isfinite(jnp.take_along_axis(vals, best[..., None], axis=-1)[..., 0])
-  return _apply(lib, module, layer, z_sel, sel, ok)
+    def body(i, carry):
+      a = fetch("a", i)
+      b = fetch("b", i) if with_b else None
+      ids = i * c + jnp.arange(c, dtype=jnp.int32)
+      here = jax.lax.dynamic_slice_in_dim(allowed, i * c, c, axis=1)
+      return fn(carry, a, b, ids, here)
 
-
-def _arrow_softmax(lib, module, layer, x, view, allowed, k: int, temperature: float):
-  vals, cand = routers._candidates(routers.arrow_scores(x, view, allowed), k)
-  need = jnp.isfinite(vals)
-  ok = need[..., 0]
-  w = jax.nn.softmax(jnp.where(ok[..., None], vals, 0.0) / temperature, axis=-1)
-  w = jnp.where(need, w, 0.0)
-  w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
-  cache_a, slots = _fetch(lib, "a", module, layer, cand, need)
-  z = _contract(x, _gather_a(cache_a, slots))
-  cache_b, b_slots = _fetch(lib, "b", module, layer, cand, need)
-  b = cache_b[b_slots].astype(x.dtype)
-  delta = jnp.einsum("btc,btcr,btcor->bto", w.astype(x.dtype), z, b)
-  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, cand[..., 0], -1)
-
-
-def _spectr(lib, module, layer, x, allowed):
-  """argmax_i ||A*_i x|| over all N, streaming A* ``stream_chunk`` adapters at a time;
-  a running arg-max keeps the earlier (lower) id on ties, as the resident router."""
-  host = lib.host
-  B, T, I = x.shape
-  N, c = host.num_adapters, host.stream_chunk
-  chunks = -(-N // c)
-  store = host.factors["a"][module]
-  R = store.shape[2]
-  allowed = jnp.pad(allowed, ((0, 0), (0, chunks * c - N)))
-
-  def body(i, carry):
-    best, best_id, best_z = carry
-    rows = io_callback(
-      functools.partial(host.stream, module),
-      _sds((c, R, I), store.dtype),
-      layer,
-      i,
-      ordered=True,
-    )
-    z = jnp.einsum("bti,ji->btj", x, rows.reshape(c * R, I).astype(x.dtype)).reshape(B, T, c, R)
-    norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
-    here = jax.lax.dynamic_slice_in_dim(allowed, i * c, c, axis=1)
-    norms = jnp.where(here[:, None, :], norms, -jnp.inf)
-    ids = i * c + jnp.arange(c, dtype=jnp.int32)
-    j = routers._argmax_low_id(norms, ids)
-    v = jnp.take_along_axis(norms, j[..., None], axis=-1)[..., 0]
-    zj = jnp.take_along_axis(z, j[..., None, None], axis=2)[:, :, 0]
-    better = v > best
-    return (
-      jnp.where(better, v, best),
-      jnp.where(better, ids[j], best_id),
-      jnp.where(better[..., None], zj, best_z),
-    )
-
-  init = (
-    jnp.full((B, T), -jnp.inf, jnp.float32),
-    jnp.zeros((B, T), jnp.int32),
-    jnp.zeros((B, T, R), x.dtype),
-  )
-  best, sel, z_sel = jax.lax.fori_loop(0, chunks, body, init)
-  return _apply(lib, module, layer, z_sel, sel, jnp.isfinite(best))
-
-
-def route_offloaded(spec: RouterSpec, lib: OffloadedRouted, module: str, layer, x, arrows, valid):
-  """``routers.route`` on an offloaded library at one module and layer.
-
-  Args:
-    spec: one of OFFLOAD_ROUTERS.
-    lib: the routed offloaded library (its caches are updated).
-    layer: [] int32, the layer (traced inside the layer scan).
-    x: [B, T, I] the module's input.
-    arrows, valid: this layer's [I, N] arrows and [N] valid flags.
-  Returns:
-    delta [B, T, O] in x's dtype, chosen [B, T] int32 (-1: none).
-  """
-  allowed = lib.mask & valid[None, :]
-  view = LayerLibrary(a=None, b=None, arrows=arrows, valid=valid)
-  if spec.name == "none":
-    O = lib.host.factors["b"][module].shape[2]
-    B, T = x.shape[:2]
-    return jnp.zeros((B, T, O), x.dtype), jnp.full((B, T), -1, jnp.int32)
-  if spec.name == "fixed":
-    return _fixed(lib, module, layer, x, allowed)
-  if spec.name == "arrow":
-    return _arrow(lib, module, layer, x, view, allowed)
-  if spec.name == "arrow_softmax":
-    return _arrow_softmax(lib, module, layer, x, view, allowed, spec.k, spec.temperature)
-  if spec.name == "spectr":
-    return _spectr(lib, module, layer, x, allowed)
-  if spec.name == "lag":
-    return _lag(lib, module, layer, x, view, allowed, spec.k, spec.projection)
-  raise ValueError(f"router {spec.name!r} does not run on an offloaded library")
-
-
-def route_batch_offloaded(lib: OffloadedRouted, module: str, layer, x, arrows, valid):
-  """``routers.route_batch`` on an offloaded library: each row takes its own router."""
-  delta, chosen = None, None
-  for i, spec in enumerate(lib.routers):
-    d, c = route_offloaded(spec, lib, module, layer, x, arrows, valid)
-    if delta is None:
-      delta, chosen = d, c
-    else:
-      pick = lib.router_index == i
-      delta = jnp.where(pick[:, None, None], d, delta)
-      chosen = jnp.where(pick[:, None], c, chosen)
-  return delta, chosen
-
-
-@struct.dataclass
-class OffloadedAdapters:
-  """The AdapterHook for offloaded libraries, alongside resident (or sharded) ones.
-
-  ``libraries`` mixes ``OffloadedRouted`` and ``RoutedLibrary`` entries; telemetry is
-  as ``RoutedAdapters``': per module a tuple with one [B, T] int32 array per library
-  that holds the module. Each offloaded library may appear once per call (its caches
-  are mutable buffers, which one jitted call cannot take twice).
-  """
-
-  libraries: tuple[OffloadedRouted | RoutedLibrary, ...]
-  static: dict | None = None
-
-  def per_layer(self):
-    for lib in self.libraries:
-      if getattr(lib, "request_level", False):
-        raise ValueError(
-          "a resident library with request-level routers (vote, request_lag, gated lag) "
-          "needs RoutedAdapters, whose request passes generate runs; OffloadedAdapters "
-          "routes per token"
-        )
-    per_lib = tuple(
-      lib.per_layer() if hasattr(lib, "per_layer") else lib.weights for lib in self.libraries
-    )
-    return (self.static, per_lib)
-
-  def pad_batch(self, batch: int) -> OffloadedAdapters:
-    return self.replace(libraries=tuple(lib.pad_batch(batch) for lib in self.libraries))
-
-  def delta(self, layer_xs, name, x):
-    static, per_lib = layer_xs
-    total, chosen = None, []
-    if static is not None and name in static:
-      total = lora_delta(x, static[name])
-    for lib, xs in zip(self.libraries, per_lib, strict=True):
-      if isinstance(lib, OffloadedRouted):
-        if name not in xs["arrows"]:
-          continue
-        d, c = route_batch_offloaded(
-          lib, name, xs["layer"], x, xs["arrows"][name], xs["valid"][name]
-        )
-      else:
-        if name not in lib.modules:
-          continue
-        d, (c,) = RoutedAdapters((lib,)).delta((None, (xs,)), name, x)
-      total = d if total is None else total + d
-      chosen.append(c)
-    return total, (tuple(chosen) if chosen else None)
+    return jax.lax.fori_loop(0, chunks, body, carry)

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
+
+from lag_jax.routing import core
 
 ROUTERS = (
   "none",
@@ -52,7 +53,6 @@ VOTE_SCOPES = ("all", "module")
 VOTE_SCORES = ("count", "score")
 GATE_FALLBACKS = ("vote", "none")
 PROJECTIONS = ("auto", "gather", "dense", "grouped")
-_NEG = -jnp.inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,239 +158,12 @@ class RouterSpec:
     return self.name in REQUEST_ROUTERS or self.gated
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerLibrary:
-  """One layer's slice of a library at one module.
-
-  Attributes:
-    a: [N, R, I] A* (orthonormal rows; zero rows for padding).
-    b: [N, O, R] B* = U S.
-    arrows: [I, N] each adapter's top right singular vector, as columns.
-    valid: [N] bool, False for adapters that are all zero here.
-    shared: [I, S] input directions that routing ignores (``routing/shared.py``:
-      SpectR norms are ||A* P x||, P = 1 - W W^T; the arrows were recomputed
-      already), or None.
-  """
-
-  a: jax.Array
-  b: jax.Array
-  arrows: jax.Array
-  valid: jax.Array
-  shared: jax.Array | None = None
-
-  @classmethod
-  def of(cls, weights, module: str, layer=None) -> LayerLibrary:
-    """A module's slice of a library's weights (``LibraryWeights``): at ``layer``, or
-    as given when the layer axis is already scanned away."""
-    pick = (lambda x: x) if layer is None else (lambda x: x[layer])  # noqa: E731
-    shared = None if weights.shared is None else pick(weights.shared[module])
-    return cls(
-      a=pick(weights.a[module]),
-      b=pick(weights.b[module]),
-      arrows=pick(weights.arrows[module]),
-      valid=pick(weights.valid[module]),
-      shared=shared,
-    )
-
-
-def routing_input(x: jax.Array, lib: LayerLibrary) -> jax.Array:
-  """What the SpectR norms see: x [B, T, I] with the library's shared directions
-  projected out (x itself for a library without them)."""
-  if lib.shared is None:
-    return x
-  w = lib.shared.astype(x.dtype)
-  return x - jnp.einsum("bts,is->bti", jnp.einsum("bti,is->bts", x, w), w)
-
-
-def _argmax_low_id(values: jax.Array, ids: jax.Array) -> jax.Array:
-  """Index (along the last axis) of the max value; ties go to the lower id."""
-  best = jnp.max(values, axis=-1, keepdims=True)
-  big = jnp.iinfo(jnp.int32).max
-  tied = jnp.where(values == best, ids, big)
-  return jnp.argmin(tied, axis=-1)
-
-
-def gather_adapters(a: jax.Array, ids: jax.Array) -> jax.Array:
-  """a[ids] for a [N, R, I] and ids [...] -> [..., R, I], as one row gather of A*
-  viewed as [N * R, I] rows."""
-  N, R, I = a.shape
-  rows = ids[..., None] * R + jnp.arange(R, dtype=ids.dtype)  # [..., R]
-  return jnp.take(a.reshape(N * R, I), rows, axis=0, mode="clip")
-
-
-def project_all(x: jax.Array, a: jax.Array) -> jax.Array:
-  """A*_n x for every adapter: x [B, T, I], a [N, R, I] -> [B, T, N, R].
-
-  One [B*T, I] x [I, N*R] matmul over A* as stored (rows contiguous); contracting the
-  4-D 'nri' form made XLA:CPU transpose the whole library first (5-7x slower).
-  """
-  N, R, I = a.shape
-  z = jnp.einsum("bti,ji->btj", x, a.reshape(N * R, I).astype(x.dtype))
-  return z.reshape(*x.shape[:2], N, R)
-
-
-def project_gathered(x: jax.Array, a: jax.Array, ids: jax.Array) -> jax.Array:
-  """A*_id x for each token's ids: x [B, T, I], ids [B, T, C] -> [B, T, C, R].
-
-  The gathered rows are contracted as one flat [C*R, I] matrix per token: the 5-D
-  einsum 'bti,btcri->btcr' made XLA:CPU 3-4x slower (benchmarks/routing.py profile).
-  """
-  B, T, C = ids.shape
-  R, I = a.shape[1:]
-  rows = gather_adapters(a, ids).astype(x.dtype).reshape(B, T, C * R, I)
-  return jnp.einsum("bti,btji->btj", x, rows).reshape(B, T, C, R)
-
-
-def _apply_selected(z_sel: jax.Array, b: jax.Array, sel: jax.Array) -> jax.Array:
-  """B*_sel z_sel: z_sel [B, T, R], sel [B, T] -> [B, T, O] (gathers only sel's B*)."""
-  return jnp.einsum("btr,btor->bto", z_sel, b[sel].astype(z_sel.dtype))
-
-
-def arrow_scores(x: jax.Array, lib: LayerLibrary, allowed: jax.Array) -> jax.Array:
-  """|arrow_i . x| for all N: [B, T, N] (float32), -inf where not allowed ([B, N])."""
-  s = jnp.abs(
-    jnp.einsum("bti,in->btn", x, lib.arrows.astype(x.dtype), preferred_element_type=jnp.float32)
-  )
-  return jnp.where(allowed[:, None, :], s, _NEG)
-
-
-def _candidates(scores: jax.Array, k: int):
-  """Top-k ids by score, [B, T, C]; lax.top_k breaks ties towards lower ids."""
-  vals, ids = jax.lax.top_k(scores, min(k, scores.shape[-1]))
-  return vals, ids.astype(jnp.int32)
-
-
-def _hard(sel, ok, z_sel, lib):
-  """Delta of one selected adapter per token; nothing where ``ok`` is False."""
-  delta = _apply_selected(z_sel, lib.b, sel)
-  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, sel, -1).astype(jnp.int32)
-
-
-def project_grouped(x: jax.Array, a: jax.Array, cand: jax.Array) -> jax.Array:
-  """A*_c x for each token's candidates by one grouped matmul: [B, T, C, R].
-
-  The B*T*C (token, candidate) pairs are sorted by adapter id, so each adapter's
-  rows are read once and multiplied with the tokens that chose it as a candidate.
-  """
-  B, T, I = x.shape
-  C = cand.shape[-1]
-  N = a.shape[0]
-  ids = cand.reshape(-1)
-  order = jnp.argsort(ids, stable=True)
-  lhs = x.reshape(B * T, I)[order // C]  # [B*T*C, I], grouped by adapter
-  sizes = jnp.bincount(ids, length=N).astype(jnp.int32)
-  dims = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(([1], [2]), ([], [])),
-    lhs_ragged_dimensions=[0],
-    rhs_group_dimensions=[0],
-  )
-  z_sorted = jax.lax.ragged_dot_general(lhs, a.astype(x.dtype), sizes, dims)
-  z = jnp.zeros_like(z_sorted).at[order].set(z_sorted)
-  return z.reshape(B, T, C, -1)
-
-
-def _auto_projection(pairs: int, n: int) -> str:
-  """gather when the (token, candidate) pairs are fewer than the adapters (decode);
-  else the grouped matmul on TPU, which lowers ragged_dot to a grouped-matmul kernel
-  (LAG.md: the SGMV pattern), and the dense projection elsewhere (XLA:CPU lowers
-  ragged_dot densely: measured 380x slower than dense at N = 100, BENCHMARKS.md)."""
-  if n > pairs:
-    return "gather"
-  return "grouped" if jax.default_backend() == "tpu" else "dense"
-
-
-def _project_candidates(x, a, cand, projection: str):
-  """A* x of each token's candidates, [B, T, C, R], by the chosen method."""
-  B, T, C = cand.shape
-  if projection == "auto":
-    projection = _auto_projection(B * T * C, a.shape[0])
-  if projection == "dense":
-    return jnp.take_along_axis(project_all(x, a), cand[..., None], axis=2)
-  if projection == "grouped":
-    return project_grouped(x, a, cand)
-  return project_gathered(x, a, cand)
-
-
-def route_lag(x, lib: LayerLibrary, allowed, k: int, projection: str = "auto"):
-  """Arrow filter to k, SpectR rerank among them, apply the winner (k=N: SpectR)."""
-  scores = arrow_scores(x, lib, allowed)
-  vals, cand = _candidates(scores, k)  # [B, T, C]
-  z = _project_candidates(x, lib.a, cand, projection)  # [B, T, C, R]
-  zr = (
-    z if lib.shared is None else _project_candidates(routing_input(x, lib), lib.a, cand, projection)
-  )
-  norms = jnp.sum(jnp.square(zr.astype(jnp.float32)), axis=-1)
-  norms = jnp.where(jnp.isfinite(vals), norms, -1.0)  # disallowed candidates lose
-  best = _argmax_low_id(norms, cand)  # [B, T]
-  sel = jnp.take_along_axis(cand, best[..., None], axis=-1)[..., 0]
-  z_sel = jnp.take_along_axis(z, best[..., None, None], axis=2)[:, :, 0]
-  ok = jnp.isfinite(jnp.take_along_axis(vals, best[..., None], axis=-1)[..., 0])
-  return _hard(sel, ok, z_sel, lib)
-
-
-def route_arrow(x, lib: LayerLibrary, allowed):
-  """Hard top-1 Arrow: the adapter with the largest |arrow . x|."""
-  scores = arrow_scores(x, lib, allowed)
-  ids = jnp.arange(scores.shape[-1], dtype=jnp.int32)
-  sel = _argmax_low_id(scores, ids)
-  ok = jnp.isfinite(jnp.max(scores, axis=-1))
-  z_sel = project_gathered(x, lib.a, sel[..., None])[:, :, 0]
-  return _hard(sel, ok, z_sel, lib)
-
-
-def route_spectr(x, lib: LayerLibrary, allowed):
-  """SpectR over the whole library: argmax_i ||A*_i x||."""
-  z = project_all(x, lib.a)
-  zr = z if lib.shared is None else project_all(routing_input(x, lib), lib.a)
-  norms = jnp.sum(jnp.square(zr.astype(jnp.float32)), axis=-1)
-  norms = jnp.where(allowed[:, None, :], norms, _NEG)
-  ids = jnp.arange(norms.shape[-1], dtype=jnp.int32)
-  sel = _argmax_low_id(norms, ids)
-  ok = jnp.isfinite(jnp.max(norms, axis=-1))
-  z_sel = jnp.take_along_axis(z, sel[..., None, None], axis=2)[:, :, 0]
-  return _hard(sel, ok, z_sel, lib)
-
-
-def route_arrow_softmax(x, lib: LayerLibrary, allowed, k: int, temperature: float):
-  """PEFT's Arrow: softmax(top-k |arrow . x| / T) mixture of the k adapters' outputs."""
-  vals, cand = _candidates(arrow_scores(x, lib, allowed), k)  # [B, T, C]
-  ok = jnp.isfinite(vals[..., 0])
-  w = jax.nn.softmax(jnp.where(ok[..., None], vals, 0.0) / temperature, axis=-1)
-  w = jnp.where(jnp.isfinite(vals), w, 0.0)
-  w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
-  z = project_gathered(x, lib.a, cand)
-  delta = jnp.einsum("btc,btcr,btcor->bto", w.astype(x.dtype), z, lib.b[cand].astype(x.dtype))
-  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, cand[..., 0], -1)
-
-
-def route_uniform(x, lib: LayerLibrary, mask):
-  """The uniform merge: the mean of the deltas of every adapter the mask allows.
-
-  An adapter that is zero at this layer / module (it does not cover it) still counts
-  in the mean, as in merging the adapters' weights with 1/N each.
-  """
-  w = mask.astype(jnp.float32)
-  count = jnp.sum(w, axis=-1, keepdims=True)
-  w = (w / jnp.maximum(count, 1.0)).astype(x.dtype)  # [B, N]
-  z = project_all(x, lib.a)
-  delta = jnp.einsum("bn,btnr,nor->bto", w, z, lib.b.astype(x.dtype))
-  B, T = x.shape[:2]
-  chosen = jnp.full((B, T), -1, jnp.int32)
-  return delta, chosen
-
-
-def route_fixed(x, lib: LayerLibrary, allowed, fixed_ids):
-  """One adapter per request (fixed_ids [B], -1 for none)."""
-  B, T = x.shape[:2]
-  ids = jnp.clip(fixed_ids, 0, lib.a.shape[0] - 1)
-  ok = (fixed_ids >= 0) & jnp.take_along_axis(allowed, ids[:, None], axis=1)[:, 0]
-  z = jnp.einsum("bti,bri->btr", x, gather_adapters(lib.a, ids).astype(x.dtype))
-  sel = jnp.broadcast_to(ids[:, None], (B, T))
-  return _hard(sel, jnp.broadcast_to(ok[:, None], (B, T)), z, lib)
+# One layer's slice of a resident library at one module (``core.Resident``).
+LayerLibrary = core.Resident
 
 
 def route(spec: RouterSpec, x, lib: LayerLibrary, mask, fixed_ids):
-  """Dispatches one router.
+  """One per-token router on one layer's slice of a resident library.
 
   Args:
     spec: the router.
@@ -401,43 +174,21 @@ def route(spec: RouterSpec, x, lib: LayerLibrary, mask, fixed_ids):
   Returns:
     delta [B, T, O] in x's dtype, chosen [B, T] int32 (-1: none).
   """
-  if spec.request_level:
-    raise ValueError(
-      f"router {spec!r} routes with request-level state; run it through RoutedAdapters "
-      "(lag_jax.routing.request), not routers.route"
-    )
-  allowed = mask & lib.valid[None, :]
-  if spec.name == "none":
-    B, T = x.shape[:2]
-    return jnp.zeros((B, T, lib.b.shape[1]), x.dtype), jnp.full((B, T), -1, jnp.int32)
-  if spec.name == "fixed":
-    return route_fixed(x, lib, allowed, fixed_ids)
-  if spec.name == "uniform":
-    return route_uniform(x, lib, mask)
-  if spec.name == "arrow":
-    return route_arrow(x, lib, allowed)
-  if spec.name == "arrow_softmax":
-    return route_arrow_softmax(x, lib, allowed, spec.k, spec.temperature)
-  if spec.name == "spectr":
-    return route_spectr(x, lib, allowed)
-  return route_lag(x, lib, allowed, spec.k, spec.projection)
+  return route_batch((spec,), jnp.zeros(x.shape[:1], jnp.int32), x, lib, mask, fixed_ids)
 
 
 def route_batch(specs: tuple[RouterSpec, ...], router_index, x, lib, mask, fixed_ids):
   """Requests in one batch may use different routers: router_index [B] picks from specs.
 
   Each distinct router runs once over the batch and rows take their own router's
-  result, so switching routers between requests never recompiles.
+  result, so switching routers between requests never recompiles. Request-level
+  routers need their layer index and state: ``core.route_module``.
   """
-  if len(specs) == 1:
-    return route(specs[0], x, lib, mask, fixed_ids)
-  delta, chosen = None, None
-  for i, spec in enumerate(specs):
-    d, c = route(spec, x, lib, mask, fixed_ids)
-    pick = router_index == i
-    if delta is None:
-      delta, chosen = d, c
-    else:
-      delta = jnp.where(pick[:, None, None], d, delta)
-      chosen = jnp.where(pick[:, None], c, chosen)
+  for spec in specs:
+    if spec.request_level:
+      raise ValueError(
+        f"router {spec!r} routes with request-level state; run it through RoutedAdapters "
+        "(or core.route_module with the layer and state), not routers.route_batch"
+      )
+  delta, chosen, _ = core.route_module(specs, router_index, x, lib, mask, fixed_ids)
   return delta, chosen

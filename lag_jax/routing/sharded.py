@@ -40,9 +40,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lag_jax import distributed
 from lag_jax.model.sharding import DEFAULT_RULES
-from lag_jax.routing import routers
+from lag_jax.routing import core
 from lag_jax.routing.library import AdapterLibrary, LibraryWeights, NamedAdapters, _n_axes
-from lag_jax.routing.routers import LayerLibrary, RouterSpec
 
 IMPLS = ("shard_map", "jit")
 
@@ -80,6 +79,12 @@ class AdapterSharding:
   def size(self) -> int:
     return self.mesh.shape[self.axis]
 
+  def route(self, specs, router_index, x, w, module, mask, fixed_ids, caches, **kw):
+    """The hook's entry at one module (``route_sharded``)."""
+    del caches
+    lib = core.Resident.of(w, module)
+    return route_sharded(specs, router_index, x, lib, mask, fixed_ids, self, **kw)
+
 
 @dataclasses.dataclass(frozen=True)
 class ShardedLibrary(NamedAdapters):
@@ -107,6 +112,10 @@ class ShardedLibrary(NamedAdapters):
   @property
   def padded_size(self) -> int:
     return next(iter(self.weights.valid.values())).shape[1]
+
+  def routing_parts(self):
+    """(weights, routing form, caches, padded N) for ``hook.routed``."""
+    return self.weights, self.sharding, None, self.padded_size
 
   def nbytes(self) -> int:
     """Bytes of all (padded) arrays over all devices."""
@@ -196,185 +205,130 @@ def shard_library(
 # --- Routing on the shards ------------------------------------------------------------
 
 
-def _global_top_k(values, k: int, offset, axis: str):
-  """Global top-k of [B, T, n] local values: (vals, ids) [B, T, C], the same on every
-  shard; ties go to the lower global id. Only the k local candidates are gathered."""
-  vals, ids = jax.lax.top_k(values, min(k, values.shape[-1]))
-  ids = ids.astype(jnp.int32) + offset
-  # One collective for both: the scores travel bit-cast as int32 (moved bit for bit;
-  # ids bit-cast to float would be denormals, which some hardware flushes to zero).
-  packed = jnp.stack([jax.lax.bitcast_convert_type(vals.astype(jnp.float32), jnp.int32), ids])
-  packed = jax.lax.all_gather(packed, axis, axis=3, tiled=True)  # [2, B, T, D * k]
-  all_vals, all_ids = jax.lax.bitcast_convert_type(packed[0], jnp.float32), packed[1]
-  top, pos = jax.lax.top_k(all_vals, min(k, all_vals.shape[-1]))
-  return top, jnp.take_along_axis(all_ids, pos, axis=-1)
+@dataclasses.dataclass(frozen=True)
+class Sharded(core.Resident):
+  """The placement of one shard inside ``shard_map``: its n adapters' factors (global
+  ids [offset, offset + n)), with the operations that make the routers' results global
+  (see the module docstring). Arrays are the shard's own; ``shared`` is replicated."""
+
+  axis: str = "adapter"
+  offset: jax.Array | None = None
+  devices: int = 1
+
+  @property
+  def size(self) -> int:
+    return self.n * self.devices
+
+  def top_k(self, values, k: int):
+    vals, ids = jax.lax.top_k(values, min(k, values.shape[-1]))
+    return self.merge(vals, ids.astype(jnp.int32) + self.offset, k)
+
+  def merge(self, vals, ids, k: int):
+    """The global top-k of each shard's candidates, the same on every shard; ties go
+    to the lower global id. Only the k local candidates travel."""
+    # One collective for both: the scores travel bit-cast as int32 (moved bit for bit;
+    # ids bit-cast to float would be denormals, which some hardware flushes to zero).
+    packed = jnp.stack([jax.lax.bitcast_convert_type(vals.astype(jnp.float32), jnp.int32), ids])
+    packed = jax.lax.all_gather(packed, self.axis, axis=packed.ndim - 1, tiled=True)
+    all_vals, all_ids = jax.lax.bitcast_convert_type(packed[0], jnp.float32), packed[1]
+    top, pos = jax.lax.top_k(all_vals, min(k, all_vals.shape[-1]))
+    return top, jnp.take_along_axis(all_ids, pos, axis=-1)
+
+  def owner(self, ids):
+    local = ids - self.offset
+    return (ids >= 0) & (local >= 0) & (local < self.n)
+
+  def local(self, ids):
+    return jnp.clip(ids - self.offset, 0, self.n - 1)
+
+  def owner_max(self, values, ids):
+    return jax.lax.pmax(jnp.where(self.owner(ids), values, -jnp.inf), self.axis)
+
+  def any(self, flag):
+    return jax.lax.pmax(flag.astype(jnp.int32), self.axis) > 0
+
+  def total(self, x):
+    return jax.lax.psum(x, self.axis)
+
+  def finish(self, delta):
+    return jax.lax.psum(delta, self.axis)
+
+  def allowed_at(self, allowed, ids):
+    here = jnp.take_along_axis(allowed, self.local(ids), axis=1) & self.owner(ids)
+    return self.any(here)
+
+  def a_rows(self, ids, need):
+    del need
+    return core.gather_adapters(self.a, self.local(ids))
+
+  def b_rows(self, ids, need):
+    del need
+    return self.b[self.local(ids)]
+
+  def scan(self, fn, carry, allowed, with_b: bool):
+    ids = self.offset + jnp.arange(self.n, dtype=jnp.int32)
+    return fn(carry, self.a, self.b if with_b else None, ids, allowed)
 
 
-def _owned(ids, offset, n: int):
-  """(this shard owns the id, its local index clipped into [0, n))."""
-  local = ids - offset
-  own = (ids >= 0) & (local >= 0) & (local < n)
-  return own, jnp.clip(local, 0, n - 1)
-
-
-def _apply_owned(z_sel, lib: LayerLibrary, local, own_ok):
-  """B* z for tokens whose selected adapter this shard owns (and may apply), else 0."""
-  delta = routers._apply_selected(z_sel, lib.b, local)
-  return jnp.where(own_ok[..., None], delta, 0)
-
-
-def _lag(x, lib, allowed, offset, axis, k: int, projection: str):
-  n = lib.a.shape[0]
-  vals, cand = _global_top_k(routers.arrow_scores(x, lib, allowed), k, offset, axis)  # [B, T, C]
-  own, local = _owned(cand, offset, n)
-  z = routers._project_candidates(x, lib.a, local, projection)  # [B, T, C, R]
-  norms = jnp.where(own, jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1), -jnp.inf)
-  norms = jax.lax.pmax(norms, axis)  # each candidate's norm, from its owner
-  norms = jnp.where(jnp.isfinite(vals), norms, -1.0)  # disallowed candidates lose
-  best = routers._argmax_low_id(norms, cand)[..., None]  # [B, T, 1]
-  sel = jnp.take_along_axis(cand, best, axis=-1)[..., 0]
-  ok = jnp.isfinite(jnp.take_along_axis(vals, best, axis=-1)[..., 0])
-  z_sel = jnp.take_along_axis(z, best[..., None], axis=2)[:, :, 0]
-  own_sel = jnp.take_along_axis(own, best, axis=-1)[..., 0]
-  local_sel = jnp.take_along_axis(local, best, axis=-1)[..., 0]
-  delta = _apply_owned(z_sel, lib, local_sel, ok & own_sel)
-  return delta, jnp.where(ok, sel, -1).astype(jnp.int32)
-
-
-def _top1(values, x, lib, offset, axis, z=None):
-  """The global argmax of [B, T, n] local values, applied by its owner."""
-  n = lib.a.shape[0]
-  vals, sel = _global_top_k(values, 1, offset, axis)
-  vals, sel = vals[..., 0], sel[..., 0]
-  ok = jnp.isfinite(vals)
-  own, local = _owned(sel, offset, n)
-  if z is None:
-    z_sel = routers.project_gathered(x, lib.a, local[..., None])[:, :, 0]
-  else:
-    z_sel = jnp.take_along_axis(z, local[..., None, None], axis=2)[:, :, 0]
-  delta = _apply_owned(z_sel, lib, local, ok & own)
-  return delta, jnp.where(ok, sel, -1).astype(jnp.int32)
-
-
-def _spectr(x, lib, allowed, offset, axis):
-  z = routers.project_all(x, lib.a)  # [B, T, n, R]
-  norms = jnp.sum(jnp.square(z.astype(jnp.float32)), axis=-1)
-  norms = jnp.where(allowed[:, None, :], norms, -jnp.inf)
-  return _top1(norms, x, lib, offset, axis, z=z)
-
-
-def _arrow_softmax(x, lib, allowed, offset, axis, k: int, temperature: float):
-  n = lib.a.shape[0]
-  vals, cand = _global_top_k(routers.arrow_scores(x, lib, allowed), k, offset, axis)
-  ok = jnp.isfinite(vals[..., 0])
-  w = jax.nn.softmax(jnp.where(ok[..., None], vals, 0.0) / temperature, axis=-1)
-  w = jnp.where(jnp.isfinite(vals), w, 0.0)
-  w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
-  own, local = _owned(cand, offset, n)
-  w = jnp.where(own, w, 0.0)  # each shard adds its own candidates' share
-  z = routers.project_gathered(x, lib.a, local)
-  delta = jnp.einsum("btc,btcr,btcor->bto", w.astype(x.dtype), z, lib.b[local].astype(x.dtype))
-  return jnp.where(ok[..., None], delta, 0), jnp.where(ok, cand[..., 0], -1).astype(jnp.int32)
-
-
-def _uniform(x, lib, mask, axis):
-  w = mask.astype(jnp.float32)
-  count = jax.lax.psum(jnp.sum(w, axis=-1, keepdims=True), axis)  # [B, 1]: tiny
-  w = (w / jnp.maximum(count, 1.0)).astype(x.dtype)
-  z = routers.project_all(x, lib.a)
-  delta = jnp.einsum("bn,btnr,nor->bto", w, z, lib.b.astype(x.dtype))
-  return delta, jnp.full(x.shape[:2], -1, jnp.int32)
-
-
-def _fixed(x, lib, allowed, fixed_ids, offset, axis):
-  B, T = x.shape[:2]
-  n = lib.a.shape[0]
-  own, local = _owned(fixed_ids, offset, n)  # [B]
-  ok_here = own & jnp.take_along_axis(allowed, local[:, None], axis=1)[:, 0]
-  ok = jax.lax.pmax(ok_here.astype(jnp.int32), axis) > 0  # [B]: tiny
-  z = jnp.einsum("bti,bri->btr", x, routers.gather_adapters(lib.a, local).astype(x.dtype))
-  sel = jnp.broadcast_to(local[:, None], (B, T))
-  delta = _apply_owned(z, lib, sel, jnp.broadcast_to(ok_here[:, None], (B, T)))
-  chosen = jnp.where(ok, fixed_ids, -1).astype(jnp.int32)
-  return delta, jnp.broadcast_to(chosen[:, None], (B, T))
-
-
-def _route_local(spec: RouterSpec, x, lib, mask, fixed_ids, offset, axis: str):
-  """One router on one shard: (this shard's share of the delta, the global choice)."""
-  allowed = mask & lib.valid[None, :]
-  if spec.name == "none":
-    return jnp.zeros((*x.shape[:2], lib.b.shape[1]), x.dtype), jnp.full(x.shape[:2], -1, jnp.int32)
-  if spec.name == "fixed":
-    return _fixed(x, lib, allowed, fixed_ids, offset, axis)
-  if spec.name == "uniform":
-    return _uniform(x, lib, mask, axis)
-  if spec.name == "arrow":
-    return _top1(routers.arrow_scores(x, lib, allowed), x, lib, offset, axis)
-  if spec.name == "arrow_softmax":
-    return _arrow_softmax(x, lib, allowed, offset, axis, spec.k, spec.temperature)
-  if spec.name == "spectr":
-    return _spectr(x, lib, allowed, offset, axis)
-  return _lag(x, lib, allowed, offset, axis, spec.k, spec.projection)
-
-
-def route_batch_sharded(
-  specs: tuple[RouterSpec, ...],
-  router_index,
-  x,
-  lib: LayerLibrary,
-  mask,
-  fixed_ids,
-  sharding: AdapterSharding,
-):
-  """``routers.route_batch`` on a library split over ``sharding``'s axis.
+def route_sharded(specs, router_index, x, lib: core.Resident, mask, fixed_ids, sharding, **kw):
+  """``core.route_module`` on a library split over ``sharding``'s axis.
 
   Args:
-    specs, router_index, x, mask, fixed_ids: as in ``routers.route_batch``; mask is
-      over the padded N (False on padding).
-    lib: one layer's slice of the padded library, N sharded over the adapter axis.
+    specs, router_index, x, fixed_ids, kw (layer, span, state, K): as in
+      ``core.route_module``.
+    lib: one layer's slice of the padded library, N sharded over the adapter axis
+      (``shared`` replicated).
+    mask: [B, N_pad] bool (False on padding).
   Returns:
-    delta [B, T, O] and chosen [B, T] int32, replicated over the adapter axis.
+    as ``core.route_module``, replicated over the adapter axis.
   """
   if sharding.impl == "jit":
-    return routers.route_batch(specs, router_index, x, lib, mask, fixed_ids)
+    return core.route_module(specs, router_index, x, lib, mask, fixed_ids, **kw)
   axis = sharding.axis
 
-  def body(x, a, b, arrows, valid, mask, fixed_ids, router_index):
-    local = LayerLibrary(a=a, b=b, arrows=arrows, valid=valid)
-    offset = jax.lax.axis_index(axis).astype(jnp.int32) * a.shape[0]
-    delta, chosen = None, None
-    for i, spec in enumerate(specs):
-      d, c = _route_local(spec, x, local, mask, fixed_ids, offset, axis)
-      if delta is None:
-        delta, chosen = d, c
-      else:
-        pick = router_index == i
-        delta = jnp.where(pick[:, None, None], d, delta)
-        chosen = jnp.where(pick[:, None], c, chosen)
-    # One reduction for every router of the batch: only owners hold non-zero shares.
-    return jax.lax.psum(delta, axis), chosen
+  K = kw.pop("K", 1)
+
+  def body(x, factors, mask, args):
+    a, b, arrows, valid, shared = factors
+    pl = Sharded(
+      a=a,
+      b=b,
+      arrows=arrows,
+      valid=valid,
+      shared=shared,
+      axis=axis,
+      offset=jax.lax.axis_index(axis).astype(jnp.int32) * a.shape[0],
+      devices=sharding.size,
+    )
+    router_index, fixed_ids, kw = args
+    return core.route_module(specs, router_index, x, pl, mask, fixed_ids, K=K, **kw)
 
   sharded = PartitionSpec(axis)
+  factors = (lib.a, lib.b, lib.arrows, lib.valid, lib.shared)
+  factor_specs = (
+    sharded,
+    sharded,
+    PartitionSpec(None, axis),
+    sharded,
+    None if lib.shared is None else PartitionSpec(),
+  )
   fn = jax.shard_map(
     body,
     mesh=sharding.mesh,
-    in_specs=(
-      PartitionSpec(),
-      sharded,
-      sharded,
-      PartitionSpec(None, axis),
-      sharded,
-      PartitionSpec(None, axis),
-      PartitionSpec(),
-      PartitionSpec(),
-    ),
-    out_specs=(PartitionSpec(), PartitionSpec()),
+    in_specs=(PartitionSpec(), factor_specs, PartitionSpec(None, axis), PartitionSpec()),
+    out_specs=PartitionSpec(),
     axis_names={axis},
     # all_gather's result is typed as varying; the choices computed from it are the
     # same on every shard by construction (deterministic ops on identical inputs).
     check_vma=False,
   )
-  return fn(x, lib.a, lib.b, lib.arrows, lib.valid, mask, fixed_ids, router_index)
+  return fn(x, factors, mask, (router_index, fixed_ids, kw))
+
+
+def route_batch_sharded(specs, router_index, x, lib, mask, fixed_ids, sharding):
+  """Per-token routers on a sharded library: (delta [B, T, O], chosen [B, T])."""
+  delta, chosen, _ = route_sharded(specs, router_index, x, lib, mask, fixed_ids, sharding)
+  return delta, chosen
 
 
 # --- What a compiled program moves between devices ---------------------------------
