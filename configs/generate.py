@@ -12,8 +12,12 @@ picks one adapter per request; or request_lag, or lag with confidence gating:
   python -m lag_jax.run --config=configs/generate.py:tiny_lag --config.router=vote
   python -m lag_jax.run --config=configs/generate.py:tiny_lag --config.router=lag \
       --config.gate=0.1 --config.route_layers=0-9+20-29
-The library split over all devices of the host (expert-parallel routing):
-  python -m lag_jax.run --config=configs/generate.py:tiny_lag --config.mesh.adapter=-1
+The library split over all devices of the host (expert-parallel routing), or kept on the
+host with a device cache; every router runs on either, with shared-direction removal:
+  python -m lag_jax.run --config=configs/generate.py:tiny_lag --config.mesh.adapter=-1 \
+      --config.router=vote --config.shared_removal=top:1
+  python -m lag_jax.run --config=configs/generate.py:tiny_lag --config.offload=host \
+      --config.router=vote --config.shared_removal=top:1
 Any HF folder, with adapters merged into the weights:
   python -m lag_jax.run --config=configs/generate.py --config.checkpoint=/path/to/hf \
       --config.adapters=/path/a,/path/b --config.merge_adapters=True
@@ -62,8 +66,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.gate_fallback = "vote"  # vote | none
   c.route_layers = ""  # lag / request_lag: layers that route per token; '': all
   # Route the knowledge library with shared input directions removed from its
-  # signatures: none | mean:S | top:S (lag_jax/routing/shared.py; one device only).
+  # signatures: none | mean:S | top:S (lag_jax/routing/shared.py; every form of library).
   c.shared_removal = "none"
+  # Keep the knowledge library's A* / B* off the device (lag_jax/routing/offload.py):
+  # 'none', or 'host' (host RAM; a device cache of offload_slots adapters per module).
+  # A library folder written by save_offloaded (it holds offload.json) is always opened
+  # memory-mapped, whatever this says.
+  c.offload = "none"
+  # Device cache slots per module of an offloaded library (A* and B* each); 0: as many as
+  # the library has adapters. A call needs min(B T k, N) slots at once.
+  c.offload_slots = 0
   c.save_routing = False  # write the chosen adapter per token, layer and module
 
   # Device mesh, per-axis sizes (one may be -1: all remaining devices); all 1: one

@@ -6,6 +6,7 @@ the hit / miss / byte counters; files on disk (bfloat16 round trip); bad input."
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lag_jax.adapters import AdapterError
+from lag_jax.adapters import AdapterError, load_peft_adapter
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.errors import IntegrityError
 from lag_jax.generation import generate
@@ -306,3 +307,76 @@ def test_bad_input(tmp_path):
   x = jnp.zeros((2, 3, 64), jnp.float32)
   with pytest.raises(ValueError, match=r"module 'up_proj'.*5 candidates' A\*.*4 a slots"):
     run_offloaded(olib, "up_proj", 0, x, (RouterSpec("lag", k=2),))
+
+
+@pytest.mark.parametrize("where", ["host", "files"])
+def test_cli_vote_with_removal_on_an_offloaded_library(tmp_path, where):
+  """``--config.router=vote --config.shared_removal=top:1`` with the knowledge library's
+  factors in host memory (offload=host) or in a folder written by save_offloaded
+  (memory-mapped; the shared directions cached beside it)."""
+  from cli import run_cli
+
+  from lag_jax import testing
+
+  args = ["--config=configs/generate.py:tiny_lag", "--config.router=vote"]
+  args += ["--config.shared_removal=top:1", "--config.generation.max_new_tokens=3"]
+  if where == "host":
+    args += ["--config.offload=host", "--config.offload_slots=8"]
+  else:
+    folder = tmp_path / "offloaded"
+    lib = AdapterLibrary.from_adapters(
+      [load_peft_adapter(p) for p in sorted(testing.tiny_adapters("knowledge").iterdir())],
+      CFG,
+    )
+    save_offloaded(lib, folder)
+    args += [f"--config.library={folder}"]
+  proc = run_cli(*args, f"--workdir={tmp_path / 'run'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "run" / "generations.json").read_text())
+  assert len(results) == 2 and all(r["num_tokens"] > 0 for r in results)
+  ids = np.load(tmp_path / "run" / "routing.npz")["lib0/gate_proj"]
+  assert ids.max() < 8 and (ids >= 0).any()
+  for row in ids:  # one adapter per request
+    assert len(np.unique(row[row >= 0])) == 1
+  if where == "files":
+    assert list((folder / "shared").glob("top-1-*.safetensors"))
+
+
+def test_shared_removal_is_cached_beside_the_library(tmp_path):
+  """The streamed removal equals the resident one; a second open reads it from
+  <folder>/shared (no factor is streamed); a rewritten library computes anew."""
+  from lag_jax.routing.shared import remove_shared
+
+  lib = random_library(9, ("up_proj",), seed=8)
+  want, _ = remove_shared(lib, "top:2")
+  save_offloaded(lib, tmp_path / "lib")
+  first, _ = remove_shared(
+    OffloadedLibrary.open(tmp_path / "lib", slots=9, stream_chunk=4), "top:2"
+  )
+  for got in (first.arrows, first.shared):
+    assert set(got) == {"up_proj"}
+  np.testing.assert_allclose(
+    np.asarray(first.arrows["up_proj"]), np.asarray(want.weights.arrows["up_proj"]), atol=1e-5
+  )
+  w0, w1 = np.asarray(first.shared["up_proj"]), np.asarray(want.weights.shared["up_proj"])
+  np.testing.assert_allclose(w0 @ w0.swapaxes(1, 2), w1 @ w1.swapaxes(1, 2), atol=1e-5)
+  (cached,) = (tmp_path / "lib" / "shared").glob("top-2-*.safetensors")
+  again = OffloadedLibrary.open(tmp_path / "lib", slots=9)
+  again.host.factors = {"a": {}, "b": {}}  # nothing may be read: the cache answers
+  second, _ = remove_shared(again, "top:2")
+  np.testing.assert_array_equal(
+    np.asarray(second.arrows["up_proj"]), np.asarray(first.arrows["up_proj"])
+  )
+  # Another library in the same folder, with the old cache file put back: the manifest
+  # (its digests) differs from the cache's fingerprint, so it is computed anew.
+  stale = cached.read_bytes()
+  other = random_library(9, ("up_proj",), seed=9)
+  save_offloaded(other, tmp_path / "lib")
+  (tmp_path / "lib" / "shared").mkdir()
+  cached.write_bytes(stale)
+  third, _ = remove_shared(OffloadedLibrary.open(tmp_path / "lib", slots=9), "top:2")
+  want3, _ = remove_shared(other, "top:2")
+  np.testing.assert_allclose(
+    np.asarray(third.arrows["up_proj"]), np.asarray(want3.weights.arrows["up_proj"]), atol=1e-5
+  )
+  assert cached.read_bytes() != stale  # rewritten for the new library

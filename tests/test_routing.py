@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import routing_reference as ref
 import torch
 from flax import nnx
 from hf_models import tiny_hf_model
 from peft.tuners.lora.arrow import ArrowLoraLinearLayer
 from peft.tuners.lora.config import ArrowConfig
+from reference import routing as ref
 
 from lag_jax.adapters import AdapterError, LoraAdapter, load_peft_adapter
 from lag_jax.checkpoints.safetensors_loader import load_model

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import request_reference as rr
-import routing_reference as ref
 from flax import nnx
+from reference import request as rr
+from reference import routing as ref
+from reference.request import ref_route_request
 
 from lag_jax.adapters import LoraAdapter
 from lag_jax.errors import ConfigError
@@ -74,73 +75,6 @@ def layer_lib(module: str, layer: int) -> LayerLibrary:
 
 def refs(module, layer):
   return ref.ref_module(ADAPTERS, CFG, module, layer)
-
-
-# --- The reference router for one request at one layer and module ---------------------
-
-
-def ref_route_request(spec, xs, lib, allowed, layer, span, state, fixed_id=-1):
-  """One request (xs [T, I]) through ``spec`` as lag_jax.routing.request defines it.
-
-  state: None while resolving, else dict(cand [K], ids [M], weights [M]) of this layer
-  and module. Returns dict(delta [T, O], chosen [T], votes [N] or None, cand or None,
-  tie: the smallest gap that decided something, gate_gap: the smallest |margin - gate|).
-  """
-  T = len(xs)
-  out = dict(
-    delta=np.zeros((T, lib[0].b.shape[0])),
-    chosen=np.full(T, -1),
-    votes=None,
-    cand=None,
-    tie=math.inf,
-    gate_gap=math.inf,
-  )
-  if not spec.request_level:
-    d, c, tie = ref.route_batch([spec], [0], xs[None], lib, allowed[None], [fixed_id])
-    out.update(delta=d[0], chosen=c[0], tie=tie)
-    return out
-  resolving = state is None
-  counted = spec.vote_layers is None or layer in spec.vote_layers
-  if spec.name == "vote" and not resolving:
-    for t in range(T):
-      out["delta"][t], out["chosen"][t] = rr.mixture(
-        xs[t], lib, allowed, state["ids"], state["weights"]
-      )
-    return out
-  votes = np.zeros(len(lib))
-  req_cand = None
-  if spec.name == "request_lag":
-    if resolving:
-      req_cand, tie = rr.pooled_cand(xs, lib, allowed, span, spec.k)
-      out["cand"], out["tie"] = req_cand, tie
-    else:
-      req_cand = [int(c) for c in state["cand"][: min(spec.k, len(lib))]]
-  first_pass = resolving and spec.votes
-  for t in range(T):
-    if spec.name == "vote" or req_cand is None:
-      dec = rr.lag_token(xs[t], lib, allowed, spec.k)
-    else:
-      dec = rr.rerank_token(xs[t], lib, allowed, req_cand)
-    out["tie"] = min(out["tie"], dec["tie"])
-    sel = dec["sel"]
-    delta = lib[sel].delta(xs[t]) if sel >= 0 else np.zeros_like(out["delta"][t])
-    if first_pass:
-      if span[t] and counted:
-        rr.add_votes(votes, dec, spec.vote_score)
-    elif spec.gated:
-      confident = spec.layers is None or layer in spec.layers
-      if spec.gate > 0:
-        out["gate_gap"] = min(out["gate_gap"], abs(dec["margin"] - spec.gate))
-        confident = confident and dec["margin"] >= spec.gate
-      if not confident:
-        if spec.gate_fallback == "vote":
-          delta, sel = rr.mixture(xs[t], lib, allowed, state["ids"], state["weights"])
-        else:
-          delta, sel = np.zeros_like(delta), -1
-    out["delta"][t], out["chosen"][t] = delta, sel
-  if first_pass:
-    out["votes"] = votes
-  return out
 
 
 def ref_batch(specs, router_index, x, module, layer, mask, span, state, fixed=None):

@@ -21,6 +21,7 @@ from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.generation import generate
 from lag_jax.model import sharding as shd
 from lag_jax.model.transformer import MLP_MODULES
+from lag_jax.routing import request
 from lag_jax.routing.hook import RoutedAdapters, routed
 from lag_jax.routing.library import AdapterLibrary, LibraryWeights
 from lag_jax.routing.routers import LayerLibrary, RouterSpec, route_batch
@@ -29,8 +30,10 @@ from lag_jax.routing.sharded import (
   hlo_collectives,
   library_partition_spec,
   route_batch_sharded,
+  route_sharded,
   shard_library,
 )
+from lag_jax.routing.shared import remove_shared
 from lag_jax.testing import tiny_checkpoint, tiny_config
 
 ATOL = 1e-5
@@ -256,22 +259,61 @@ HLO_SPECS = (
 )
 
 
-def _collectives(n, batch=2, tokens=1):
+REQUEST_SPECS = (
+  RouterSpec("vote", k=4, vote_score="score", vote_top_m=2),
+  RouterSpec("request_lag", k=4),
+  RouterSpec("lag", k=4, gate=0.2),
+  RouterSpec("uniform"),
+)
+
+
+@functools.partial(jax.jit, static_argnames=("specs", "sharding", "K"))
+def _sharded_request(specs, router_index, x, lib, mask, fixed, sharding, layer, span, state, K):
+  lib = LayerLibrary(*lib)
+  kw = dict(layer=layer, span=span, state=state, K=K)
+  return route_sharded(specs, router_index, x, lib, mask, fixed, sharding, **kw)
+
+
+def _collectives(n, phase="per_token", removal="none", batch=2, tokens=1):
+  """The collectives of one compiled routing call on a library of n adapters split over
+  8 devices: per-token routers, or request-level ones resolving (votes, candidates) or
+  with their state; with or without shared directions removed."""
   lib = shard_library(random_library(n, ["gate_proj"], rank=4), mesh())
+  lib, _ = remove_shared(lib, removal)
   shard_lib = layer_arrays(lib.weights, "gate_proj", 0)
+  if removal != "none":
+    shard_lib = (*shard_lib, lib.weights.shared["gate_proj"][0])
   x = np.zeros((batch, tokens, 64), np.float32)
   mask = np.ones((batch, n), bool)
   index, fixed = np.arange(batch, dtype=np.int32), np.zeros(batch, np.int32)
-  compiled = _sharded.lower(HLO_SPECS, index, x, shard_lib, mask, fixed, lib.sharding).compile()
+  if phase == "per_token":
+    args = (HLO_SPECS, index, x, shard_lib, mask, fixed, lib.sharding)
+    compiled = _sharded.lower(*args).compile()
+  else:
+    K, M = request.state_dims(REQUEST_SPECS, n)
+    state = None
+    if phase == "state":
+      state = {
+        "cand": np.zeros((batch, K), np.int32),
+        "ids": np.zeros((batch, M), np.int32),
+        "weights": np.full((batch, M), 0.5, np.float32),
+      }
+    span = np.ones((batch, tokens), bool) if phase == "resolving" else None
+    args = (REQUEST_SPECS, index, x, shard_lib, mask, fixed, lib.sharding, 0, span, state, K)
+    compiled = _sharded_request.lower(*args).compile()
   fields = ("a", "b", "arrows", "valid")
   shard_bytes = {f: leaf.addressable_shards[0].data.nbytes for f, leaf in zip(fields, shard_lib)}
   return hlo_collectives(compiled.as_text()), shard_bytes
 
 
-def test_collectives_are_small_and_independent_of_n():
-  small, shard_bytes = _collectives(512)
-  large, _ = _collectives(1024)
-  assert {c["kind"] for c in small} == {"all-gather", "all-reduce"}
+@pytest.mark.parametrize(
+  "phase, removal",
+  [("per_token", "none"), ("per_token", "top:1"), ("resolving", "top:1"), ("state", "none")],
+)
+def test_collectives_are_small_and_independent_of_n(phase, removal):
+  small, shard_bytes = _collectives(512, phase, removal)
+  large, _ = _collectives(1024, phase, removal)
+  assert {c["kind"] for c in small} <= {"all-gather", "all-reduce"}
   # What crosses devices depends on B, T, k and O, never on N.
   assert [(c["kind"], c["operands"]) for c in small] == [(c["kind"], c["operands"]) for c in large]
   # Smaller than any float leaf of one device's share of this layer's library.
@@ -397,6 +439,7 @@ def test_generate_with_a_sharded_library_matches_single_device():
 
 
 def test_cli_generate_with_the_adapter_axis_over_8_devices(tmp_path):
+  """The vote with shared directions removed, on a library split over 8 devices."""
   flags = os.environ.get("XLA_FLAGS", "")
   if "device_count=8" not in flags:
     flags += " --xla_force_host_platform_device_count=8"
@@ -407,6 +450,8 @@ def test_cli_generate_with_the_adapter_axis_over_8_devices(tmp_path):
       "lag_jax.run",
       "--config=configs/generate.py:tiny_lag",
       "--config.mesh.adapter=8",
+      "--config.router=vote",
+      "--config.shared_removal=top:1",
       "--config.generation.max_new_tokens=3",
       f"--workdir={tmp_path}",
     ],
@@ -421,6 +466,8 @@ def test_cli_generate_with_the_adapter_axis_over_8_devices(tmp_path):
   results = json.loads((tmp_path / "generations.json").read_text())
   assert len(results) == 2 and all(r["num_tokens"] > 0 for r in results)
   routing = np.load(tmp_path / "routing.npz")
-  ids = routing["lib0/gate_proj"]
+  ids = routing["lib0/gate_proj"]  # [prompts, L, T]
   assert ((ids >= 0) & (ids < 8)).any() and ids.max() < 8  # never a padding id
+  for row in ids:  # the vote: one adapter for every layer and position of a request
+    assert len(np.unique(row[row >= 0])) == 1
   assert routing["lib1/q_proj"].max() < 3

@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import routing_reference as ref
-from test_routing_beyond import make_adapter, ref_route_request
+from reference import routing as ref
+from reference.request import ref_route_request
+from reference.shared import ref_directions, ref_shared_module
+from test_routing_beyond import make_adapter
 
 from lag_jax.model.transformer import MLP_MODULES
 from lag_jax.routing import request
@@ -40,46 +42,6 @@ def library() -> AdapterLibrary:
   return AdapterLibrary.from_adapters(ADAPTERS, CFG)
 
 
-# --- The dense float64 reference -------------------------------------------------------
-
-
-def dense(adapter, module, layer):
-  """s B A [O, I] in float64, or None where the adapter does not cover the place."""
-  for m in adapter.modules.values():
-    if m.module == module and m.layer == layer:
-      return m.scale * np.asarray(m.b, np.float64) @ np.asarray(m.a, np.float64)
-  return None
-
-
-def ref_directions(adapters, module, layer, mode, count, among):
-  mats = [dense(a, module, layer) for a in adapters]
-  used = [d for d, ok in zip(mats, among, strict=True) if ok and d is not None and np.any(d)]
-  if mode == "mean":
-    _, _, vt = np.linalg.svd(sum(used) / len(used))
-    return vt[:count].T
-  gram = 0.0
-  for d in used:
-    _, s, vt = np.linalg.svd(d, full_matrices=False)
-    rel = s / s[0]
-    gram = gram + (vt.T * rel**2) @ vt / len(used)
-  vals, vecs = np.linalg.eigh(gram)
-  return vecs[:, ::-1][:, :count]
-
-
-def ref_shared_module(adapters, module, layer, w):
-  """RefAdapters seen through P = 1 - W W^T: the arrow of (s B A) P, SpectR norms
-  ||V^T P x||, deltas s B A x unchanged."""
-  p = np.eye(w.shape[0]) - w @ w.T
-  out = []
-  for adapter, r in zip(adapters, ref.ref_module(adapters, CFG, module, layer), strict=True):
-    if not r.valid:
-      out.append(r)
-      continue
-    _, _, vt = np.linalg.svd(dense(adapter, module, layer) @ p)
-    out.append(dataclasses.replace(r, arrow=vt[0], v=r.v @ p))
-  return out
-
-
 def same_span(got, want, where):
   """Two [I, S] bases span the same space: equal projectors."""
   np.testing.assert_allclose(got @ got.T, want @ want.T, atol=ATOL, err_msg=where)
@@ -102,7 +64,7 @@ def test_directions_and_arrows_match_dense_reference(spec):
       want = ref_directions(ADAPTERS, m, layer, mode, count, among)
       got = np.asarray(w.shared[m][layer], np.float64)
       same_span(got, want, where)
-      refs = ref_shared_module(ADAPTERS, m, layer, want)
+      refs = ref_shared_module(ADAPTERS, CFG, m, layer, want)
       for i, r in enumerate(refs):
         arrow = np.asarray(w.arrows[m][layer][:, i], np.float64)
         if not r.valid:
@@ -156,7 +118,7 @@ def test_per_token_routers_match_reference(spec):
     for layer in range(L):
       where = f"{spec} {m} layer {layer}"
       w = ref_directions(ADAPTERS, m, layer, mode, count, np.ones(N, bool))
-      refs = ref_shared_module(ADAPTERS, m, layer, w)
+      refs = ref_shared_module(ADAPTERS, CFG, m, layer, w)
       want_d, want_c, margin = ref.route_batch(SPECS, rows, x.astype(np.float64), refs, mask, fixed)
       assert margin > 1e-5, f"near tie in test data {where}"
       d, c = _route(
@@ -197,7 +159,7 @@ def test_request_routers_match_reference():
     x = rng.normal(size=(B, T, CFG.module_shapes()[m][1])).astype(np.float32)
     for layer in range(L):
       w = ref_directions(ADAPTERS, m, layer, "top", 1, np.ones(N, bool))
-      refs = ref_shared_module(ADAPTERS, m, layer, w)
+      refs = ref_shared_module(ADAPTERS, CFG, m, layer, w)
       d, c, stats = _request(
         specs,
         jnp.asarray(rows, jnp.int32),

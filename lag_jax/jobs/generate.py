@@ -31,12 +31,15 @@ from lag_jax.jobs import common
 from lag_jax.model.sharding import mesh_from_sizes
 from lag_jax.routing import RoutedAdapters, RouterSpec, load_or_build_library, routed
 from lag_jax.routing.library import KNOWLEDGE_MODULES, TASK_MODULES
+from lag_jax.routing.offload import MANIFEST as OFFLOAD_MANIFEST
+from lag_jax.routing.offload import OffloadedLibrary
 from lag_jax.routing.sharded import IMPLS, shard_library
 from lag_jax.routing.shared import parse_mode, remove_shared
 from lag_jax.routing.spans import user_turn_span
 from lag_jax.text.tokenizer import Tokenizer
 
 SPANS = ("user", "prompt")
+OFFLOADS = ("none", "host")
 
 
 def _prompts(config) -> list[str]:
@@ -121,7 +124,7 @@ def _check_config(config) -> None:
     ) from None
   common.dtype("param_dtype", config.param_dtype)
   common.dtype("dtype", config.dtype)
-  for field, choices in (("span", SPANS), ("adapter_sharding", IMPLS)):
+  for field, choices in (("span", SPANS), ("adapter_sharding", IMPLS), ("offload", OFFLOADS)):
     if config[field] not in choices:
       raise ConfigError(f"config field {field!r}={config[field]!r}: choose from {choices}")
   _adapter_weights(config)
@@ -134,6 +137,11 @@ def _check_config(config) -> None:
         f"config field 'fixed_adapter'={config.fixed_adapter!r}: {field} 'fixed' needs the "
         "name of the adapter to apply"
       )
+  if not isinstance(config.offload_slots, int) or config.offload_slots < 0:
+    raise ConfigError(
+      f"config field 'offload_slots'={config.offload_slots!r}: expected an integer >= 0 "
+      "(0: as many as the library has adapters)"
+    )
   _sampler(config)
   n = config.generation.max_new_tokens
   if not isinstance(n, int) or n < 1:
@@ -301,11 +309,27 @@ def _libraries(config, model_config, num_prompts: int, host=False):
     if not path:
       continue
     folder = distributed.primary_first(functools.partial(common.resolve_adapters_dir, path), field)
-    lib = load_or_build_library(
-      folder, model_config, modules, allow_pickle=config.allow_pickle, host=host
+    if os.path.exists(os.path.join(folder, OFFLOAD_MANIFEST)):  # an offloaded library
+      slots = config.offload_slots or None
+      lib = OffloadedLibrary.open(folder, slots=slots or _manifest_size(folder))
+    else:
+      lib = load_or_build_library(
+        folder, model_config, modules, allow_pickle=config.allow_pickle, host=host
+      )
+    offloaded = isinstance(lib, OffloadedLibrary) or (
+      field == "library" and config.offload == "host"
     )
+    if offloaded and host:
+      raise ConfigError(
+        f"config field {field!r}: an offloaded library (offload={config.offload!r}, or a "
+        "folder written by save_offloaded) with mesh.adapter > 1: a library is either split "
+        "over devices (each holds its shard resident) or kept on the host behind one "
+        "device's cache; choose one"
+      )
     if field == "library":
       lib, _ = remove_shared(lib, config.shared_removal)
+      if config.offload == "host" and not isinstance(lib, OffloadedLibrary):
+        lib = _offload(lib, config)
     spec = _router_spec(config, router, router_field)
     fixed = None
     if router == "fixed":
@@ -403,6 +427,26 @@ def _router_spec(config, router: str, field: str = "router") -> RouterSpec:
     except (TypeError, ValueError) as e:
       raise ConfigError(f"config field {name!r}={config[name]!r}: {e}") from None
   raise ConfigError(f"config field {field!r}={router!r}: {error}") from None
+
+
+def _manifest_size(folder) -> int:
+  with open(os.path.join(folder, OFFLOAD_MANIFEST)) as f:
+    return len(json.load(f)["names"])
+
+
+def _offload(library, config):
+  """The knowledge library with its factors moved to host memory (offload='host')."""
+  slots = config.offload_slots or len(library)
+  olib = OffloadedLibrary.from_library(library, slots=slots)
+  logging.info(
+    "Library of %d adapters offloaded to host memory (%.2f MB on the host, %.2f MB on the "
+    "device with %d cache slots per module)",
+    len(library),
+    olib.host_nbytes() / 1e6,
+    sum(olib.device_nbytes().values()) / 1e6,
+    slots,
+  )
+  return olib
 
 
 def _batch_sharding(mesh, rules):

@@ -79,6 +79,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -778,6 +779,7 @@ class OffloadedLibrary(NamedAdapters):
   host: _Host
   metadata: dict[str, dict] = dataclasses.field(default_factory=dict)
   shared: dict[str, jax.Array] | None = None
+  folder: str | None = None
 
   def routing_parts(self):
     """What ``hook.routed`` needs: (the scanned weights, with no A* / B*; the form
@@ -858,6 +860,7 @@ class OffloadedLibrary(NamedAdapters):
       host,
       metadata,
       shared,
+      cache_kw.get("folder"),
     )
 
   @classmethod
@@ -1047,6 +1050,7 @@ class OffloadedLibrary(NamedAdapters):
       {"a": arrays["a"], "b": arrays["b"]},
       meta.get("metadata", {}),
       checks={k: c for k, c in checks.items() if k[0] in FACTORS} if verify == "lazy" else None,
+      folder=folder,
       slots=slots,
       b_slots=b_slots,
       chunk_rows=chunk_rows,
@@ -1207,3 +1211,101 @@ class Offloaded(core.Resident):
       return fn(carry, a, b, ids, here)
 
     return jax.lax.fori_loop(0, chunks, body, carry)
+
+
+# --- Shared-direction removal, streamed -----------------------------------------------------
+
+SHARED_CACHE = "shared"
+
+
+def _fingerprint(library: OffloadedLibrary) -> str | None:
+  """The manifest's digest (it records every file's block digests), or None without a
+  folder."""
+  if library.folder is None:
+    return None
+  with open(os.path.join(library.folder, MANIFEST), "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def remove_shared_offloaded(library: OffloadedLibrary, mode: str, count: int, among):
+  """``shared.remove_shared`` for an offloaded library: per layer and module, a first
+  pass streams A* and B* ``stream_chunk`` adapters at a time and adds up the Gram, a
+  second streams A* (and B*'s column norms) for the residual arrows. Nothing else is
+  read; the factors are checked as ``verify`` says. With a folder, the result is
+  cached in ``<folder>/shared/`` under the manifest's digest (a rewritten library
+  computes anew); an unwritable folder only logs a warning."""
+  from safetensors.numpy import load_file, save_file  # noqa: PLC0415
+
+  from lag_jax.routing import shared as sh  # noqa: PLC0415 (shared imports this lazily)
+
+  host, N = library.host, len(library)
+  key = f"{mode}-{count}-{hashlib.sha256(np.packbits(among).tobytes()).hexdigest()[:12]}"
+  fingerprint = _fingerprint(library)
+  path = None if fingerprint is None else os.path.join(library.folder, SHARED_CACHE, key)
+  arrays = None
+  if path is not None and os.path.exists(path + ".safetensors"):
+    from safetensors import safe_open  # noqa: PLC0415
+
+    with safe_open(path + ".safetensors", "numpy") as f:
+      same = (f.metadata() or {}).get("fingerprint") == fingerprint
+    if same:
+      arrays = load_file(path + ".safetensors")
+      logging.info("Shared directions of %s from its cache %s", library.folder, path)
+  if arrays is None:
+    arrays = {}
+    c = host.stream_chunk
+    start = time.perf_counter()
+    for m in library.modules:
+      store_a, store_b = host.factors["a"][m], host.factors["b"][m]
+      L, _, R, I = store_a.shape
+      sh._check_count(f"{mode}:{count}", m, count, I)
+      valid = np.asarray(library.valid[m])
+      dirs = np.zeros((L, I, count), np.float32)
+      arrows = np.zeros((L, I, N), np.float32)
+      lead = np.zeros((L, min(count + 4, I)), np.float32)
+      for layer in range(L):
+        weight = np.asarray(sh._weights(among, valid[layer]))
+
+        def chunks(layer=layer, weight=weight, store_a=store_a, store_b=store_b, m=m):
+          for lo in range(0, N, c):
+            hi = min(lo + c, N)
+            with host.lock:
+              host._verify("a", m, layer, np.arange(lo, hi))
+              host._verify("b", m, layer, np.arange(lo, hi))
+            widths = ((0, c - (hi - lo)), (0, 0), (0, 0))  # one compiled shape
+            a = np.pad(np.asarray(store_a[layer, lo:hi], np.float32), widths)
+            b = np.pad(np.asarray(store_b[layer, lo:hi], np.float32), widths)
+            yield lo, hi, a, b, np.pad(weight[lo:hi], (0, c - (hi - lo)))
+
+        total = sum(sh._part(mode)(a, b, w) for _, _, a, b, w in chunks())
+        vals, vecs = sh._top_eig(sh._gram(mode, total))
+        top = vecs[:, :count]
+        dirs[layer], lead[layer] = np.asarray(top), np.asarray(vals[: lead.shape[1]])
+        for lo, hi, a, b, _ in chunks():
+          arrows[layer, :, lo:hi] = np.asarray(sh._residual_arrows(a, b, top))[:, : hi - lo]
+      arrays[f"{m}.shared"], arrays[f"{m}.arrows"], arrays[f"{m}.leading"] = dirs, arrows, lead
+      logging.info(
+        "Shared directions (%s:%d) of module %s: %d layers x %d adapters streamed twice "
+        "(%.1f s so far)",
+        mode,
+        count,
+        m,
+        L,
+        N,
+        time.perf_counter() - start,
+      )
+    if path is not None:
+      try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}.safetensors"
+        save_file(arrays, tmp, metadata={"fingerprint": fingerprint})
+        os.replace(tmp, path + ".safetensors")
+      except OSError as e:
+        logging.warning("Could not cache the shared directions beside %s: %s", library.folder, e)
+  arrows = {
+    m: jnp.asarray(arrays[f"{m}.arrows"], library.arrows[m].dtype) for m in library.modules
+  }
+  shared = {m: jnp.asarray(arrays[f"{m}.shared"]) for m in library.modules}
+  leading = {m: arrays[f"{m}.leading"] for m in library.modules}
+  out = dataclasses.replace(library, arrows=arrows, shared=shared)
+  return out, sh.SharedReport(mode, count, leading)

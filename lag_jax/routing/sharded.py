@@ -162,11 +162,6 @@ def shard_library(
   Raises:
     ValueError: the rules map ``adapter`` to no axis of the mesh.
   """
-  if library.weights.shared is not None:
-    raise ValueError(
-      "shard_library: the library has shared directions removed (routing/shared.py), "
-      "which sharded routing does not implement; shard the library as built"
-    )
   axis = rules.get("adapter")
   if axis not in mesh.shape:
     raise ValueError(
@@ -191,6 +186,11 @@ def shard_library(
       for f in ("a", "b", "arrows", "valid")
     }
   )
+  if w.shared is not None:  # [L, I, E] directions: replicated, every shard projects x
+    replicated = NamedSharding(mesh, PartitionSpec())
+    weights = weights.replace(
+      shared={m: distributed.put(np.asarray(d), replicated) for m, d in w.shared.items()}
+    )
   return ShardedLibrary(
     library.names,
     library.modules,

@@ -56,23 +56,35 @@ def parse_mode(spec: str) -> tuple[str, int]:
 
 
 @jax.jit
-def _mean_gram(a, b, w):
-  """Right Gram M^T M of the mean adapter M = sum_n w_n B*_n A*_n: a [N, R, I],
-  b [N, O, R], w [N] -> [I, I] (M formed once as one [O, N R] x [N R, I] matmul)."""
+def _mean_part(a, b, w):
+  """A part of the mean adapter M = sum_n w_n B*_n A*_n: a [n, R, I], b [n, O, R],
+  w [n] -> [O, I] (formed as one [O, n R] x [n R, I] matmul). Parts add up."""
   N, R, I = a.shape
-  bw = (b * w[:, None, None]).transpose(1, 0, 2).reshape(-1, N * R)  # [O, N R]
-  m = bw @ a.reshape(N * R, I)
-  return m.T @ m
+  bw = (b * w[:, None, None]).transpose(1, 0, 2).reshape(-1, N * R)  # [O, n R]
+  return bw @ a.reshape(N * R, I)
 
 
 @jax.jit
-def _share_gram(a, b, w):
-  """G = sum_n w_n A*_n^T diag(s_n / s_n1)^2 A*_n: [I, I] (s from B* = U S)."""
-  s = jnp.linalg.norm(b, axis=1)  # [N, R]
+def _share_part(a, b, w):
+  """A part of G = sum_n w_n A*_n^T diag(s_n / s_n1)^2 A*_n: [I, I] (s from B* = U S).
+  Parts add up."""
+  s = jnp.linalg.norm(b, axis=1)  # [n, R]
   rel = s / jnp.maximum(s[:, :1], 1e-30)
   N, R, I = a.shape
   ar = (a * (rel * jnp.sqrt(w)[:, None])[..., None]).reshape(N * R, I)
   return ar.T @ ar
+
+
+def _part(mode: str):
+  """The additive part of the chosen Gram over some adapters (sum the parts over any
+  split of the library, then ``_gram``)."""
+  return _mean_part if mode == "mean" else _share_part
+
+
+def _gram(mode: str, total):
+  """The Gram whose top eigenvectors are the shared directions, from the summed parts:
+  the mean adapter's right Gram M^T M, or G itself."""
+  return total.T @ total if mode == "mean" else total
 
 
 @jax.jit
@@ -121,46 +133,119 @@ def remove_shared(library, spec: str, among=None):
   """The library with shared input directions removed from its routing signatures.
 
   Args:
-    library: an ``AdapterLibrary`` (resident).
+    library: an ``AdapterLibrary`` (resident), a ``ShardedLibrary`` (each device adds
+      its adapters' part of the Gram; the sum crosses devices once per layer and module,
+      [I, I] or [O, I], nothing proportional to N) or an ``OffloadedLibrary`` (the
+      factors are streamed from the host or the files; with a folder the result is
+      cached beside it under a fingerprint of the library).
     spec: 'none' | 'mean:S' | 'top:S' (``parse_mode``).
     among: [N] bool, the adapters the directions are computed from (default all
       valid ones): e.g. the part of a library that a run's requests may use.
   Returns:
-    (library, SharedReport): for 'none' the library unchanged; else a library whose
-    arrows are the residual adapters' arrows and whose weights carry ``shared``
-    (module -> [L, I, S] directions) for the routers' SpectR norms. A*, B* (what is
-    applied) are the original ones.
+    (library, SharedReport): for 'none' the library unchanged; else the same kind of
+    library whose arrows are the residual adapters' arrows and which carries
+    ``shared`` (module -> [L, I, E] directions) for the routers' SpectR norms. A*, B*
+    (what is applied) are the original ones.
   """
   mode, count = parse_mode(spec)
   if mode == "none":
     return library, SharedReport(mode, 0, {})
-  if library.weights.shared is not None:
+  shared = library.shared if hasattr(library, "caches") else library.weights.shared
+  if shared is not None:
     raise ValueError("remove_shared: this library already has shared directions removed")
-  w = library.weights
   N = len(library)
   among = np.ones(N, bool) if among is None else np.asarray(among, bool)
   if among.shape != (N,):
     raise ValueError(f"remove_shared: among has shape {among.shape}, expected ({N},)")
+  if hasattr(library, "caches"):  # offloaded: lag_jax.routing.offload
+    from lag_jax.routing.offload import remove_shared_offloaded  # noqa: PLC0415 (cycle)
+
+    return remove_shared_offloaded(library, mode, count, among)
+  if getattr(library, "sharding", None) is not None:
+    return _remove_sharded(library, mode, count, among)
+  w = library.weights
   arrows, shared, leading = {}, {}, {}
   for m in library.modules:
     L, _, _, I = w.a[m].shape
-    if count >= I:
-      raise ValueError(f"remove_shared {spec!r}: module {m} has only {I} input dims")
+    _check_count(spec, m, count, I)
     dirs = np.zeros((L, I, count), np.float32)
     new_arrows = np.zeros((L, I, N), np.float32)
     lead = np.zeros((L, min(count + 4, I)), np.float32)
     for layer in range(L):
       a = jnp.asarray(w.a[m][layer], jnp.float32)
       b = jnp.asarray(w.b[m][layer], jnp.float32)
-      use = among & np.asarray(w.valid[m][layer], bool)
-      weight = jnp.asarray(use, jnp.float32) / max(int(use.sum()), 1)
-      gram = (_mean_gram if mode == "mean" else _share_gram)(a, b, weight)
-      vals, vecs = _top_eig(gram)
+      weight = _weights(among, np.asarray(w.valid[m][layer], bool)[:N])
+      vals, vecs = _top_eig(_gram(mode, _part(mode)(a, b, weight)))
       dirs[layer] = np.asarray(vecs[:, :count])
       lead[layer] = np.asarray(vals[: lead.shape[1]])
       new_arrows[layer] = np.asarray(_residual_arrows(a, b, vecs[:, :count]))
     arrows[m] = jnp.asarray(new_arrows, w.arrows[m].dtype)
     shared[m] = jnp.asarray(dirs)
     leading[m] = lead
+  weights = w.replace(arrows=arrows, shared=shared)
+  return dataclasses.replace(library, weights=weights), SharedReport(mode, count, leading)
+
+
+def _check_count(spec, module, count, I):
+  if count >= I:
+    raise ValueError(f"remove_shared {spec!r}: module {module} has only {I} input dims")
+
+
+def _weights(among, valid):
+  """Each counted adapter's weight 1 / (adapters counted): [n] float32."""
+  use = among & valid
+  return jnp.asarray(use, jnp.float32) / max(int(use.sum()), 1)
+
+
+def _remove_sharded(library, mode: str, count: int, among):
+  """``remove_shared`` on a library split over devices: per layer and module, each
+  device's part of the Gram from its own adapters, summed by one psum ([I, I] or
+  [O, I]); the residual arrows computed where the adapters live."""
+  from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+
+  from lag_jax import distributed  # noqa: PLC0415
+
+  sharding = library.sharding
+  mesh, axis = sharding.mesh, sharding.axis
+  pad = library.padded_size - len(library)
+  P = PartitionSpec
+
+  def gram_part(a, b, w):
+    return jax.lax.psum(_part(mode)(a, b, w), axis)
+
+  part = jax.jit(
+    jax.shard_map(
+      gram_part, mesh=mesh, in_specs=(P(axis), P(axis), P(axis)), out_specs=P(), axis_names={axis}
+    )
+  )
+  residual = jax.jit(
+    jax.shard_map(
+      _residual_arrows,
+      mesh=mesh,
+      in_specs=(P(axis), P(axis), P()),
+      out_specs=P(None, axis),
+      axis_names={axis},
+    )
+  )
+  w = library.weights
+  arrows, shared, leading = {}, {}, {}
+  for m in library.modules:
+    L, _, _, I = w.a[m].shape
+    _check_count(f"{mode}:{count}", m, count, I)
+    valid = np.asarray(w.valid[m])  # [L, N_pad]: small
+    per_layer, dirs, lead = [], [], []
+    for layer in range(L):
+      a = w.a[m][layer].astype(jnp.float32)
+      b = w.b[m][layer].astype(jnp.float32)
+      weight = np.asarray(_weights(np.pad(among, (0, pad)), valid[layer]))
+      weight = distributed.put(weight, NamedSharding(mesh, P(axis)))
+      vals, vecs = _top_eig(_gram(mode, part(a, b, weight)))
+      top = vecs[:, :count]
+      dirs.append(top)
+      lead.append(np.asarray(vals[: min(count + 4, I)]))
+      per_layer.append(residual(a, b, top).astype(w.arrows[m].dtype))
+    arrows[m] = jax.device_put(jnp.stack(per_layer), w.arrows[m].sharding)  # [L, I, N_pad]
+    shared[m] = distributed.put(np.asarray(jnp.stack(dirs)), NamedSharding(mesh, P()))
+    leading[m] = np.stack(lead)
   weights = w.replace(arrows=arrows, shared=shared)
   return dataclasses.replace(library, weights=weights), SharedReport(mode, count, leading)

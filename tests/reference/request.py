@@ -1,6 +1,6 @@
 """A brute-force float64 numpy reference for the request-level routers (vote,
 request_lag, confidence gating), written from issue 6 and lag_jax/routing/request.py's
-docstring, on routing_reference's RefAdapters (raw PEFT factors, dense SVDs).
+docstring, on reference.routing's RefAdapters (raw PEFT factors, dense SVDs).
 
 One layer and module at a time; a request's tokens x [T, I]; ``lib`` the N RefAdapters;
 ``allowed`` [N] the request's mask. Ties go to the lower adapter id everywhere.
@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import routing_reference as ref
+
+from reference import routing as ref
 
 
 def _ok(lib, allowed):
@@ -102,3 +103,67 @@ def mixture(x, lib, allowed, ids, weights):
   first = int(ids[0])
   chosen = first if first >= 0 and allowed[first] and lib[first].valid else -1
   return delta, chosen
+
+
+def ref_route_request(spec, xs, lib, allowed, layer, span, state, fixed_id=-1):
+  """One request (xs [T, I]) through ``spec`` as lag_jax.routing.request defines it.
+
+  state: None while resolving, else dict(cand [K], ids [M], weights [M]) of this layer
+  and module. Returns dict(delta [T, O], chosen [T], votes [N] or None, cand or None,
+  tie: the smallest gap that decided something, gate_gap: the smallest |margin - gate|).
+  """
+  T = len(xs)
+  out = dict(
+    delta=np.zeros((T, lib[0].b.shape[0])),
+    chosen=np.full(T, -1),
+    votes=None,
+    cand=None,
+    tie=math.inf,
+    gate_gap=math.inf,
+  )
+  if not spec.request_level:
+    d, c, tie = ref.route_batch([spec], [0], xs[None], lib, allowed[None], [fixed_id])
+    out.update(delta=d[0], chosen=c[0], tie=tie)
+    return out
+  resolving = state is None
+  counted = spec.vote_layers is None or layer in spec.vote_layers
+  if spec.name == "vote" and not resolving:
+    for t in range(T):
+      out["delta"][t], out["chosen"][t] = mixture(
+        xs[t], lib, allowed, state["ids"], state["weights"]
+      )
+    return out
+  votes = np.zeros(len(lib))
+  req_cand = None
+  if spec.name == "request_lag":
+    if resolving:
+      req_cand, tie = pooled_cand(xs, lib, allowed, span, spec.k)
+      out["cand"], out["tie"] = req_cand, tie
+    else:
+      req_cand = [int(c) for c in state["cand"][: min(spec.k, len(lib))]]
+  first_pass = resolving and spec.votes
+  for t in range(T):
+    if spec.name == "vote" or req_cand is None:
+      dec = lag_token(xs[t], lib, allowed, spec.k)
+    else:
+      dec = rerank_token(xs[t], lib, allowed, req_cand)
+    out["tie"] = min(out["tie"], dec["tie"])
+    sel = dec["sel"]
+    delta = lib[sel].delta(xs[t]) if sel >= 0 else np.zeros_like(out["delta"][t])
+    if first_pass:
+      if span[t] and counted:
+        add_votes(votes, dec, spec.vote_score)
+    elif spec.gated:
+      confident = spec.layers is None or layer in spec.layers
+      if spec.gate > 0:
+        out["gate_gap"] = min(out["gate_gap"], abs(dec["margin"] - spec.gate))
+        confident = confident and dec["margin"] >= spec.gate
+      if not confident:
+        if spec.gate_fallback == "vote":
+          delta, sel = mixture(xs[t], lib, allowed, state["ids"], state["weights"])
+        else:
+          delta, sel = np.zeros_like(delta), -1
+    out["delta"][t], out["chosen"][t] = delta, sel
+  if first_pass:
+    out["votes"] = votes
+  return out
