@@ -1252,48 +1252,44 @@ def remove_shared_offloaded(library: OffloadedLibrary, mode: str, count: int, am
       arrays = load_file(path + ".safetensors")
       logging.info("Shared directions of %s from its cache %s", library.folder, path)
   if arrays is None:
+    c, start = host.stream_chunk, time.perf_counter()
+
+    def chunks(m, layer):
+      """(lo, hi, A*, B*, weights) of ``stream_chunk`` adapters, padded to one shape."""
+      weight = np.asarray(sh.weights_of(among, np.asarray(library.valid[m][layer])))
+      for lo in range(0, N, c):
+        hi = min(lo + c, N)
+        with host.lock:
+          for field in FACTORS:
+            host._verify(field, m, layer, np.arange(lo, hi))
+        pad = ((0, c - (hi - lo)), (0, 0), (0, 0))
+        a, b = (
+          np.pad(np.asarray(host.factors[f][m][layer, lo:hi], np.float32), pad) for f in FACTORS
+        )
+        yield lo, hi, a, b, np.pad(weight[lo:hi], pad[0])
+
+    def part_sum(m, layer):
+      return sum(sh._part(mode)(a, b, w) for _, _, a, b, w in chunks(m, layer))
+
+    def residual(m, layer, top):
+      arrows = np.zeros((top.shape[0], N), np.float32)
+      for lo, hi, a, b, _ in chunks(m, layer):
+        arrows[:, lo:hi] = np.asarray(sh._residual_arrows(a, b, top))[:, : hi - lo]
+      return arrows
+
+    dims = {m: (library.num_layers, library.arrows[m].shape[1]) for m in library.modules}
+    found = sh.solve(library.modules, dims, mode, count, part_sum, residual)
+    logging.info(
+      "Shared directions (%s:%d) of %d adapters: factors streamed twice in %.1f s",
+      mode,
+      count,
+      N,
+      time.perf_counter() - start,
+    )
     arrays = {}
-    c = host.stream_chunk
-    start = time.perf_counter()
-    for m in library.modules:
-      store_a, store_b = host.factors["a"][m], host.factors["b"][m]
-      L, _, R, I = store_a.shape
-      sh._check_count(f"{mode}:{count}", m, count, I)
-      valid = np.asarray(library.valid[m])
-      dirs = np.zeros((L, I, count), np.float32)
-      arrows = np.zeros((L, I, N), np.float32)
-      lead = np.zeros((L, min(count + 4, I)), np.float32)
-      for layer in range(L):
-        weight = np.asarray(sh._weights(among, valid[layer]))
-
-        def chunks(layer=layer, weight=weight, store_a=store_a, store_b=store_b, m=m):
-          for lo in range(0, N, c):
-            hi = min(lo + c, N)
-            with host.lock:
-              host._verify("a", m, layer, np.arange(lo, hi))
-              host._verify("b", m, layer, np.arange(lo, hi))
-            widths = ((0, c - (hi - lo)), (0, 0), (0, 0))  # one compiled shape
-            a = np.pad(np.asarray(store_a[layer, lo:hi], np.float32), widths)
-            b = np.pad(np.asarray(store_b[layer, lo:hi], np.float32), widths)
-            yield lo, hi, a, b, np.pad(weight[lo:hi], (0, c - (hi - lo)))
-
-        total = sum(sh._part(mode)(a, b, w) for _, _, a, b, w in chunks())
-        vals, vecs = sh._top_eig(sh._gram(mode, total))
-        top = vecs[:, :count]
-        dirs[layer], lead[layer] = np.asarray(top), np.asarray(vals[: lead.shape[1]])
-        for lo, hi, a, b, _ in chunks():
-          arrows[layer, :, lo:hi] = np.asarray(sh._residual_arrows(a, b, top))[:, : hi - lo]
-      arrays[f"{m}.shared"], arrays[f"{m}.arrows"], arrays[f"{m}.leading"] = dirs, arrows, lead
-      logging.info(
-        "Shared directions (%s:%d) of module %s: %d layers x %d adapters streamed twice "
-        "(%.1f s so far)",
-        mode,
-        count,
-        m,
-        L,
-        N,
-        time.perf_counter() - start,
-      )
+    for m, (dirs, arrows, lead) in found.items():
+      arrays[f"{m}.shared"], arrays[f"{m}.arrows"] = dirs, np.stack(arrows)
+      arrays[f"{m}.leading"] = lead
     if path is not None:
       try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1302,9 +1298,7 @@ def remove_shared_offloaded(library: OffloadedLibrary, mode: str, count: int, am
         os.replace(tmp, path + ".safetensors")
       except OSError as e:
         logging.warning("Could not cache the shared directions beside %s: %s", library.folder, e)
-  arrows = {
-    m: jnp.asarray(arrays[f"{m}.arrows"], library.arrows[m].dtype) for m in library.modules
-  }
+  arrows = {m: jnp.asarray(arrays[f"{m}.arrows"], library.arrows[m].dtype) for m in library.modules}
   shared = {m: jnp.asarray(arrays[f"{m}.shared"]) for m in library.modules}
   leading = {m: arrays[f"{m}.leading"] for m in library.modules}
   out = dataclasses.replace(library, arrows=arrows, shared=shared)

@@ -164,34 +164,59 @@ def remove_shared(library, spec: str, among=None):
   if getattr(library, "sharding", None) is not None:
     return _remove_sharded(library, mode, count, among)
   w = library.weights
-  arrows, shared, leading = {}, {}, {}
-  for m in library.modules:
-    L, _, _, I = w.a[m].shape
-    _check_count(spec, m, count, I)
-    dirs = np.zeros((L, I, count), np.float32)
-    new_arrows = np.zeros((L, I, N), np.float32)
-    lead = np.zeros((L, min(count + 4, I)), np.float32)
+
+  def factors(m, layer):
+    return w.a[m][layer].astype(jnp.float32), w.b[m][layer].astype(jnp.float32)
+
+  def part_sum(m, layer):
+    weight = weights_of(among, np.asarray(w.valid[m][layer], bool))
+    return _part(mode)(*factors(m, layer), weight)
+
+  def residual(m, layer, top):
+    return np.asarray(_residual_arrows(*factors(m, layer), top))
+
+  found = solve(library.modules, _dims(w), mode, count, part_sum, residual)
+  arrows = {m: jnp.asarray(np.stack(r), w.arrows[m].dtype) for m, (_, r, _) in found.items()}
+  weights = w.replace(arrows=arrows, shared={m: jnp.asarray(d) for m, (d, _, _) in found.items()})
+  return dataclasses.replace(library, weights=weights), _report(mode, count, found)
+
+
+def solve(modules, dims, mode: str, count: int, part_sum, residual):
+  """The removal, whatever holds the factors: per module and layer, the top ``count``
+  eigenvectors of the Gram from its summed parts, and the residual arrows.
+
+  Args:
+    modules: the library's modules; dims: module -> (L, I).
+    part_sum: (module, layer) -> the Gram's part summed over every adapter.
+    residual: (module, layer, directions [I, E]) -> that layer's residual arrows.
+  Returns:
+    module -> (directions [L, I, E] numpy, the L layers' arrows, leading [L, E']).
+  """
+  out = {}
+  for m in modules:
+    L, I = dims[m]
+    if count >= I:
+      raise ValueError(f"remove_shared {mode}:{count}: module {m} has only {I} input dims")
+    dirs, arrows, lead = [], [], []
     for layer in range(L):
-      a = jnp.asarray(w.a[m][layer], jnp.float32)
-      b = jnp.asarray(w.b[m][layer], jnp.float32)
-      weight = _weights(among, np.asarray(w.valid[m][layer], bool)[:N])
-      vals, vecs = _top_eig(_gram(mode, _part(mode)(a, b, weight)))
-      dirs[layer] = np.asarray(vecs[:, :count])
-      lead[layer] = np.asarray(vals[: lead.shape[1]])
-      new_arrows[layer] = np.asarray(_residual_arrows(a, b, vecs[:, :count]))
-    arrows[m] = jnp.asarray(new_arrows, w.arrows[m].dtype)
-    shared[m] = jnp.asarray(dirs)
-    leading[m] = lead
-  weights = w.replace(arrows=arrows, shared=shared)
-  return dataclasses.replace(library, weights=weights), SharedReport(mode, count, leading)
+      vals, vecs = _top_eig(_gram(mode, part_sum(m, layer)))
+      top = vecs[:, :count]
+      dirs.append(np.asarray(top))
+      lead.append(np.asarray(vals[: min(count + 4, I)]))
+      arrows.append(residual(m, layer, top))
+    out[m] = (np.stack(dirs).astype(np.float32), arrows, np.stack(lead))
+  return out
 
 
-def _check_count(spec, module, count, I):
-  if count >= I:
-    raise ValueError(f"remove_shared {spec!r}: module {module} has only {I} input dims")
+def _dims(w) -> dict[str, tuple[int, int]]:
+  return {m: (a.shape[0], a.shape[-1]) for m, a in w.a.items()}
 
 
-def _weights(among, valid):
+def _report(mode, count, found) -> SharedReport:
+  return SharedReport(mode, count, {m: lead for m, (_, _, lead) in found.items()})
+
+
+def weights_of(among, valid):
   """Each counted adapter's weight 1 / (adapters counted): [n] float32."""
   use = among & valid
   return jnp.asarray(use, jnp.float32) / max(int(use.sum()), 1)
@@ -205,47 +230,33 @@ def _remove_sharded(library, mode: str, count: int, among):
 
   from lag_jax import distributed  # noqa: PLC0415
 
-  sharding = library.sharding
-  mesh, axis = sharding.mesh, sharding.axis
-  pad = library.padded_size - len(library)
+  mesh, axis = library.sharding.mesh, library.sharding.axis
+  among = np.pad(among, (0, library.padded_size - len(library)))
   P = PartitionSpec
 
-  def gram_part(a, b, w):
-    return jax.lax.psum(_part(mode)(a, b, w), axis)
+  def on_shards(fn, in_specs, out_specs):
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
 
-  part = jax.jit(
-    jax.shard_map(
-      gram_part, mesh=mesh, in_specs=(P(axis), P(axis), P(axis)), out_specs=P(), axis_names={axis}
-    )
-  )
-  residual = jax.jit(
-    jax.shard_map(
-      _residual_arrows,
-      mesh=mesh,
-      in_specs=(P(axis), P(axis), P()),
-      out_specs=P(None, axis),
-      axis_names={axis},
-    )
-  )
+  part = on_shards(lambda a, b, w: jax.lax.psum(_part(mode)(a, b, w), axis), (P(axis),) * 3, P())
+  residual_arrows = on_shards(_residual_arrows, (P(axis), P(axis), P()), P(None, axis))
   w = library.weights
-  arrows, shared, leading = {}, {}, {}
-  for m in library.modules:
-    L, _, _, I = w.a[m].shape
-    _check_count(f"{mode}:{count}", m, count, I)
-    valid = np.asarray(w.valid[m])  # [L, N_pad]: small
-    per_layer, dirs, lead = [], [], []
-    for layer in range(L):
-      a = w.a[m][layer].astype(jnp.float32)
-      b = w.b[m][layer].astype(jnp.float32)
-      weight = np.asarray(_weights(np.pad(among, (0, pad)), valid[layer]))
-      weight = distributed.put(weight, NamedSharding(mesh, P(axis)))
-      vals, vecs = _top_eig(_gram(mode, part(a, b, weight)))
-      top = vecs[:, :count]
-      dirs.append(top)
-      lead.append(np.asarray(vals[: min(count + 4, I)]))
-      per_layer.append(residual(a, b, top).astype(w.arrows[m].dtype))
-    arrows[m] = jax.device_put(jnp.stack(per_layer), w.arrows[m].sharding)  # [L, I, N_pad]
-    shared[m] = distributed.put(np.asarray(jnp.stack(dirs)), NamedSharding(mesh, P()))
-    leading[m] = np.stack(lead)
-  weights = w.replace(arrows=arrows, shared=shared)
-  return dataclasses.replace(library, weights=weights), SharedReport(mode, count, leading)
+
+  def factors(m, layer):
+    return w.a[m][layer].astype(jnp.float32), w.b[m][layer].astype(jnp.float32)
+
+  def part_sum(m, layer):
+    weight = np.asarray(weights_of(among, np.asarray(w.valid[m][layer])))
+    return part(*factors(m, layer), distributed.put(weight, NamedSharding(mesh, P(axis))))
+
+  def residual(m, layer, top):
+    return residual_arrows(*factors(m, layer), top).astype(w.arrows[m].dtype)
+
+  found = solve(library.modules, _dims(w), mode, count, part_sum, residual)
+  replicated = NamedSharding(mesh, P())
+  weights = w.replace(
+    arrows={
+      m: jax.device_put(jnp.stack(r), w.arrows[m].sharding) for m, (_, r, _) in found.items()
+    },
+    shared={m: distributed.put(d, replicated) for m, (d, _, _) in found.items()},
+  )
+  return dataclasses.replace(library, weights=weights), _report(mode, count, found)
