@@ -18,27 +18,13 @@ import shutil
 import statistics
 import time
 
-import numpy as np
-
 from benchmarks.sections import write_section
-from lag_jax.routing.library import AdapterLibrary, LibraryWeights
+from lag_jax.routing.library import AdapterLibrary
+from lag_jax.testing.libraries import random_library
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = {"gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}  # (O, I)
 BEGIN, END = "<!-- library_load:begin -->", "<!-- library_load:end -->"
-
-
-def random_library(n: int, layers: int = 30, rank: int = 6) -> AdapterLibrary:
-  rng = np.random.default_rng(0)
-  w = {f: {} for f in ("a", "b", "arrows", "valid")}
-  for m, (O, I) in SHAPES.items():
-    a = rng.standard_normal((layers, n, rank, I), np.float32)
-    w["a"][m] = a
-    w["b"][m] = rng.standard_normal((layers, n, O, rank), np.float32)
-    w["arrows"][m] = np.ascontiguousarray(a[:, :, 0, :].swapaxes(1, 2))
-    w["valid"][m] = np.ones((layers, n), bool)
-  names = tuple(f"ad{i}" for i in range(n))
-  return AdapterLibrary(names, tuple(SHAPES), rank, (rank,) * n, LibraryWeights(**w), {})
 
 
 def main(argv=None) -> dict:
@@ -48,7 +34,7 @@ def main(argv=None) -> dict:
   p.add_argument("--dir", default=os.path.expanduser("~/lag_bench_library_load"))
   args = p.parse_args(argv)
   load_before = os.getloadavg()[0]
-  library = random_library(args.n)
+  library = random_library(args.n, SHAPES, 30, rank=6, orthonormal=False)
   shutil.rmtree(args.dir, ignore_errors=True)
   t = time.perf_counter()
   library.save(args.dir)

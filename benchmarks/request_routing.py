@@ -27,11 +27,11 @@ import statistics
 
 import numpy as np
 
-from lag_jax.adapters import random_lora
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.generation.generate import generate
 from lag_jax.jobs.common import resolve_checkpoint
 from lag_jax.routing import AdapterLibrary, RoutedAdapters, RouterSpec, remove_shared, routed
+from lag_jax.testing.libraries import random_lora
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

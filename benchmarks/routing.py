@@ -81,15 +81,15 @@ from flax import nnx
 
 from benchmarks.sections import write_section
 from lag_jax.adapters.apply import stack_lora
-from lag_jax.adapters.peft_io import random_lora
 from lag_jax.model.config import ModelConfig
 from lag_jax.model.kv_cache import KVCache
 from lag_jax.model.transformer import ATTENTION_MODULES, MLP_MODULES, CausalLM
 from lag_jax.routing import core
 from lag_jax.routing.core import arrow_scores, project_all
 from lag_jax.routing.hook import RoutedAdapters, routed
-from lag_jax.routing.library import AdapterLibrary, LibraryWeights
+from lag_jax.routing.library import AdapterLibrary
 from lag_jax.routing.routers import LayerLibrary, RouterSpec
+from lag_jax.testing.libraries import module_shapes, random_library, random_lora
 
 
 def route_lag(x, ll, allowed, k, projection="auto"):
@@ -349,37 +349,13 @@ def depth_config(config: ModelConfig, depth: int) -> ModelConfig:
   return dataclasses.replace(config, num_hidden_layers=depth)
 
 
-def synthetic_library(
-  config: ModelConfig, n: int, rank: int, modules, seed: int, prefix: str
-) -> AdapterLibrary:
-  """A library of ``n`` random adapters built directly as LibraryWeights.
-
-  A* rows are random unit vectors (nearly orthogonal in these widths), B* random,
-  arrows = A*[:, :, 0] transposed to [L, I, N] as the library stores them. Only the
-  shapes matter for timing; the values just make the routing decisions random.
-  """
-  rng = np.random.default_rng(seed)
-  L = config.num_hidden_layers
-  shapes = config.module_shapes()
-  fields: dict[str, dict] = {"a": {}, "b": {}, "arrows": {}, "valid": {}}
-  for m in modules:
-    O, I = shapes[m]
-    a = np.empty((L, n, rank, I), np.float32)
-    rng.random(out=a, dtype=np.float32)
-    a -= 0.5
-    a /= np.sqrt(np.einsum("lnri,lnri->lnr", a, a))[..., None]
-    fields["arrows"][m] = jnp.asarray(np.ascontiguousarray(a[:, :, 0, :].transpose(0, 2, 1)))
-    fields["a"][m] = jnp.asarray(a)
-    del a
-    b = np.empty((L, n, O, rank), np.float32)
-    rng.random(out=b, dtype=np.float32)
-    b -= 0.5
-    b *= 0.05
-    fields["b"][m] = jnp.asarray(b)
-    del b
-    fields["valid"][m] = jnp.ones((L, n), bool)
-  names = tuple(f"{prefix}{i}" for i in range(n))
-  return AdapterLibrary(names, tuple(modules), rank, (rank,) * n, LibraryWeights(**fields))
+def synthetic_library(config, n, rank, modules, seed, prefix) -> AdapterLibrary:
+  """A library of ``n`` random adapters built directly as LibraryWeights (random unit
+  rows of A*, small random B*; only the shapes matter for timing)."""
+  shapes = module_shapes(config, modules)
+  return random_library(
+    n, shapes, config.num_hidden_layers, rank=rank, seed=seed, orthonormal=False, prefix=prefix
+  )
 
 
 def random_adapters(

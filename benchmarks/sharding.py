@@ -40,11 +40,9 @@ import platform  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lag_jax.model.sharding import mesh_from_sizes  # noqa: E402
-from lag_jax.routing.library import AdapterLibrary, LibraryWeights  # noqa: E402
 from lag_jax.routing.routers import LayerLibrary, RouterSpec  # noqa: E402
 from lag_jax.routing.sharded import (  # noqa: E402
   AdapterSharding,
@@ -52,6 +50,7 @@ from lag_jax.routing.sharded import (  # noqa: E402
   route_batch_sharded,
   shard_library,
 )
+from lag_jax.testing.libraries import random_library  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -76,28 +75,14 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def synthetic_library(n, rank, in_dim, out_dim, seed=0) -> AdapterLibrary:
-  """One layer, one module (gate_proj); values random (communication ignores them)."""
-  rng = np.random.default_rng(seed)
-  a = rng.standard_normal((1, n, rank, in_dim), np.float32) / np.sqrt(in_dim)
-  b = rng.standard_normal((1, n, out_dim, rank), np.float32)
-  weights = LibraryWeights(
-    a={"gate_proj": jnp.asarray(a)},
-    b={"gate_proj": jnp.asarray(b)},
-    arrows={"gate_proj": jnp.asarray(np.ascontiguousarray(a[:, :, 0, :].swapaxes(1, 2)))},
-    valid={"gate_proj": jnp.ones((1, n), bool)},
-  )
-  names = tuple(f"ad{i}" for i in range(n))
-  return AdapterLibrary(names, ("gate_proj",), rank, (rank,) * n, weights)
-
-
 @functools.partial(jax.jit, static_argnames=("specs", "sharding"))
 def _route(specs, router_index, x, lib, mask, fixed, sharding):
   return route_batch_sharded(specs, router_index, x, LayerLibrary(*lib), mask, fixed, sharding)
 
 
 def measure(n, batch, tokens, args, mesh, check=False):
-  library = synthetic_library(n, args.rank, args.in_dim, args.out_dim)
+  shapes = {"gate_proj": (args.out_dim, args.in_dim)}
+  library = random_library(n, shapes, 1, rank=args.rank, orthonormal=False)
   sharded = shard_library(library, mesh)
   del library
   w = sharded.weights

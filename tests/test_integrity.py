@@ -32,11 +32,12 @@ from cli import run_cli
 from flax import nnx
 
 from lag_jax.adapters import load_peft_adapter
-from lag_jax.adapters.peft_io import random_lora, save_peft_adapter
+from lag_jax.adapters.peft_io import save_peft_adapter
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.integrity import umask
 from lag_jax.routing.library import AdapterLibrary
 from lag_jax.testing import tiny_config, write_tiny_checkpoint
+from lag_jax.testing.libraries import random_lora
 from lag_jax.text.tokenizer import Tokenizer
 from lag_jax.training import AdapterJob, TrainConfig, build_library
 

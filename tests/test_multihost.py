@@ -18,10 +18,10 @@ import multihost_worker as worker
 import numpy as np
 import pytest
 
-from lag_jax.adapters import random_lora
 from lag_jax.model.config import ModelConfig
 from lag_jax.routing import KNOWLEDGE_MODULES, AdapterLibrary
 from lag_jax.testing import tiny_adapters, tiny_checkpoint
+from lag_jax.testing.libraries import random_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # a hung collective fails the test instead of CI

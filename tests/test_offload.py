@@ -20,7 +20,7 @@ from lag_jax.errors import IntegrityError
 from lag_jax.generation import generate
 from lag_jax.routing import core, routers
 from lag_jax.routing.hook import RoutedAdapters, routed
-from lag_jax.routing.library import AdapterLibrary, LibraryWeights
+from lag_jax.routing.library import AdapterLibrary
 from lag_jax.routing.offload import (
   OffloadedLibrary,
   OffloadWriter,
@@ -28,7 +28,7 @@ from lag_jax.routing.offload import (
   save_offloaded,
 )
 from lag_jax.routing.routers import LayerLibrary, RouterSpec
-from lag_jax.testing import tiny_checkpoint, tiny_config
+from lag_jax.testing import libraries, tiny_checkpoint, tiny_config
 
 # Offloaded and resident deltas are the same float32 sums in another order (SpectR
 # streams 5-adapter chunks; the resident one is dense): they agree to a few ulp of the
@@ -48,27 +48,9 @@ CFG = tiny_config()  # hidden 64, intermediate 128, 2 layers
 L = CFG.num_hidden_layers
 
 
-def random_library(n, modules, rank=4, seed=0, invalid=(), dtype=jnp.float32) -> AdapterLibrary:
-  """A synthetic library in the stored layout: A* with orthonormal rows, B* with
-  decreasing column scales, arrows = A*'s first rows; ``invalid`` ids all zero."""
-  rng = np.random.default_rng(seed)
-  fields = {f: {} for f in ("a", "b", "arrows", "valid")}
-  for m in modules:
-    O, I = CFG.module_shapes()[m]
-    a = np.linalg.qr(rng.normal(size=(L, n, I, rank)))[0].swapaxes(-1, -2)
-    b = rng.normal(size=(L, n, O, rank)) * np.linspace(1.0, 0.3, rank)
-    valid = np.ones((L, n), bool)
-    a[:, list(invalid)], b[:, list(invalid)], valid[:, list(invalid)] = 0, 0, False
-    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-    fields["a"][m], fields["b"][m], fields["valid"][m] = a, b, jnp.asarray(valid)
-    fields["arrows"][m] = jnp.swapaxes(a[:, :, 0, :], 1, 2)
-  return AdapterLibrary(
-    tuple(f"ad{i:03d}" for i in range(n)),
-    tuple(modules),
-    rank,
-    (rank,) * n,
-    LibraryWeights(**fields),
-  )
+def random_library(n, modules, **kw) -> AdapterLibrary:
+  """A synthetic library in the stored layout (``testing.libraries.random_library``)."""
+  return libraries.random_library(n, libraries.module_shapes(CFG, modules), L, **kw)
 
 
 # --- The slot directory --------------------------------------------------------------

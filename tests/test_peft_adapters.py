@@ -24,13 +24,13 @@ from lag_jax.adapters import (
   load_peft_adapter,
   merge_into_model,
   peft_io,
-  random_lora,
   save_peft_adapter,
   stack_lora,
   validate_adapter,
 )
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.model.sharding import make_mesh
+from lag_jax.testing.libraries import random_lora
 
 ATOL = 1e-4
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -25,13 +25,14 @@ from reference import routing as ref
 from lag_jax.adapters import AdapterError, LoraAdapter, load_peft_adapter
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.model import kv_cache as kvc
-from lag_jax.model.transformer import ATTENTION_MODULES, MLP_MODULES, CausalLM
+from lag_jax.model.transformer import MLP_MODULES, CausalLM
 from lag_jax.routing import library as library_module
 from lag_jax.routing.hook import RoutedAdapters, RoutedLibrary, routed
 from lag_jax.routing.library import AdapterLibrary
 from lag_jax.routing.routers import LayerLibrary, RouterSpec, route
 from lag_jax.routing.signatures import arrows_of, spectral_align_stacked
 from lag_jax.testing import tiny_config
+from lag_jax.testing.libraries import module_path, random_adapter
 
 ATOL = 1e-4
 
@@ -57,38 +58,8 @@ L = CFG.num_hidden_layers
 # --- Helpers ----------------------------------------------------------------------
 
 
-def module_path(layer: int, module: str) -> str:
-  parent = "self_attn" if module in ATTENTION_MODULES else "mlp"
-  return f"model.layers.{layer}.{parent}.{module}"
-
-
-def make_adapter(
-  name,
-  r,
-  modules,
-  seed,
-  *,
-  alpha=None,
-  layers=None,
-  use_rslora=False,
-  b_std=0.3,
-  config=CFG,
-  zero_b=False,
-) -> LoraAdapter:
-  """A random adapter: A ~ N(0, 1/I) (PEFT's init scale), B ~ N(0, b_std^2) (PEFT starts
-  B at zero, which would make every comparison vacuous), or B = 0 (a fresh LoRA)."""
-  rng = np.random.default_rng(seed)
-  shapes = config.module_shapes()
-  arrays = {}
-  for layer in range(config.num_hidden_layers) if layers is None else layers:
-    for m in modules:
-      O, I = shapes[m]
-      a = rng.normal(0.0, 1.0 / math.sqrt(I), (r, I))
-      b = np.zeros((O, r)) if zero_b else rng.normal(0.0, b_std, (O, r))
-      arrays[module_path(layer, m)] = (a.astype(np.float32), b.astype(np.float32))
-  return LoraAdapter.from_arrays(
-    name, arrays, r=r, alpha=2.0 * r if alpha is None else alpha, use_rslora=use_rslora
-  )
+def make_adapter(name, r, modules, seed, *, config=CFG, **kw) -> LoraAdapter:
+  return random_adapter(config, name, r, modules, seed, **kw)
 
 
 def knowledge_adapters(n=10, seed=0):
@@ -112,13 +83,7 @@ def knowledge_adapters(n=10, seed=0):
 
 
 def layer_lib(lib: AdapterLibrary, module: str, layer: int) -> LayerLibrary:
-  w = lib.weights
-  return LayerLibrary(
-    a=w.a[module][layer],
-    b=w.b[module][layer],
-    arrows=w.arrows[module][layer],
-    valid=w.valid[module][layer],
-  )
+  return LayerLibrary.of(lib.weights, module, layer)
 
 
 def run_route(spec, x, llib: LayerLibrary, mask, fixed_ids):

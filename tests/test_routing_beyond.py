@@ -28,6 +28,7 @@ from lag_jax.routing.hook import RoutedAdapters, routed
 from lag_jax.routing.library import AdapterLibrary
 from lag_jax.routing.routers import LayerLibrary, RouterSpec, route
 from lag_jax.testing import tiny_config
+from lag_jax.testing.libraries import random_adapter
 
 ATOL = 1e-4
 CFG = tiny_config()  # hidden 64, intermediate 128, 2 layers
@@ -36,19 +37,8 @@ N = 7
 
 
 def make_adapter(name, r, seed, layers=None, shared_dirs=None) -> LoraAdapter:
-  """Random factors; with ``shared_dirs`` ({module: [I]} unit vectors) the first A row
-  is mostly that direction, as a common training recipe would leave."""
-  rng = np.random.default_rng(seed)
-  arrays = {}
-  for layer in range(L) if layers is None else layers:
-    for m in MLP_MODULES:
-      O, I = CFG.module_shapes()[m]
-      a = rng.normal(0.0, 1.0 / math.sqrt(I), (r, I)).astype(np.float32)
-      b = rng.normal(0.0, 0.3, (O, r)).astype(np.float32)
-      if shared_dirs is not None:
-        a[0] = 0.3 * a[0] + (6.0 + rng.random()) * shared_dirs[m]
-      arrays[f"model.layers.{layer}.mlp.{m}"] = (a, b)
-  return LoraAdapter.from_arrays(name, arrays, r=r, alpha=2.0 * r)
+  """Random factors on the MLP (``testing.libraries.random_adapter``)."""
+  return random_adapter(CFG, name, r, MLP_MODULES, seed, layers=layers, shared_dirs=shared_dirs)
 
 
 # Adapter 5 covers layer 1 only (invalid at layer 0: never chosen there).
@@ -64,13 +54,7 @@ def library() -> AdapterLibrary:
 
 
 def layer_lib(module: str, layer: int) -> LayerLibrary:
-  w = library().weights
-  return LayerLibrary(
-    a=w.a[module][layer],
-    b=w.b[module][layer],
-    arrows=w.arrows[module][layer],
-    valid=w.valid[module][layer],
-  )
+  return LayerLibrary.of(library().weights, module, layer)
 
 
 def refs(module, layer):

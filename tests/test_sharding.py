@@ -34,7 +34,7 @@ from lag_jax.routing.sharded import (
   shard_library,
 )
 from lag_jax.routing.shared import remove_shared
-from lag_jax.testing import tiny_checkpoint, tiny_config
+from lag_jax.testing import libraries, tiny_checkpoint, tiny_config
 
 ATOL = 1e-5
 CFG = tiny_config()
@@ -47,29 +47,9 @@ def mesh():
   return shd.mesh_from_sizes({"data": 1, "model": 1, "adapter": -1})
 
 
-def random_library(n, modules, rank=4, seed=0, invalid=()) -> AdapterLibrary:
-  """A synthetic library in the stored layout: A* with orthonormal rows, B* with
-  decreasing column scales (like U S), arrows = A*'s first rows; ``invalid`` ids are
-  all-zero adapters."""
-  rng = np.random.default_rng(seed)
-  fields = {f: {} for f in ("a", "b", "arrows", "valid")}
-  for m in modules:
-    O, I = CFG.module_shapes()[m]
-    a = np.linalg.qr(rng.normal(size=(L, n, I, rank)))[0].swapaxes(-1, -2)
-    b = rng.normal(size=(L, n, O, rank)) * np.linspace(1.0, 0.3, rank)
-    valid = np.ones((L, n), bool)
-    a[:, list(invalid)], b[:, list(invalid)], valid[:, list(invalid)] = 0, 0, False
-    fields["a"][m], fields["b"][m], fields["valid"][m] = a, b, valid
-    fields["arrows"][m] = a[:, :, 0, :].swapaxes(1, 2)
-  weights = LibraryWeights(
-    **{
-      f: {m: jnp.asarray(v, jnp.float32 if f != "valid" else bool) for m, v in d.items()}
-      for f, d in fields.items()
-    }
-  )
-  return AdapterLibrary(
-    tuple(f"ad{i:04d}" for i in range(n)), tuple(modules), rank, (rank,) * n, weights
-  )
+def random_library(n, modules, **kw) -> AdapterLibrary:
+  """A synthetic library in the stored layout (``testing.libraries.random_library``)."""
+  return libraries.random_library(n, libraries.module_shapes(CFG, modules), L, **kw)
 
 
 def layer_arrays(weights: LibraryWeights, module: str, layer: int):
@@ -267,10 +247,10 @@ REQUEST_SPECS = (
 )
 
 
-@functools.partial(jax.jit, static_argnames=("specs", "sharding", "K"))
-def _sharded_request(specs, router_index, x, lib, mask, fixed, sharding, layer, span, state, K):
+@functools.partial(jax.jit, static_argnames=("specs", "sharding", "C"))
+def _sharded_request(specs, router_index, x, lib, mask, fixed, sharding, layer, span, state, C):
   lib = LayerLibrary(*lib)
-  kw = dict(layer=layer, span=span, state=state, K=K)
+  kw = dict(layer=layer, span=span, state=state, C=C)
   return route_sharded(specs, router_index, x, lib, mask, fixed, sharding, **kw)
 
 
@@ -290,16 +270,16 @@ def _collectives(n, phase="per_token", removal="none", batch=2, tokens=1):
     args = (HLO_SPECS, index, x, shard_lib, mask, fixed, lib.sharding)
     compiled = _sharded.lower(*args).compile()
   else:
-    K, M = request.state_dims(REQUEST_SPECS, n)
+    C, M = request.state_dims(REQUEST_SPECS, n)
     state = None
     if phase == "state":
       state = {
-        "cand": np.zeros((batch, K), np.int32),
+        "cand": np.zeros((batch, C), np.int32),
         "ids": np.zeros((batch, M), np.int32),
         "weights": np.full((batch, M), 0.5, np.float32),
       }
     span = np.ones((batch, tokens), bool) if phase == "resolving" else None
-    args = (REQUEST_SPECS, index, x, shard_lib, mask, fixed, lib.sharding, 0, span, state, K)
+    args = (REQUEST_SPECS, index, x, shard_lib, mask, fixed, lib.sharding, 0, span, state, C)
     compiled = _sharded_request.lower(*args).compile()
   fields = ("a", "b", "arrows", "valid")
   shard_bytes = {f: leaf.addressable_shards[0].data.nbytes for f, leaf in zip(fields, shard_lib)}

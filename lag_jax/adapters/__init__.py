@@ -8,7 +8,6 @@ from lag_jax.adapters.peft_io import (
   LoraAdapter,
   ModuleLora,
   load_peft_adapter,
-  random_lora,
   save_peft_adapter,
 )
 
@@ -18,7 +17,6 @@ __all__ = [
   "ModuleLora",
   "load_peft_adapter",
   "merge_into_model",
-  "random_lora",
   "save_peft_adapter",
   "stack_lora",
   "validate_adapter",

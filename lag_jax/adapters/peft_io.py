@@ -31,7 +31,6 @@ from safetensors.numpy import save_file
 
 from lag_jax.errors import UserError
 from lag_jax.integrity import folder_mode
-from lag_jax.model.config import ModelConfig
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -493,51 +492,3 @@ def save_peft_adapter(
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-
-
-def random_lora(
-  config: ModelConfig,
-  name: str,
-  r: int,
-  alpha: float,
-  target_modules: Sequence[str],
-  seed: int,
-  layers: Sequence[int] | None = None,
-  use_rslora: bool = False,
-  dtype: Any = np.float32,
-) -> LoraAdapter:
-  """A random adapter for tests and benchmarks.
-
-  A is drawn like PEFT's init (uniform in +-1/sqrt(I)); B, which PEFT starts at
-  zero, is N(0, 0.02^2) so the delta is not trivial.
-
-  Args:
-    config: the base model's architecture.
-    target_modules: short module names, e.g. ('q_proj', 'v_proj').
-    layers: layer indices to adapt; default all L.
-  """
-  shapes = config.module_shapes()
-  unknown = sorted(set(target_modules) - set(shapes))
-  if unknown:
-    raise AdapterError(
-      f"adapter {name!r}: unknown target modules {unknown}; choose from {sorted(shapes)}"
-    )
-  layer_ids = range(config.num_hidden_layers) if layers is None else layers
-  rng = np.random.default_rng(seed)
-  modules = {}
-  for i in layer_ids:
-    for short in target_modules:
-      out_dim, in_dim = shapes[short]
-      parent = "mlp" if short in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-      a = rng.uniform(-1.0, 1.0, (r, in_dim)) / math.sqrt(in_dim)
-      b = rng.normal(0.0, 0.02, (out_dim, r))
-      modules[f"model.layers.{i}.{parent}.{short}"] = (a.astype(dtype), b.astype(dtype))
-  return LoraAdapter.from_arrays(
-    name,
-    modules,
-    r,
-    alpha,
-    use_rslora=use_rslora,
-    target_modules=list(target_modules),
-    layers_to_transform=None if layers is None else list(layers),
-  )

@@ -42,8 +42,9 @@ import os
 import random
 from typing import Any
 
-from lag_jax.data.kilt import Document, KiltExample, write_kilt
-from lag_jax.jobs.common import atomic_write
+from lag_jax.data.kilt import write_kilt
+from lag_jax.data.records import Document, KiltExample
+from lag_jax.files import atomic_write
 
 __all__ = [
   "COMPANY_RELATIONS",

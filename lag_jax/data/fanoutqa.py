@@ -58,8 +58,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from lag_jax.data.kilt import Document, KiltExample, KiltFormatError, read_wiki_summaries
-from lag_jax.eval.metrics import answer_in_text, contains_all
+from lag_jax.data.kilt import KiltFormatError, read_wiki_summaries
+from lag_jax.data.records import Document, KiltExample
+from lag_jax.text.answers import answer_in_text, contains_all
 
 __all__ = [
   "SPLITS",

@@ -33,7 +33,7 @@ import functools
 import random
 from typing import Any
 
-from lag_jax.data.kilt import Document, KiltExample
+from lag_jax.data.records import Document, KiltExample
 
 __all__ = ["RELATIONS", "TRAIN_QA", "Person", "Relation", "World", "make_world"]
 

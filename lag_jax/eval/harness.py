@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
-from lag_jax.data.kilt import Document, KiltExample
+from lag_jax.data.records import Document, KiltExample
 from lag_jax.errors import ConfigError
 from lag_jax.eval import metrics
 from lag_jax.generation import generate

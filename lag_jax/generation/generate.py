@@ -2,8 +2,8 @@
 
 Shapes are bucketed so that compilations stay bounded: prompts are right-padded
 to the smallest length bucket P >= the longest prompt, ``max_new_tokens`` is
-rounded up to a bucket N (the loop bound itself is a traced scalar), and the
-batch is padded to a power of two. Each (B, P, N, sampler) compiles one prefill
+rounded up to a bucket F (the loop bound itself is a traced scalar), and the
+batch is padded to a power of two. Each (B, P, F, sampler) compiles one prefill
 and one decode loop, whatever the exact prompt lengths.
 
 Right padding works with the cache because slot j holds position j: sequence b's
@@ -34,6 +34,7 @@ from flax import nnx, struct
 from lag_jax import distributed
 from lag_jax.generation.sampling import Greedy, Sampler
 from lag_jax.model.kv_cache import KVCache
+from lag_jax.model.layers import RequestLevelHook
 from lag_jax.model.transformer import CausalLM
 
 # Steps of 1.5x and 2x alternately: a prompt pads by at most a third (prefill is
@@ -73,16 +74,16 @@ class SamplingState:
   """The decode loop's carry.
 
   Attributes:
-    tokens: [B, N] int32 new tokens; column i holds every sequence's i-th new
+    tokens: [B, F] int32 new tokens; column i holds every sequence's i-th new
       token. Columns >= step, and those after a sequence finished, hold PAD_ID.
     positions: [B] int32 position of each sequence's latest token (the one the
       next step feeds): prompt length + step - 1.
     lengths: [B] int32 new tokens per sequence so far, a stop token included.
     done: [B] bool, the sequence emitted a stop token (or is batch padding).
-    cache: the KVCache, k and v [L, B, S, K, E] with S = P + N.
+    cache: the KVCache, k and v [L, B, K, S, E] with S = P + F slots.
     rng: PRNG key, split once per step.
     step: [] int32 columns of ``tokens`` filled so far (the same for all rows).
-    logits: [B, N, V] float32 logits each new token was sampled from, or None
+    logits: [B, F, V] float32 logits each new token was sampled from, or None
       when not recorded (they are large: for tests and debugging).
     routing: the adapter hook's per-token telemetry (e.g. the adapter each token
       was routed to), position-indexed: the hook's aux pytree with every [L, B, T]
@@ -202,10 +203,10 @@ def _prefill(
   if resolve:
     TRACE_COUNTS["resolve"] += 1
   B, P = tokens.shape
-  N = max_new_bucket
-  logging.info("Compiling prefill for B=%d, P=%d, N=%d, %s", B, P, N, sampler)
+  F = max_new_bucket
+  logging.info("Compiling prefill for B=%d, P=%d, F=%d, %s", B, P, F, sampler)
   model = nnx.merge(graphdef, params)
-  cache = KVCache.zeros(model.config, B, P + N, cache_dtype)
+  cache = KVCache.zeros(model.config, B, P + F, cache_dtype)
   out = model(tokens, None, cache, lora, return_hidden=True, return_aux=record_routing or resolve)
   h, cache = out[:2]  # h [B, P, D]
   routing = None
@@ -213,14 +214,14 @@ def _prefill(
     aux, request_state = lora.split_aux(out[2])
     out = (h, cache, aux)
   if record_routing:
-    # [L, B, P, ...] leaves -> [B, L, P + N, ...] buffers holding the real prompt
+    # [L, B, P, ...] leaves -> [B, L, P + F, ...] buffers holding the real prompt
     # tokens' columns; prompt padding and the columns decode will fill hold -1.
     real = (jnp.arange(P) < prompt_lengths[:, None])[:, None, :]  # [B, 1, P]
 
     def buffer(a):
       extra = a.ndim - 3
       a = jnp.where(real.reshape(real.shape + (1,) * extra), jnp.swapaxes(a, 0, 1), -1)
-      return jnp.pad(a, ((0, 0), (0, 0), (0, N)) + ((0, 0),) * extra, constant_values=-1)
+      return jnp.pad(a, ((0, 0), (0, 0), (0, F)) + ((0, 0),) * extra, constant_values=-1)
 
     routing = jax.tree.map(buffer, out[2])
   # The LM head runs on each sequence's last prompt token only, not on all P.
@@ -230,9 +231,9 @@ def _prefill(
   first = jnp.where(active, sampler.get_next_tokens(logits, key), PAD_ID)
   recorded = None
   if record_logits:
-    recorded = jnp.zeros((B, N, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+    recorded = jnp.zeros((B, F, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
   state = SamplingState(
-    tokens=jnp.full((B, N), PAD_ID, jnp.int32).at[:, 0].set(first),
+    tokens=jnp.full((B, F), PAD_ID, jnp.int32).at[:, 0].set(first),
     positions=prompt_lengths.astype(jnp.int32),
     lengths=active.astype(jnp.int32),
     done=~active | jnp.isin(first, stop_tokens),
@@ -373,7 +374,7 @@ def generate(
     parts = _batch_parts(batch_sharding)
     B = parts * math.ceil(B / parts)
   P = bucket(max(len(p) for p in prompts), buckets)
-  N = bucket(max_new_tokens, buckets)
+  F = bucket(max_new_tokens, buckets)
   tokens = np.full((B, P), PAD_ID, np.int32)
   prompt_lengths = np.ones((B,), np.int32)  # padding rows: one pad token, done at once
   active = np.arange(B) < num_prompts
@@ -387,7 +388,7 @@ def generate(
     )
   if num_prompts < B and hasattr(lora, "pad_batch"):
     lora = lora.pad_batch(B)
-  passes = getattr(lora, "request_passes", 0) if lora is not None else 0
+  passes = lora.request_passes if isinstance(lora, RequestLevelHook) else 0
   if passes:
     real_lengths = np.ones((B,), np.int64)
     real_lengths[:num_prompts] = [len(p) for p in prompts]
@@ -406,7 +407,7 @@ def generate(
     stop_tokens=stop,
     rng=jax.random.key(seed),
     sampler=sampler,
-    max_new_bucket=N,
+    max_new_bucket=F,
     cache_dtype=cache_dtype,
   )
   if passes:

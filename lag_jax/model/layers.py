@@ -7,7 +7,7 @@ stack lives in one array per parameter and the forward pass can ``lax.scan`` it.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,31 @@ class AdapterHook(Protocol):
     """The delta [..., O] to add to module ``name``'s output for input x [..., I]
     (None for no delta), and telemetry to return per layer (None for none)."""
     ...
+
+
+@runtime_checkable
+class RequestLevelHook(AdapterHook, Protocol):
+  """An AdapterHook whose routing needs per-request state computed from the prompt
+  first (request-level routers: ``lag_jax.routing.request``; ``RoutedAdapters``
+  implements it). ``generate`` drives it:
+
+  1. ``for_prompts(prompt_mask)`` once the prompts are padded ([B, P] bool, the real
+     prompt tokens): the hook fits what it pools over to them;
+  2. ``request_passes`` prefills (0: none of this, one ordinary prefill): in a
+     *resolving* prefill the telemetry carries the request-level quantities, and
+     ``split_aux(aux)`` splits it into (the usual telemetry, the state);
+  3. ``with_request_state(state)``: the hook that applies that state in the next
+     prefill (when ``request_passes`` is 2) and in every decode step.
+  """
+
+  @property
+  def request_passes(self) -> int: ...
+
+  def for_prompts(self, prompt_mask) -> RequestLevelHook: ...
+
+  def split_aux(self, aux) -> tuple[Any, Any]: ...
+
+  def with_request_state(self, states) -> RequestLevelHook: ...
 
 
 @jax.tree_util.register_pytree_node_class

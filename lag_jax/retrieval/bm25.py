@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lag_jax.data.kilt import Document
+from lag_jax.data.records import Document
 
 __all__ = ["BM25Index", "recall_at_k"]
 

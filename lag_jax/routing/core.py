@@ -23,7 +23,7 @@ in terms of its operations:
 
 Shape letters (``docs/method.md``): B requests, T tokens, I a module's input and O its
 output width, R rank, N adapters of the library, n of them held here, C candidates per
-token or request, M adapters a vote applies, L layers, E shared input directions.
+token or request, M adapters a vote applies, L layers, Q shared input directions.
 
 Ties go to the lower adapter id everywhere, so ``lag`` with k = 1 is ``arrow`` and
 ``lag`` with k = N is ``spectr``, selection for selection; adapters a request's mask
@@ -118,12 +118,12 @@ def auto_projection(pairs: int, n: int) -> str:
 
 
 def remove_directions(x: jax.Array, shared: jax.Array | None) -> jax.Array:
-  """What the SpectR norms see: x [B, T, I] with the shared directions [I, E]
+  """What the SpectR norms see: x [B, T, I] with the shared directions [I, Q]
   projected out (x itself when there are none; ``routing/shared.py``)."""
   if shared is None:
     return x
   w = shared.astype(x.dtype)
-  return x - jnp.einsum("bte,ie->bti", jnp.einsum("bti,ie->bte", x, w), w)
+  return x - jnp.einsum("btq,iq->bti", jnp.einsum("bti,iq->btq", x, w), w)
 
 
 def margin(values: jax.Array, valid: jax.Array) -> jax.Array:
@@ -149,7 +149,7 @@ class Resident:
     b: [N, O, R] B* = U S.
     arrows: [I, N] each adapter's top right singular vector, as columns.
     valid: [N] bool, False for adapters that are all zero here.
-    shared: [I, E] input directions that routing ignores, or None.
+    shared: [I, Q] input directions that routing ignores, or None.
   """
 
   a: jax.Array
@@ -503,9 +503,9 @@ def tally(spec, d: Decision, span, layer, n: int):
 # --- One layer and module, a batch of requests ------------------------------------------
 
 
-def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, K: int):
+def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C: int):
   """One router over the batch: (delta share, chosen, votes [B, N] or None, request
-  candidates [B, K] or None). ``state`` is this layer and module's request-level state
+  candidates [B, C] or None). ``state`` is this layer and module's request-level state
   (None while resolving, or for routers that have none)."""
   name = spec.name
   if name == "none":
@@ -535,7 +535,7 @@ def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, K: 
     k = min(spec.k, pl.size)
     if resolving:
       req_cand = pooled_candidates(pl, x, allowed, span, k)
-      cand_out = jnp.pad(req_cand, ((0, 0), (0, K - req_cand.shape[-1])), constant_values=-1)
+      cand_out = jnp.pad(req_cand, ((0, 0), (0, C - req_cand.shape[-1])), constant_values=-1)
     else:
       req_cand = state["cand"][:, :k]
     d = rerank_decision(pl, x, xr, allowed, req_cand, want_margin)
@@ -561,7 +561,7 @@ def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, K: 
 
 
 def route_module(
-  specs, router_index, x, pl, mask, fixed_ids, layer=None, span=None, state=None, K: int = 1
+  specs, router_index, x, pl, mask, fixed_ids, layer=None, span=None, state=None, C: int = 1
 ):
   """Every router of a batch at one layer and module; each row takes its own.
 
@@ -574,12 +574,12 @@ def route_module(
     fixed_ids: [B] int32, each request's adapter for ``fixed`` (-1: none).
     layer: [] int32, the layer index (request-level routers only).
     span: [B, T] bool, each request's pooled prompt tokens while resolving (None: all).
-    state: this layer and module's dict(cand [B, K], ids [B, M], weights [B, M]) once
+    state: this layer and module's dict(cand [B, C], ids [B, M], weights [B, M]) once
       the request-level state is known; None before (resolving) or without one.
-    K: the width of request_lag's candidates in the state.
+    C: the width of request_lag's candidates in the state.
   Returns:
     delta [B, T, O] (in x's dtype), chosen [B, T] int32 (-1: none), and while resolving
-    request-level routers dict(votes [B, N] float32, cand [B, K] int32) (zeros / -1 for
+    request-level routers dict(votes [B, N] float32, cand [B, C] int32) (zeros / -1 for
     rows whose router has none), else None.
   """
   B, T = x.shape[:2]
@@ -591,9 +591,9 @@ def route_module(
   xr = None if pl.shared is None else remove_directions(x, pl.shared)
   delta = chosen = None
   votes = jnp.zeros((B, pl.size), jnp.float32) if resolving else None
-  cand = jnp.full((B, K), -1, jnp.int32) if resolving else None
+  cand = jnp.full((B, C), -1, jnp.int32) if resolving else None
   for i, spec in enumerate(specs):
-    d, c, v, cd = route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, K)
+    d, c, v, cd = route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C)
     if delta is None:
       delta, chosen = d, c
     else:

@@ -129,7 +129,7 @@ class RoutedLibrary:
         "ids": state.ids[module],
         "weights": state.weights[module],
       }
-    K, _ = request.state_dims(self.routers, self.mask.shape[1])
+    C, _ = request.state_dims(self.routers, self.mask.shape[1])
     return self.form.route(
       self.routers,
       self.router_index,
@@ -142,7 +142,7 @@ class RoutedLibrary:
       layer=layer,
       span=span,
       state=module_state,
-      K=K,
+      C=C,
     )
 
   def pad_batch(self, batch: int) -> RoutedLibrary:

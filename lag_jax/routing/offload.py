@@ -10,31 +10,26 @@ slots [S_b + 1, O, R] (the extra slot is a zero scratch row), keyed by (layer, a
 id) and shared by all layers, with least-recently-used eviction. The host keeps the
 directory (which key sits in which slot) and the hit / miss counters.
 
-Routing, per layer and module, inside the jitted layer scan (so ``generate``'s prefill
-and its ``while_loop`` decode work unchanged):
+Routing: the routing core (``core.route_module``, every router, request-level ones
+and shared-direction removal included) with the ``Offloaded`` placement, per layer and
+module inside the jitted layer scan (so ``generate``'s prefill and its ``while_loop``
+decode work unchanged). Where a router reads factors by id (``a_rows`` / ``b_rows``):
 
-  1. on device: |arrow . x| over all N and the top-k candidates (exactly
-     ``routers.route_lag``'s code);
-  2. an ordered ``io_callback`` sends the candidates' ids ([B, T, k] int32) to the
-     host, which looks them up, assigns slots to the misses (evicting LRU keys not
-     used by this call) and returns every candidate's slot and the number of chunks;
-  3. a ``fori_loop`` of ordered callbacks returns the missing rows, M at a time
+  1. an ordered ``io_callback`` sends the ids (e.g. the candidates, [B, T, k] int32)
+     to the host, which looks them up, assigns slots to the misses (evicting LRU keys
+     not used by this call) and returns every id's slot and the number of chunks;
+  2. a ``fori_loop`` of ordered callbacks returns the missing rows, M at a time
      (M = min(``chunk_rows``, the most rows this call can need): slot ids + rows),
      which the device scatters into the cache. The caches are ``jax.Ref``s: mutable
      device buffers that persist across layers, decode steps and calls, and whose
      reads and writes keep program order. They hold the factors' bit patterns as
      unsigned integers (XLA:CPU runs a bfloat16 scatter as float32 over the whole
      buffer) and are bit-cast back when read;
-  4. on device: the candidates' A* rows are gathered from the cache and projected as
-     the resident router would (its ``projection``, ``auto`` resolved by the same
-     rule: gather in decode; where the (token, candidate) pairs outnumber the N
-     adapters, the whole A* fetched into id order and projected dense / grouped),
-     then the SpectR rerank picks the winner;
-  5. a second fetch (2-3) brings the winners' B* into the B* cache; B* z.
-Same arithmetic on the same rows in the same shapes, so the ids are the resident
-library's and the outputs agree to float rounding (tests: atol 1e-6, float32).
-``arrow`` fetches the winner's A* and B*, ``fixed`` the request's adapter,
-``arrow_softmax`` the k candidates' A* and B*.
+  3. the rows are gathered from the cache and used as the resident library's would be
+     (dense and grouped projections fetch every adapter's A* into id order).
+LAG fetches its candidates' A*, then its winners' B*; the same arithmetic on the same
+rows in the same shapes, so the ids are the resident library's and the outputs agree
+to float rounding (tests: atol 1e-6, float32).
 
 Bytes moved per decode step, per layer and module (O x I), B tokens, k candidates,
 rank R, factor itemsize s: host -> device, only misses: m_a R I s + m_b O R s with
@@ -53,12 +48,12 @@ as one XLA program, so the host must be asked from inside it; the alternative of
 two-phase step per layer from Python would give up the compiled loop. One round trip
 per factor keeps B* off the wire for the k - 1 losers (B* is 2.7x A* for gate/up).
 
-SpectR (k = N) needs every adapter's A* x: it is streamed, ``stream_chunk`` adapters
-per callback straight through the device (not through the cache, which it would
-flush), keeping a running arg-max with the resident tie rule (lower id wins); every
-token then moves the whole A* (N R I s bytes per layer and module): exact, but as
-slow as SpectR is known to be. ``uniform`` (a merge of every adapter's A* and B*) is
-refused with an error.
+Reductions over every adapter (SpectR's arg-max, the uniform merge) stream the
+factors, ``stream_chunk`` adapters per callback, straight through the device (not
+through the cache, which they would flush): exact, but every token then moves the
+whole A* (and B* for uniform), N R I s bytes per layer and module, as slow as SpectR
+is known to be. Shared-direction removal streams the files twice, once, and caches
+its result beside the library (``remove_shared_offloaded``).
 
 On TPU / GPU: the caches and arrows are HBM; io_callback results are copied host to
 device (PCIe / host DMA), which is what the byte counts above measure. JAX's host

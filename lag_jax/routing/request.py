@@ -1,40 +1,21 @@
-"""Request-level routing beyond the paper: vote, request_lag and confidence gating.
+"""Request-level routing beyond the paper: the state of vote, request_lag and
+confidence gating (docs/method.md says what each does; the routers themselves are in
+``routing/core.py``, written once for every form of a library).
 
-Per-token routing is weak with small models (LAG.md, "Measured here"), while a vote of
-the same per-token decisions over the question picks the gold adapter. These routers
-(``routers.RouterSpec``; all jittable, batchable and mixable with the per-token ones
-through ``router_index``) add state per request: each request's candidates, or the
-adapter(s) its vote chose, per layer and module (``RequestState``, leaves
-[L, B, ...], carried through the decoder's layer scan with the library).
+These routers add state per request: request_lag's candidates, or the adapter(s) a
+vote chose, per layer and module (``RequestState``, leaves [L, B, ...], carried
+through the decoder's layer scan with the library).
 
-  vote         pass 1: prefill with per-token LAG (k) and count its decisions (or sum
-               its normalised rerank scores) over each request's prompt span; then the
-               winner (or the top m, mixed by vote share) per library (``vote_scope``
-               'all') or per layer and module ('module'). Pass 2: prefill again with
-               the winners applied to every position, so the KV cache holds keys and
-               values computed with them; decode applies them too: 2 prefills, then
-               decode at one-LoRA cost (m LoRAs for top m).
-  request_lag  the Arrow filter once per request, layer and module: the k adapters with
-               the largest mean |arrow . x| over the span's tokens; then SpectR per
-               token among those k, in prefill and decode. Pooled per layer and module,
-               not over layers: arrows of different modules and layers live in
-               different input spaces with different score scales, and pooling per
-               layer keeps it one pass (the candidates of layer l come from layer l's
-               own inputs in the same prefill). Per-token cost 2 h r k, independent of N.
-  gating       ``lag`` / ``request_lag`` with ``gate`` (a margin threshold) or
-               ``layers`` (the layers that route): tokens below the margin, and every
-               token of the other layers, use the fallback: the request's vote winner
-               (a vote pass first, as for ``vote``) or no adapter.
-
-How ``generate`` runs them (``RoutedAdapters.request_passes``): a library holding a
-request-level router with no ``state`` yet is *resolving*: its forward pass computes
-request-level quantities on the fly and returns them in the telemetry
-(``split_aux``), from which ``with_request_state`` fixes them for the following
-passes. With no voting router in the batch this is one prefill (request_lag's
-candidates come from that same prefill); with one, the first prefill only votes
-(every voting row routes per token with its router ungated) and a second prefill
-applies the result. Rows that do not use a request-level router route the same way in
-both passes.
+How ``generate`` runs them (``RoutedAdapters.request_passes``; the contract is
+``model.layers.RequestLevelHook``): a library holding a request-level router with no
+``state`` yet is *resolving*: its forward pass computes request-level quantities on
+the fly and returns them in the telemetry (``split_aux``), from which
+``with_request_state`` fixes them for the following passes. With no voting router in
+the batch this is one prefill (request_lag's candidates come from that same prefill);
+with one, the first prefill only votes (every voting row routes per token with its
+router ungated) and a second prefill applies the result, so the KV cache holds keys
+and values computed with the winners. Rows that do not use a request-level router
+route the same way in both passes.
 """
 
 from __future__ import annotations
@@ -54,8 +35,8 @@ class RequestState:
   """Request-level routing state of one library, by module, leaves [L, B, ...].
 
   Attributes:
-    cand: [L, B, K] int32, ``request_lag``'s candidates (best pooled score first; -1:
-      none), K the largest k of the batch's request_lag routers (1 if none).
+    cand: [L, B, C] int32, ``request_lag``'s candidates (best pooled score first; -1:
+      none), C the largest k of the batch's request_lag routers (1 if none).
     ids: [L, B, M] int32, the vote's adapters (most votes first; -1: none), M the
       largest vote_top_m of the batch's voting routers (1 if none).
     weights: [L, B, M] float32, their vote shares (sum 1 over a request's ids).
@@ -77,10 +58,10 @@ class RequestState:
 
 
 def state_dims(specs: Sequence[RouterSpec], n: int) -> tuple[int, int]:
-  """(K, M): the widths of a library's RequestState for these routers and N = n."""
-  K = max([min(s.k, n) for s in specs if s.name == "request_lag"], default=1)
+  """(C, M): the widths of a library's RequestState for these routers and N = n."""
+  C = max([min(s.k, n) for s in specs if s.name == "request_lag"], default=1)
   M = max([min(s.vote_top_m, n) for s in specs if s.votes], default=1)
-  return K, M
+  return C, M
 
 
 def top_m(votes, m: int, width: int):
@@ -106,20 +87,20 @@ def route_batch_request(
   span,
   state,
 ):
-  """``core.route_module`` on a resident library with the state's width K for these
+  """``core.route_module`` on a resident library with the state's width C for these
   routers: (delta [B, T, O], chosen [B, T], dict(votes, cand) while resolving else
   None)."""
-  K, _ = state_dims(specs, lib.size)
-  return core.route_module(specs, router_index, x, lib, mask, fixed_ids, layer, span, state, K)
+  C, _ = state_dims(specs, lib.size)
+  return core.route_module(specs, router_index, x, lib, mask, fixed_ids, layer, span, state, C)
 
 
 def resolve_state(
   specs: tuple[RouterSpec, ...], router_index, stats: dict[str, dict], n: int
 ) -> RequestState:
   """The RequestState from a resolving pass's stacked quantities (module ->
-  dict(votes [L, B, N], cand [L, B, K])): each voting row's winner(s) by its router's
+  dict(votes [L, B, N], cand [L, B, C])): each voting row's winner(s) by its router's
   vote_scope / vote_top_m, and request_lag's candidates as they were."""
-  K, M = state_dims(specs, n)
+  C, M = state_dims(specs, n)
   modules = tuple(stats)
   any_stat = stats[modules[0]]["votes"]
   L, B = any_stat.shape[:2]

@@ -1,4 +1,6 @@
-"""Routers: which adapter(s) of a library each token uses at one module (pure jnp).
+"""Routers and their settings: which adapter(s) of a library each token uses at one
+module. The routers are written once in ``routing/core.py`` for every form of a
+library; this module names them (``RouterSpec``) and keeps the resident entry points.
 
 Every router sees one layer's slice of a library and one module's input, and
 returns the summed low-rank delta and, for telemetry, the adapter id it chose per
@@ -13,8 +15,8 @@ token (the top-weighted one for mixtures; -1 where no adapter applies).
   spectr         argmax_i ||A*_i x|| over the whole library (k = N)
   lag            Arrow filter to k candidates, SpectR rerank, one adapter
 
-Beyond the paper (``lag_jax.routing.request``: they need request-level state, so they
-run through ``RoutedAdapters``, not ``route``):
+Beyond the paper (request-level state, ``lag_jax.routing.request``; they run through
+``RoutedAdapters``, not ``route``):
 
   vote           per-token LAG over a prompt span, then the winning adapter (or the
                  top m, mixed by vote share) for every position of the request

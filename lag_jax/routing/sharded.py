@@ -1,22 +1,24 @@
 """A library sharded over the ``adapter`` mesh axis, and expert-parallel routing on it.
 
 Placement: every leaf of the library is split along its N axis over the mesh axis
-that the rules table maps the logical ``adapter`` axis to (D devices). N is padded
-up to a multiple of D with invalid all-zero adapters (never chosen, never counted),
-so each device holds N_pad / D adapters: their A*, B*, arrows and valid flags.
+that the rules table maps the logical ``adapter`` axis to. N is padded up to a multiple
+of that axis's size with invalid all-zero adapters (never chosen, never counted), so
+each shard holds n = N_pad / shards adapters: their A*, B*, arrows and valid flags;
+shared directions (if removed) are replicated.
 
-Routing (``route_batch_sharded``, a ``shard_map`` manual over the adapter axis
-only; the other mesh axes stay with XLA). Shard d owns global ids
-[d * n, (d + 1) * n) for n = N_pad / D. Per token, nothing proportional to N
-crosses devices:
+Routing (``route_sharded``: the routing core, ``core.route_module``, inside a
+``shard_map`` manual over the adapter axis only; the other mesh axes stay with XLA)
+with the ``Sharded`` placement. Shard d owns global ids [d n, (d + 1) n). Per token,
+nothing proportional to N crosses devices:
 
   1. local |arrow . x| scores [B, T, n] and the local top-k (ids + offset);
   2. an all-gather of the (score, id) candidates only: [B, T, k] per shard;
-  3. the global top-k of the D * k gathered candidates, the same on every shard;
-  4. lag: each candidate's owner computes ||A* x||^2, a pmax of the [B, T, k]
-     norms gives all of them everywhere, and the winner is picked by the same
-     lower-id tie rule on every shard; arrow / spectr: a global top-1 alike;
-  5. the owner of the chosen adapter(s) computes B* A* x and a psum of [B, T, O]
+  3. the global top-k of the gathered candidates, the same on every shard;
+  4. each candidate's owner computes ||A* P x||^2, a pmax of the [B, T, k] norms gives
+     all of them everywhere, and the winner is picked by the same lower-id tie rule on
+     every shard (request-level routers: votes and states are computed alike, from
+     the same global decisions, on every shard);
+  5. the owner of the chosen adapter(s) computes B* A* x and one psum of [B, T, O]
      over the adapter axis adds the (single non-zero, or per-owner weighted)
      contributions.
 
@@ -274,7 +276,7 @@ def route_sharded(specs, router_index, x, lib: core.Resident, mask, fixed_ids, s
   """``core.route_module`` on a library split over ``sharding``'s axis.
 
   Args:
-    specs, router_index, x, fixed_ids, kw (layer, span, state, K): as in
+    specs, router_index, x, fixed_ids, kw (layer, span, state, C): as in
       ``core.route_module``.
     lib: one layer's slice of the padded library, N sharded over the adapter axis
       (``shared`` replicated).
@@ -286,7 +288,7 @@ def route_sharded(specs, router_index, x, lib: core.Resident, mask, fixed_ids, s
     return core.route_module(specs, router_index, x, lib, mask, fixed_ids, **kw)
   axis = sharding.axis
 
-  K = kw.pop("K", 1)
+  C = kw.pop("C", 1)
 
   def body(x, factors, mask, args):
     a, b, arrows, valid, shared = factors
@@ -301,7 +303,7 @@ def route_sharded(specs, router_index, x, lib: core.Resident, mask, fixed_ids, s
       devices=sharding.size,
     )
     router_index, fixed_ids, kw = args
-    return core.route_module(specs, router_index, x, pl, mask, fixed_ids, K=K, **kw)
+    return core.route_module(specs, router_index, x, pl, mask, fixed_ids, C=C, **kw)
 
   sharded = PartitionSpec(axis)
   factors = (lib.a, lib.b, lib.arrows, lib.valid, lib.shared)

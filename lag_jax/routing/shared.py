@@ -4,7 +4,7 @@ Adapters trained with one recipe on one base model share input directions that
 carry no knowledge of their own (the chat template, the recipe's own drift). The
 routing scores read adapters only through A* x, so a shared direction adds the same
 amount to every adapter's score and drowns the differences. Here, per layer and
-module, S shared input directions W [I, S] are found from the library's factors
+module, Q shared input directions W [I, Q] are found from the library's factors
 alone, and routing sees each adapter with them projected out, P = 1 - W W^T:
 
   arrows    the top right singular vector of B*_i A*_i P (recomputed)
@@ -13,15 +13,16 @@ alone, and routing sees each adapter with them projected out, P = 1 - W W^T:
 
 Two ways to find W (``mode``):
 
-  mean  the top S right singular vectors of the library's mean adapter
+  mean  the top Q right singular vectors of the library's mean adapter
         (1/N) sum_i B*_i A*_i: what "subtract the mean adapter" removes from the
         input side.
-  top   the top S eigenvectors of G = sum_i A*_i^T diag(s_i / s_i1)^2 A*_i: the
+  top   the top Q eigenvectors of G = sum_i A*_i^T diag(s_i / s_i1)^2 A*_i: the
         directions that the most adapters read (each adapter counts once, its
         directions by their relative singular values). G's eigenvalue over N is
         the share of the library that reads a direction (``shared_report``).
 
-Shapes: L layers, N adapters, R rank, I input, O output width, S directions.
+Shapes (docs/method.md): L layers, N adapters, R rank, I input, O output width, Q
+directions.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ MODES = ("none", "mean", "top")
 
 
 def parse_mode(spec: str) -> tuple[str, int]:
-  """'none' | 'mean:S' | 'top:S' (S >= 1; 'mean' / 'top' alone mean S = 1)."""
+  """'none' | 'mean:Q' | 'top:Q' (Q >= 1; 'mean' / 'top' alone mean Q = 1)."""
   head, _, count = (spec or "none").partition(":")
   if head not in MODES:
     raise ConfigError(f"shared_removal {spec!r}: mode {head!r} is not one of {MODES}")
@@ -96,7 +97,7 @@ def _top_eig(g):
 
 @jax.jit
 def _residual_arrows(a, b, w_dirs):
-  """Arrows of B*_n A*_n P (P = 1 - W W^T): a [N, R, I], b [N, O, R], w_dirs [I, S]
+  """Arrows of B*_n A*_n P (P = 1 - W W^T): a [N, R, I], b [N, O, R], w_dirs [I, Q]
   -> [I, N] (unit columns, zero where nothing is left), canonical signs.
 
   B* = U S with orthonormal U, so the right singular vectors of B* A* P are those of
@@ -120,7 +121,7 @@ def _residual_arrows(a, b, w_dirs):
 
 @dataclasses.dataclass(frozen=True)
 class SharedReport:
-  """What was removed, per module: eig [L, S'] the leading eigenvalues of the chosen
+  """What was removed, per module: eig [L, Q'] the leading eigenvalues of the chosen
   Gram (``top``: divided by the adapters counted, i.e. the share of the library that
   reads each direction; ``mean``: the mean adapter's squared singular values)."""
 
@@ -138,13 +139,13 @@ def remove_shared(library, spec: str, among=None):
       [I, I] or [O, I], nothing proportional to N) or an ``OffloadedLibrary`` (the
       factors are streamed from the host or the files; with a folder the result is
       cached beside it under a fingerprint of the library).
-    spec: 'none' | 'mean:S' | 'top:S' (``parse_mode``).
+    spec: 'none' | 'mean:Q' | 'top:Q' (``parse_mode``).
     among: [N] bool, the adapters the directions are computed from (default all
       valid ones): e.g. the part of a library that a run's requests may use.
   Returns:
     (library, SharedReport): for 'none' the library unchanged; else the same kind of
     library whose arrows are the residual adapters' arrows and which carries
-    ``shared`` (module -> [L, I, E] directions) for the routers' SpectR norms. A*, B*
+    ``shared`` (module -> [L, I, Q] directions) for the routers' SpectR norms. A*, B*
     (what is applied) are the original ones.
   """
   mode, count = parse_mode(spec)

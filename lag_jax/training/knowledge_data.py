@@ -48,10 +48,10 @@ import tqdm
 from absl import logging
 
 from lag_jax.data import restate
-from lag_jax.data.kilt import Document
+from lag_jax.data.records import Document
 from lag_jax.errors import ConfigError
+from lag_jax.files import write_json_atomic
 from lag_jax.integrity import fingerprint
-from lag_jax.jobs.common import write_json_atomic
 from lag_jax.training.data import AdapterJob, folder_name
 
 STEPS = ("page", "restate", "cloze", "qa", "shuffle", "rewrite", "selfqa")

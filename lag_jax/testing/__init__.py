@@ -108,7 +108,8 @@ def write_tiny_adapters(
   kind 'knowledge': n (default 8) adapters of ranks 4-6 on gate/up/down;
   kind 'task': n (default 3) adapters of rank 8 on q/k/v/o.
   """
-  from lag_jax.adapters import random_lora, save_peft_adapter
+  from lag_jax.adapters import save_peft_adapter
+  from lag_jax.testing.libraries import random_lora
 
   if kind == "knowledge":
     n, targets, ranks = n or 8, ["gate_proj", "up_proj", "down_proj"], (4, 5, 6)
