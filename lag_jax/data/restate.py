@@ -1,8 +1,8 @@
 """Programmatic restatements of a real document, for knowledge-adapter training.
 
 The paper trains each knowledge adapter on its page plus rewrites of it by the base
-model; the pilot in LAG.md found Q/A-style restatements added about 15 points to the
-oracle at SmolLM2's size. A 135M model's own rewrites drift from the facts, so for real
+model (docs/method.md); restatements tied to the page's title help a small model more
+(RESULTS.md measures each step). A 135M model's own rewrites drift from the facts, so for real
 pages (Wikipedia summaries, KILT pages) we restate each sentence under the page's
 title, once as a statement and once as a question-and-answer turn:
 

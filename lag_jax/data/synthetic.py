@@ -6,7 +6,7 @@ come from the knowledge adapters, and the gold adapter of every question is know
 
 - People have invented names built from syllables: full names are unique, but
   first names come from a small pool on purpose (about three people per first
-  name), as in the pilot of LAG.md where people sharing a first name got mixed up.
+  name): people sharing a first name are the hard confusions for routing.
 - Attributes: birth year (1901-1999), birthplace (an invented city), occupation,
   employer (an invented company) and the instrument they play. Cities, companies,
   occupations and instruments are shared between people, so only the person ties

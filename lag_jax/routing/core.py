@@ -63,7 +63,7 @@ def project_all(x: jax.Array, a: jax.Array) -> jax.Array:
   """A*_n x for every adapter: x [B, T, I], a [n, R, I] -> [B, T, n, R].
 
   One [B*T, I] x [I, n*R] matmul over A* as stored (rows contiguous); contracting the
-  4-D 'nri' form made XLA:CPU transpose the whole library first (5-7x slower).
+  4-D 'nri' form made XLA:CPU transpose the whole library first (BENCHMARKS.md, profile).
   """
   n, R, I = a.shape
   z = jnp.einsum("bti,ji->btj", x, a.reshape(n * R, I).astype(x.dtype))
@@ -75,7 +75,7 @@ def contract(x: jax.Array, rows: jax.Array) -> jax.Array:
   -> [B, T, C, R].
 
   The rows are contracted as one flat [C*R, I] matrix per token (or request): the 5-D
-  einsum 'bti,btcri->btcr' made XLA:CPU 3-4x slower.
+  einsum 'bti,btcri->btcr' made XLA:CPU several times slower (BENCHMARKS.md, profile).
   """
   B, T = x.shape[:2]
   C, R, I = rows.shape[-3:]

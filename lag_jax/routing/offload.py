@@ -929,19 +929,12 @@ class OffloadedLibrary(NamedAdapters):
         JaxRuntimeError carrying its message; the library then refuses every call);
       "size": never (trusted files; only the checks above).
 
-    Why "full" by default. Measured on this 2-core machine (another job running, 1-min
-    load 2 to 4) with a synthetic library of N = 20,000 SmolLM2-shaped adapters (one
-    layer, gate/up/down, rank 6; 1.52 GB of bfloat16 A* / B*, 0.22 GB of arrows): the
-    open without it takes 0.2 to 0.65 s (it reads and checks the arrows); "full" adds
-    0.8 to 2.7 s with the files in the page cache (1.9 to 0.6 GB/s, digests and finite
-    checks on two threads) and 1.9 to 3.9 s from a cold cache (0.8 to 0.4 GB/s), about
-    0.5 to 2.6 s per GB, paid once per open. "lazy" moves the same hashing onto the
-    decode path (0.7 to 1.3 ms per new 1 MB block warm, 1.7 to 3 ms cold, a single-row
-    miss reading its whole block, against a decode step of 8 to 76 ms in
-    benchmarks/results/offload.md) and reports corruption in the middle of a generation
-    rather than before it. Choose "lazy" for libraries far beyond host RAM, where
-    reading everything at open would take minutes (228 GB of factors for N = 100k at
-    30 layers) or where most blocks are never read.
+    Why "full" by default: hashing every block once per open costs seconds per GB
+    (BENCHMARKS.md, "Opening an offloaded library"), while "lazy" moves the same
+    hashing onto the decode path (a single-row miss reads its whole block) and reports
+    corruption in the middle of a generation rather than before it. Choose "lazy" for
+    libraries far beyond host RAM, where reading everything at open would take minutes,
+    or where most blocks are never read.
 
     A manifest written before digests were recorded opens with a logged warning: sizes,
     shapes and values are checked, contents cannot be.

@@ -1,4 +1,4 @@
-"""Spectral alignment of LoRA adapters (LAG.md steps 1-3), as pure jnp functions.
+"""Spectral alignment of LoRA adapters (docs/method.md, "Offline"), as pure jnp functions.
 
 For one adapter at one module, with the scale folded into b (b = s B):
 

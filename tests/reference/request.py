@@ -1,5 +1,5 @@
 """A brute-force float64 numpy reference for the request-level routers (vote,
-request_lag, confidence gating), written from issue 6 and lag_jax/routing/request.py's
+request_lag, confidence gating), written from docs/method.md and lag_jax/routing/request.py's
 docstring, on reference.routing's RefAdapters (raw PEFT factors, dense SVDs).
 
 One layer and module at a time; a request's tokens x [T, I]; ``lib`` the N RefAdapters;

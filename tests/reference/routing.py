@@ -1,4 +1,5 @@
-"""A brute-force float64 numpy reference for the LAG routers, written from LAG.md.
+"""A brute-force float64 numpy reference for the LAG routers, written from the method
+(docs/method.md), not from lag_jax's code.
 
 Nothing here uses lag_jax's signatures or library: every adapter is taken from its
 raw PEFT factors (A [r, I], B [O, r], scale s), its signature comes from a dense
@@ -6,7 +7,7 @@ SVD of s B A in float64, and the routers loop over tokens and adapters in Python
 
   scores      |arrow_i . x|, arrow_i = the top right singular vector of s_i B_i A_i
   spectr      ||V_i^T x||, the norm of x projected on the adapter's row space
-  delta       s_i B_i A_i x (the raw factors; the spectral form is equal by LAG.md step 2)
+  delta       s_i B_i A_i x (the raw factors; the spectral form is equal by construction)
 
 Routers (one per request; ties go to the lower adapter id; adapters a request's mask
 excludes and all-zero adapters are never used; -1 means "no adapter"):
