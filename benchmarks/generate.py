@@ -32,9 +32,7 @@ import json
 import os
 import pathlib
 import platform
-import shlex
 import statistics
-import sys
 import time
 
 import jax
@@ -43,6 +41,7 @@ import numpy as np
 import torch
 import transformers
 
+from benchmarks.common import command_line
 from benchmarks.sections import write_section
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.generation.generate import generate
@@ -209,7 +208,7 @@ def benchmark(args) -> dict:
     rows.append(row)
   bandwidth = read_bandwidth_gbs()
   return dict(
-    command=command_line(),
+    command=command_line("benchmarks.generate"),
     checkpoint=folder,
     model_type=model.config.model_type,
     param_bytes=param_bytes,
@@ -230,16 +229,6 @@ def benchmark(args) -> dict:
     ),
     rows=rows,
   )
-
-
-def command_line() -> str:
-  env = " ".join(
-    f"{k}={os.environ[k]}"
-    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-    if k in os.environ
-  )
-  cmd = "python -m benchmarks.generate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  return f"{env} {cmd}".strip()
 
 
 def markdown(res: dict) -> str:

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.common import log
 from benchmarks.sections import write_section
 from lag_jax.model.config import ModelConfig
 from lag_jax.model.kv_cache import KVCache
@@ -109,10 +110,6 @@ def parse_args(argv):
   p.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "offload.png"))
   p.add_argument("--markdown", default=str(ROOT / "benchmarks" / "results" / "offload.md"))
   return p.parse_args(argv)
-
-
-def log(msg: str) -> None:
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # --- Sizes ----------------------------------------------------------------------------

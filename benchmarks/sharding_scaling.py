@@ -46,6 +46,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import log
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- sharding_scaling:begin -->", "<!-- sharding_scaling:end -->"
@@ -67,10 +69,6 @@ def parse_args(argv=None):
   p.add_argument("--out", default="", help=argparse.SUPPRESS)
   p.add_argument("--render", action="store_true", help="only redo markdown + plot from JSON")
   return p.parse_args(argv)
-
-
-def log(msg: str) -> None:
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # --- Cost model -------------------------------------------------------------------

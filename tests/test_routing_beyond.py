@@ -681,9 +681,9 @@ def test_harness_method_names():
   assert (m.knowledge, m.task, m.k) == ("lag", "lag", 4)
   opts = dict(m.knowledge_options)
   assert opts == {"gate": 0.2, "gate_fallback": "none", "layers": (0, 1, 5)}
-  spec = harness._router_spec(m.knowledge, m.k, m.knowledge_options, 30)
+  spec = harness.router_spec(m.knowledge, m.k, m.knowledge_options, 30)
   assert spec == RouterSpec("lag", k=4, gate=0.2, gate_fallback="none", layers=(0, 1, 5))
-  edges = harness._router_spec("lag", 4, (("layers", "edges"),), 30).layers
+  edges = harness.router_spec("lag", 4, (("layers", "edges"),), 30).layers
   assert edges == tuple(range(10)) + tuple(range(20, 30))
   v = harness.method_from_name("Vote-user(k=8;m=2;score=score)")
   assert v.span == "user" and dict(v.knowledge_options) == {"vote_top_m": 2, "vote_score": "score"}

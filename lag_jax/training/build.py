@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -47,6 +46,7 @@ from flax import nnx
 from lag_jax.adapters.apply import stack_lora
 from lag_jax.adapters.peft_io import LoraAdapter, load_peft_adapter, save_peft_adapter
 from lag_jax.errors import some_names
+from lag_jax.files import write_json_atomic
 from lag_jax.integrity import array_digests, fingerprint
 from lag_jax.model.transformer import CausalLM
 from lag_jax.routing.library import AdapterLibrary
@@ -106,19 +106,6 @@ def _recorded_fingerprint(folder: str) -> str | None:
     return None
 
 
-def _atomic_write_json(path: str, obj) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1, sort_keys=True)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _check_build_file(out_dir: str, config: TrainConfig, T: int) -> int:
   """Writes build.json, or checks that an earlier run used the same settings.
 
@@ -144,7 +131,7 @@ def _check_build_file(out_dir: str, config: TrainConfig, T: int) -> int:
         "use another folder, or the same settings to resume it"
       )
     return int(have["seq_len"])
-  _atomic_write_json(path, want)
+  write_json_atomic(path, want)
   return T
 
 

@@ -1,0 +1,154 @@
+"""Helpers every benchmark shares: logging with the time, load, machine info, timing,
+child processes (memory back to the OS between units), the command line, JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_avg() -> float:
+  return os.getloadavg()[0]
+
+
+# --- child processes ----------------------------------------------------------------
+
+
+def run_child(target, timeout_s: float, **kwargs) -> tuple[dict | None, str | None]:
+  """Runs ``target(out_path, **kwargs)`` in a spawned process.
+
+  Returns (result, None), or (None, reason) if it timed out or failed.
+  """
+  ctx = multiprocessing.get_context("spawn")
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "result.json")
+    proc = ctx.Process(target=target, args=(out,), kwargs=kwargs)
+    t = time.perf_counter()
+    proc.start()
+    proc.join(timeout_s)
+    if proc.is_alive():
+      proc.kill()
+      proc.join()
+      log(f"child {target.__name__} did not finish in {timeout_s:.0f} s: killed")
+      return None, f"timeout ({timeout_s:.0f} s)"
+    if proc.exitcode != 0 or not os.path.exists(out):
+      log(f"child {target.__name__} failed (exit code {proc.exitcode})")
+      return None, f"exit code {proc.exitcode}"
+    with open(out) as f:
+      res = json.load(f)
+    res["wall_s"] = time.perf_counter() - t
+    return res, None
+
+
+def time_fn(fn, min_s: float, reps: int, limit_s: float | None = None) -> dict:
+  """Median seconds per call of ``fn()`` (which must block), over ``reps`` samples.
+
+  With ``limit_s``, a first (compiling) or second call slower than that ends it early:
+  the result then has ``skipped`` (why) instead of ``median_s``.
+  """
+  t = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t
+  if limit_s is not None and first > limit_s:
+    return {
+      "skipped": f"first call (with compile) took {first:.1f} s > {limit_s:g} s",
+      "first_s": first,
+    }
+  t = time.perf_counter()
+  fn()
+  warm = time.perf_counter() - t
+  if limit_s is not None and warm > limit_s:
+    return {"skipped": f"a call took {warm:.1f} s > {limit_s:g} s", "first_s": first}
+  calls = max(1, min(200, math.ceil(min_s / max(warm, 1e-6))))
+  samples = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    for _ in range(calls):
+      fn()
+    samples.append((time.perf_counter() - t) / calls)
+  return {
+    "median_s": statistics.median(samples),
+    "samples_s": samples,
+    "first_s": first,
+    "calls": calls,
+  }
+
+
+def machine_info() -> dict:
+  import torch
+  import transformers
+
+  src = np.ones(1 << 27, np.float32)
+  dst = np.empty_like(src)
+  best = min(timed(lambda: np.copyto(dst, src)) for _ in range(5))
+  a = jnp.ones((2048, 2048), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(mm(a))
+  flops = 2 * 2048**3 / min(timed(lambda: jax.block_until_ready(mm(a))) for _ in range(5))
+  try:
+    import peft
+
+    peft_version = peft.__version__
+  except ImportError:
+    peft_version = None
+  return {
+    "nproc": os.cpu_count(),
+    "machine": platform.machine(),
+    "processor": platform.processor(),
+    "copy_bandwidth_gbs": 2 * src.nbytes / best / 1e9,
+    "matmul_gflops": flops / 1e9,
+    "versions": {
+      "jax": jax.__version__,
+      "torch": torch.__version__,
+      "transformers": transformers.__version__,
+      "peft": peft_version,
+      "python": platform.python_version(),
+    },
+    "malloc_env": {
+      k: os.environ.get(k)
+      for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+    },
+  }
+
+
+def timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def command_line(module: str) -> str:
+  """The command that ran this benchmark (``python -m <module> ...``), malloc settings
+  included."""
+  env = " ".join(
+    f"{k}={os.environ[k]}"
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+    if k in os.environ
+  )
+  cmd = f"python -m {module} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  return f"{env} {cmd}".strip()
+
+
+def write_json(args, results: dict) -> None:
+  if not args.json:
+    return
+  os.makedirs(os.path.dirname(args.json), exist_ok=True)
+  with open(args.json, "w") as f:
+    json.dump(results, f, indent=1)
+    f.write("\n")

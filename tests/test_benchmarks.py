@@ -1,0 +1,36 @@
+"""The benchmarks stay runnable: every module imports, and the routing report renders
+from the committed JSON exactly as BENCHMARKS.md holds it (the report step is separate
+from measuring)."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[1]
+MODULES = sorted(
+  f"benchmarks.{p.stem}" for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"
+) + sorted(f"benchmarks.routing.{p.stem}" for p in (ROOT / "benchmarks" / "routing").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_benchmark_modules_import(name):
+  importlib.import_module(name)
+
+
+def test_routing_report_renders_from_json(tmp_path):
+  from benchmarks.routing.__main__ import main
+
+  json_path = tmp_path / "routing.json"
+  json_path.write_text((ROOT / "benchmarks" / "results" / "routing.json").read_text())
+  md = tmp_path / "BENCHMARKS.md"
+  main(["--render", f"--json={json_path}", f"--markdown={md}", "--plot="])
+  text = md.read_text()
+  section = text[text.index("<!-- routing:begin -->") : text.index("<!-- routing:end -->")]
+  committed = (ROOT / "BENCHMARKS.md").read_text()
+  want = committed[
+    committed.index("<!-- routing:begin -->") : committed.index("<!-- routing:end -->")
+  ]
+  assert section == want
