@@ -46,7 +46,7 @@ class RoutedLibrary:
     form: where the factors live and how a module is routed over them (static):
       ``core.ON_DEVICE``, a sharded library's ``AdapterSharding`` or an offloaded
       library's host (``offload._Host``).
-    span: [B, S] bool, the prompt tokens each request's request-level routing pools
+    span: [B, P] bool, the prompt tokens each request's request-level routing pools
       over (votes, request_lag's filter); None: the whole prompt.
     state: the request-level state (``request.RequestState``, leaves [L, B, ...])
       once computed; None before (the library is then *resolving*: see
@@ -203,7 +203,7 @@ def routed(
     mask: [B, N] or [N] bool, adapters each request may use; default all.
     fixed_ids: [B] adapter ids (or names) for the ``fixed`` router; -1 for none.
     span: for request-level routers, the prompt tokens each request pools over
-      (votes, request_lag's filter): [B, S] bool, or B bool sequences of any lengths
+      (votes, request_lag's filter): [B, P] bool, or B bool sequences of any lengths
       (e.g. ``spans.text_span``'s); None: the whole prompt. ``generate`` fits it to
       the padded prompts.
   Raises:
@@ -269,11 +269,11 @@ def _check_layers(weights, routers) -> None:
 
 
 def _pack_span(span, batch: int) -> np.ndarray:
-  """[B, S] bool from an array or B sequences of any lengths (padded with False)."""
+  """[B, P] bool from an array or B sequences of any lengths (padded with False)."""
   if isinstance(span, np.ndarray | jax.Array):
     span = np.asarray(span, bool)
     if span.ndim != 2:
-      raise ValueError(f"routing span must be [B, S], got shape {span.shape}")
+      raise ValueError(f"routing span must be [B, P], got shape {span.shape}")
     rows = list(span)
   else:
     rows = [np.asarray(r, bool).reshape(-1) for r in span]

@@ -53,7 +53,7 @@ class LibraryWeights:
   b: dict[str, jax.Array]
   arrows: dict[str, jax.Array]
   valid: dict[str, jax.Array]
-  # [L, I, S] per module: input directions removed from routing (routing/shared.py);
+  # [L, I, Q] per module: input directions removed from routing (routing/shared.py);
   # None for a library as built. Never saved: derived from the others on demand.
   shared: dict[str, jax.Array] | None = None
 

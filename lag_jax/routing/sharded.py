@@ -188,7 +188,7 @@ def shard_library(
       for f in ("a", "b", "arrows", "valid")
     }
   )
-  if w.shared is not None:  # [L, I, E] directions: replicated, every shard projects x
+  if w.shared is not None:  # [L, I, Q] directions: replicated, every shard projects x
     replicated = NamedSharding(mesh, PartitionSpec())
     weights = weights.replace(
       shared={m: distributed.put(np.asarray(d), replicated) for m, d in w.shared.items()}

@@ -189,9 +189,9 @@ def solve(modules, dims, mode: str, count: int, part_sum, residual):
   Args:
     modules: the library's modules; dims: module -> (L, I).
     part_sum: (module, layer) -> the Gram's part summed over every adapter.
-    residual: (module, layer, directions [I, E]) -> that layer's residual arrows.
+    residual: (module, layer, directions [I, Q]) -> that layer's residual arrows.
   Returns:
-    module -> (directions [L, I, E] numpy, the L layers' arrows, leading [L, E']).
+    module -> (directions [L, I, Q] numpy, the L layers' arrows, leading [L, Q']).
   """
   out = {}
   for m in modules:
