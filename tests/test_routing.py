@@ -32,7 +32,7 @@ from lag_jax.routing.library import AdapterLibrary
 from lag_jax.routing.routers import LayerLibrary, RouterSpec, route
 from lag_jax.routing.signatures import arrows_of, spectral_align_stacked
 from lag_jax.testing import tiny_config
-from lag_jax.testing.libraries import module_path, random_adapter
+from lag_jax.testing.libraries import forward, module_path, random_adapter
 
 ATOL = 1e-4
 
@@ -106,23 +106,6 @@ def ref_route(spec, x, adapters, module, layer, mask, fixed_ids):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, tokens, positions, cache, hook):
-  model = nnx.merge(graphdef, state)
-  return model(tokens, positions, cache, lora=hook, return_aux=True)
-
-
-def forward(model, tokens, hook, positions=None, cache=None):
-  """(logits, cache, aux) of the jitted model; hook is any AdapterHook pytree (or None)."""
-  graphdef, state = nnx.split(model)
-  tokens = jnp.asarray(tokens, jnp.int32)
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  logits, cache, aux = _forward(
-    graphdef, state, tokens, jnp.asarray(positions, jnp.int32), cache, hook
-  )
-  return np.asarray(logits), cache, jax.tree.map(np.asarray, aux)
-
-
 # --- 1. Signatures against a dense SVD ----------------------------------------------
 
 

@@ -28,7 +28,7 @@ from lag_jax.routing.hook import RoutedAdapters, routed
 from lag_jax.routing.library import AdapterLibrary
 from lag_jax.routing.routers import LayerLibrary, RouterSpec, route
 from lag_jax.testing import tiny_config
-from lag_jax.testing.libraries import random_adapter
+from lag_jax.testing.libraries import forward, random_adapter
 
 ATOL = 1e-4
 CFG = tiny_config()  # hidden 64, intermediate 128, 2 layers
@@ -338,16 +338,6 @@ class RequestReferenceHook:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, tokens, hook):
-  return nnx.merge(graphdef, state)(tokens, lora=hook, return_aux=True)
-
-
-def forward(model, tokens, hook):
-  graphdef, state = nnx.split(model)
-  logits, _, aux = _forward(graphdef, state, jnp.asarray(tokens, jnp.int32), hook)
-  return np.asarray(logits), aux
-
-
 @pytest.fixture(scope="module")
 def model():
   m = CausalLM(CFG, rngs=nnx.Rngs(0))
@@ -408,10 +398,10 @@ def test_model_passes_match_reference(model):
     (routed(library(), B, MODEL_SPECS, mask=mask, router_index=router_index, span=span),)
   )
   assert hook.request_passes == 2
-  logits, aux = forward(model, tokens, hook)
+  logits, _, aux = forward(model, tokens, hook)
   telemetry, (state,) = hook.split_aux(aux)
   hook_ref = RequestReferenceHook(MODEL_SPECS, router_index, mask, span)
-  logits_ref, aux_ref = forward(model, tokens, hook_ref)
+  logits_ref, _, aux_ref = forward(model, tokens, hook_ref)
   assert hook_ref.tie > 1e-5 and hook_ref.gate_gap > 1e-4, "near tie in the test data"
   np.testing.assert_allclose(logits, logits_ref, atol=ATOL, rtol=0)
   for m in MLP_MODULES:
@@ -424,13 +414,13 @@ def test_model_passes_match_reference(model):
   # Pass 2: the state applied, against the reference applying the same state.
   applied = hook.with_request_state((state,))
   assert applied.request_passes == 0
-  logits2, aux2 = forward(model, tokens, applied)
+  logits2, _, aux2 = forward(model, tokens, applied)
   st_np = {
     m: {k: np.asarray(getattr(state, k)[m]) for k in ("cand", "ids", "weights")}
     for m in MLP_MODULES
   }
   hook_ref2 = RequestReferenceHook(MODEL_SPECS, router_index, mask, span, st_np)
-  logits2_ref, aux2_ref = forward(model, tokens, hook_ref2)
+  logits2_ref, _, aux2_ref = forward(model, tokens, hook_ref2)
   assert hook_ref2.tie > 1e-5 and hook_ref2.gate_gap > 1e-4, "near tie in the test data"
   np.testing.assert_allclose(logits2, logits2_ref, atol=ATOL, rtol=0)
   for m in MLP_MODULES:
@@ -527,7 +517,7 @@ def test_request_lag_decodes_on_the_prefill_candidates(model):
       ),
     )
   )
-  logits, aux = forward(model, tokens, hook)
+  logits, _, aux = forward(model, tokens, hook)
   telemetry, (state,) = hook.split_aux(aux)
   for b, p in enumerate(PROMPTS):
     n, m_ = len(p), len(full[b])
@@ -662,7 +652,7 @@ def test_request_routers_on_a_sharded_library_in_the_model():
   sharded_model = load_model(tiny_checkpoint(), mesh=mesh)
   outs = []
   for hook, m in zip(hooks, (load_model(tiny_checkpoint()), sharded_model, sharded_model)):
-    _, aux = forward(m, tokens, hook)
+    _, _, aux = forward(m, tokens, hook)
     outs.append(hook.split_aux(aux))
   tel1, (st1,) = outs[0]
   for tel8, (st8,) in outs[1:]:

@@ -35,6 +35,7 @@ from lag_jax.routing.sharded import (
 )
 from lag_jax.routing.shared import remove_shared
 from lag_jax.testing import libraries, tiny_checkpoint, tiny_config
+from lag_jax.testing.libraries import jitted_forward
 
 ATOL = 1e-5
 CFG = tiny_config()
@@ -360,12 +361,6 @@ def hooks(knowledge, task, k_specs=KNOWLEDGE_SPECS, t_specs=TASK_SPECS, batch=4)
 
 
 @jax.jit
-def _forward(graphdef, state, tokens, hook):
-  from flax import nnx
-
-  return nnx.merge(graphdef, state)(tokens, lora=hook, return_aux=True)
-
-
 def test_model_forward_matches_single_device_and_moves_no_library():
   """512 knowledge adapters on the MLP (64 per device) and 5 task adapters on
   attention (padded to 8: three devices hold only padding)."""
@@ -376,11 +371,12 @@ def test_model_forward_matches_single_device_and_moves_no_library():
     random_library(512, MLP_MODULES, seed=4), random_library(5, TASK_MODULES, rank=8, seed=5)
   )
   tokens = np.random.default_rng(0).integers(0, 256, (4, 7)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(7, dtype=np.int32), tokens.shape)
   g, state = nnx.split(single_model)
-  logits1, _, aux1 = _forward(g, state, tokens, single)
+  logits1, _, aux1 = jitted_forward(g, state, tokens, positions, None, single)
   g, state = nnx.split(mesh_model)
-  compiled = _forward.lower(g, state, tokens, sharded).compile()
-  logits8, _, aux8 = compiled(g, state, tokens, sharded)
+  compiled = jitted_forward.lower(g, state, tokens, positions, None, sharded).compile()
+  logits8, _, aux8 = compiled(g, state, tokens, positions, None, sharded)
   np.testing.assert_allclose(np.asarray(logits8), np.asarray(logits1), atol=ATOL, rtol=0)
   assert jax.tree.structure(aux8) == jax.tree.structure(aux1)
   for c8, c1 in zip(jax.tree.leaves(aux8), jax.tree.leaves(aux1)):

@@ -1,4 +1,5 @@
-"""Random adapters and libraries for tests and benchmarks (one maker of each).
+"""Random adapters and libraries, and a jitted forward pass, for tests and benchmarks
+(one maker of each).
 
 Shape letters as in docs/method.md: L layers, N adapters, R rank, I / O a module's input
 and output width.
@@ -6,12 +7,15 @@ and output width.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lag_jax.adapters.peft_io import AdapterError, LoraAdapter
 from lag_jax.model.config import ModelConfig
@@ -153,3 +157,22 @@ def random_library(
 def module_shapes(config: ModelConfig, modules: Sequence[str]) -> dict[str, tuple[int, int]]:
   """module -> (O, I) of ``config`` for ``modules`` (random_library's ``shapes``)."""
   return {m: config.module_shapes()[m] for m in modules}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def jitted_forward(graphdef, state, tokens, positions, cache, hook):
+  """The model's forward pass with everything as arguments: (logits [B, T, V], cache,
+  aux). ``.lower(...)`` gives its HLO (tests read the collectives)."""
+  return nnx.merge(graphdef, state)(tokens, positions, cache, lora=hook, return_aux=True)
+
+
+def forward(model, tokens, hook=None, positions=None, cache=None):
+  """(logits, cache, aux) of ``model`` on tokens [B, T] with an AdapterHook pytree (or
+  None); positions default to 0..T-1. Logits and aux come back as numpy arrays."""
+  graphdef, state = nnx.split(model)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  positions = jnp.asarray(positions, jnp.int32)
+  logits, cache, aux = jitted_forward(graphdef, state, tokens, positions, cache, hook)
+  return np.asarray(logits), cache, jax.tree.map(np.asarray, aux)
