@@ -105,7 +105,6 @@ def ref_route(spec, x, adapters, module, layer, mask, fixed_ids):
   return ref.route_batch([spec], np.zeros(B, int), np.asarray(x, np.float64), lib, mask, fixed_ids)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 # --- 1. Signatures against a dense SVD ----------------------------------------------
 
 

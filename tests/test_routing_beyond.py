@@ -337,7 +337,6 @@ class RequestReferenceHook:
     return d, (c,)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 @pytest.fixture(scope="module")
 def model():
   m = CausalLM(CFG, rngs=nnx.Rngs(0))

@@ -360,7 +360,6 @@ def hooks(knowledge, task, k_specs=KNOWLEDGE_SPECS, t_specs=TASK_SPECS, batch=4)
   return out
 
 
-@jax.jit
 def test_model_forward_matches_single_device_and_moves_no_library():
   """512 knowledge adapters on the MLP (64 per device) and 5 task adapters on
   attention (padded to 8: three devices hold only padding)."""
