@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
+from test_offload import random_library
 
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.generation import generate
@@ -34,7 +35,7 @@ from lag_jax.routing.sharded import (
   shard_library,
 )
 from lag_jax.routing.shared import remove_shared
-from lag_jax.testing import libraries, tiny_checkpoint, tiny_config
+from lag_jax.testing import tiny_checkpoint, tiny_config
 from lag_jax.testing.libraries import jitted_forward
 
 ATOL = 1e-5
@@ -46,11 +47,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @functools.cache
 def mesh():
   return shd.mesh_from_sizes({"data": 1, "model": 1, "adapter": -1})
-
-
-def random_library(n, modules, **kw) -> AdapterLibrary:
-  """A synthetic library in the stored layout (``testing.libraries.random_library``)."""
-  return libraries.random_library(n, libraries.module_shapes(CFG, modules), L, **kw)
 
 
 def layer_arrays(weights: LibraryWeights, module: str, layer: int):
