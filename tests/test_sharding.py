@@ -371,7 +371,7 @@ def test_model_forward_matches_single_device_and_moves_no_library():
   logits1, _, aux1 = jitted_forward(g, state, tokens, positions, None, single)
   g, state = nnx.split(mesh_model)
   compiled = jitted_forward.lower(g, state, tokens, positions, None, sharded).compile()
-  logits8, _, aux8 = compiled(g, state, tokens, positions, None, sharded)
+  logits8, _, aux8 = compiled(state, tokens, positions, None, sharded)
   np.testing.assert_allclose(np.asarray(logits8), np.asarray(logits1), atol=ATOL, rtol=0)
   assert jax.tree.structure(aux8) == jax.tree.structure(aux1)
   for c8, c1 in zip(jax.tree.leaves(aux8), jax.tree.leaves(aux1)):
