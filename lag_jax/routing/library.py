@@ -283,6 +283,7 @@ class AdapterLibrary(NamedAdapters):
         "digests": array_digests(
           {f"{m}/{f}": np.asarray(x) for m, fields in tree.items() for f, x in fields.items()}
         ),
+        "files": _data_files(os.path.join(tmp, "arrays")),
       }
       with open(os.path.join(tmp, "library.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -335,6 +336,20 @@ class AdapterLibrary(NamedAdapters):
     arrays = os.path.join(path, "arrays")
     if not os.path.isdir(arrays):
       raise IntegrityError(f"{arrays}: the library's arrays folder is missing; rebuild it")
+    # Every data file the save wrote, with its size, before orbax reads any: a missing
+    # or truncated file is named here, and orbax's reader threads never start on it
+    # (a failed restore can leave them posting to a closed event loop at exit).
+    files = meta.get("files") or {}
+    if not isinstance(files, dict):
+      raise IntegrityError(f"{path}/library.json: 'files' is not an object; rebuild the library")
+    for name, size in files.items():
+      file = os.path.join(arrays, name)
+      have = os.path.getsize(file) if os.path.isfile(file) else None
+      if have != size:
+        state = "is missing" if have is None else f"has {have} bytes, {size} were written"
+        raise IntegrityError(
+          f"{file} {state}: a data file is missing or damaged: rebuild the library"
+        )
     # Restored as numpy: the sharding saved with the arrays names one device, which
     # another process of a multi-process run (or another machine) may not have.
     as_numpy = {
@@ -469,6 +484,16 @@ def _check_arrays(path: str, meta: dict, tree: dict, verify: bool) -> None:
         raise IntegrityError(
           f"{arrays}: {m}/{f} holds a NaN or Inf (adapter {meta['names'][n]!r}, layer {index[0]})"
         )
+
+
+def _data_files(folder: str) -> dict[str, int]:
+  """Every file under ``folder`` (relative path -> size in bytes)."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for f in files:
+      full = os.path.join(root, f)
+      out[os.path.relpath(full, folder)] = os.path.getsize(full)
+  return dict(sorted(out.items()))
 
 
 @contextlib.contextmanager
