@@ -114,7 +114,7 @@ def _references(removal, module, layer):
   return ref_shared_module(ADAPTERS, CFG, module, layer, w)
 
 
-def _ref_state(refs, want, mask):
+def _ref_state(want):
   """Each row's request-level state from the reference's resolving pass (as
   request.resolve_state defines it, for one layer and module)."""
   K, M = request.state_dims(SPECS, N)
@@ -174,7 +174,7 @@ def test_every_router_on_every_form_matches_the_brute_force(form, removal, tmp_p
       want = want_of(0, 5, None)
       _check(got, want, where, "resolving prefill")
       stats = jax.tree.map(np.asarray, got[2])
-      state = _ref_state(refs, want, mask)
+      state = _ref_state(want)
       for b, spec in enumerate(SPECS):
         if spec.name == "request_lag":
           np.testing.assert_array_equal(stats["cand"][b], state["cand"][b], err_msg=where)

@@ -310,8 +310,7 @@ def _libraries(config, model_config, num_prompts: int, host=False):
       continue
     folder = distributed.primary_first(functools.partial(common.resolve_adapters_dir, path), field)
     if os.path.exists(os.path.join(folder, OFFLOAD_MANIFEST)):  # an offloaded library
-      slots = config.offload_slots or None
-      lib = OffloadedLibrary.open(folder, slots=slots or _manifest_size(folder))
+      lib = OffloadedLibrary.open(folder, slots=config.offload_slots or None)
     else:
       lib = load_or_build_library(
         folder, model_config, modules, allow_pickle=config.allow_pickle, host=host
@@ -429,22 +428,16 @@ def _router_spec(config, router: str, field: str = "router") -> RouterSpec:
   raise ConfigError(f"config field {field!r}={router!r}: {error}") from None
 
 
-def _manifest_size(folder) -> int:
-  with open(os.path.join(folder, OFFLOAD_MANIFEST)) as f:
-    return len(json.load(f)["names"])
-
-
 def _offload(library, config):
   """The knowledge library with its factors moved to host memory (offload='host')."""
-  slots = config.offload_slots or len(library)
-  olib = OffloadedLibrary.from_library(library, slots=slots)
+  olib = OffloadedLibrary.from_library(library, slots=config.offload_slots or None)
   logging.info(
     "Library of %d adapters offloaded to host memory (%.2f MB on the host, %.2f MB on the "
     "device with %d cache slots per module)",
     len(library),
     olib.host_nbytes() / 1e6,
     sum(olib.device_nbytes().values()) / 1e6,
-    slots,
+    olib.slots["a"],
   )
   return olib
 

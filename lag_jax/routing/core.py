@@ -594,13 +594,12 @@ def route_module(
   cand = jnp.full((B, C), -1, jnp.int32) if resolving else None
   for i, spec in enumerate(specs):
     d, c, v, cd = route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C)
+    pick = router_index == i
     if delta is None:
       delta, chosen = d, c
     else:
-      pick = router_index == i
       delta = jnp.where(pick[:, None, None], d, delta)
       chosen = jnp.where(pick[:, None], c, chosen)
-    pick = router_index == i
     if v is not None:
       votes = jnp.where(pick[:, None], v, votes)
     if cd is not None:

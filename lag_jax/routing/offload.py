@@ -818,7 +818,7 @@ class OffloadedLibrary(NamedAdapters):
     shared=None,
     **cache_kw,
   ):
-    slots = cache_kw["slots"]
+    slots = cache_kw["slots"] or len(names)  # None: every adapter fits
     b_slots = cache_kw.get("b_slots") or slots
     chunk_rows = cache_kw.get("chunk_rows", 64)
     b_chunk_rows = cache_kw.get("b_chunk_rows") or chunk_rows
@@ -863,7 +863,7 @@ class OffloadedLibrary(NamedAdapters):
     cls,
     library: AdapterLibrary,
     *,
-    slots: int,
+    slots: int | None,
     b_slots: int | None = None,
     chunk_rows: int = 64,
     b_chunk_rows: int | None = None,
@@ -872,8 +872,9 @@ class OffloadedLibrary(NamedAdapters):
     """Moves a resident library's A* / B* to host numpy arrays (same dtypes).
 
     Args:
-      slots: A* cache slots per module (shared by the layers). One fetch needs all its
-        distinct candidates at once: at least min(B T k, N) for a [B, T] call at k.
+      slots: A* cache slots per module (shared by the layers); None: N, every adapter.
+        One fetch needs all its distinct candidates at once: at least min(B T k, N)
+        for a [B, T] call at k.
       b_slots: B* cache slots per module; default ``slots``.
       chunk_rows, b_chunk_rows: rows per host -> device transfer of missing A* / B*
         (at most; a call that can need fewer rows uses that many).
@@ -906,7 +907,7 @@ class OffloadedLibrary(NamedAdapters):
     cls,
     folder: str | os.PathLike,
     *,
-    slots: int,
+    slots: int | None,
     b_slots: int | None = None,
     chunk_rows: int = 64,
     b_chunk_rows: int | None = None,

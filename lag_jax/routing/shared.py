@@ -151,14 +151,15 @@ def remove_shared(library, spec: str, among=None):
   mode, count = parse_mode(spec)
   if mode == "none":
     return library, SharedReport(mode, 0, {})
-  shared = library.shared if hasattr(library, "caches") else library.weights.shared
+  offloaded = hasattr(library, "caches")  # lag_jax.routing.offload.OffloadedLibrary
+  shared = library.shared if offloaded else library.weights.shared
   if shared is not None:
     raise ValueError("remove_shared: this library already has shared directions removed")
   N = len(library)
   among = np.ones(N, bool) if among is None else np.asarray(among, bool)
   if among.shape != (N,):
     raise ValueError(f"remove_shared: among has shape {among.shape}, expected ({N},)")
-  if hasattr(library, "caches"):  # offloaded: lag_jax.routing.offload
+  if offloaded:
     from lag_jax.routing.offload import remove_shared_offloaded  # noqa: PLC0415 (cycle)
 
     return remove_shared_offloaded(library, mode, count, among)
