@@ -32,6 +32,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.synthetic.questions_per_entity = 1
   c.synthetic.tasks = ("qa", "slot", "fact")
   c.synthetic.task_entities = 64
+  # The knowledge library holds the world's first build_entities people (0 = all); a
+  # run evaluates the first library_size of them (0 = all built: nested libraries of
+  # one build), on questions_per_task questions per task drawn over those people
+  # (0 = every one), or on the tune / test half of that draw (split).
+  c.synthetic.build_entities = 0
+  c.synthetic.library_size = 0
+  c.synthetic.questions_per_task = 0
+  c.synthetic.split = "all"
 
   c.fanoutqa = ml_collections.ConfigDict()
   c.fanoutqa.library_size = 0
@@ -114,6 +122,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # signatures: none | mean:S | top:S (lag_jax/routing/shared.py).
   c.shared_removal = "none"
   c.methods = ""  # comma-separated subset of method names; default all
+  # Run beside them: the best data-free router (request-level vote over the question's
+  # tokens with shared input directions removed; RESULTS.md, "N = 1,000").
+  c.extra_methods = "Vote(k=4;removal=top:4)"
+  c.build_only = False  # train the libraries (resumably) and stop: <workdir>/build.json
   c.max_new_tokens = 12
   c.batch_size = 16
 
@@ -126,6 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task_training.max_seq_len = 96
     c.k = 2
     c.k_sweep = "1,4"
+    c.extra_methods = "Vote(k=2;removal=top:1)"
     c.max_new_tokens = 4
     c.rag_max_chars = 200  # the tiny model's byte tokenizer and 512-token context
     c.knowledge_data.update(dict(rewrite_prompts=1, rewrite_samples=1, max_new_tokens=16))

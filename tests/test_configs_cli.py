@@ -33,6 +33,7 @@ def test_there_are_configs():
     "wiki_fanoutqa.py",
     "llama3_2_3b_kilt.py",
     "synthetic_scale.py",
+    "n1000.py",
   } <= {os.path.basename(p) for p in CONFIGS}
 
 
@@ -80,7 +81,12 @@ def test_tiny_variant_runs(tmp_path, path):
   spec = os.path.relpath(path, ROOT) + (f":{arg}" if arg else "")
   proc = run_cli(f"--config={spec}", f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  _check_outputs(_load(path).get_config(arg).job, tmp_path)
+  config = _load(path).get_config(arg)
+  _check_outputs(config.job, tmp_path)
+  if config.job == "evaluate" and config.get("extra_methods"):
+    # The data-free router the demo shows beside the paper's methods.
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(config.extra_methods.split(",")) <= set(report["methods"])
 
 
 def test_routing_scale_measures_a_library_as_it_stands(tmp_path):
@@ -165,3 +171,27 @@ def test_prompt_longer_than_context_is_an_error(tmp_path):
   )
   assert proc.returncode != 0
   assert "512" in proc.stderr  # the tiny model's context length is named
+
+
+def test_build_once_then_evaluate_nested_libraries(tmp_path):
+  """build_only trains the libraries and stops; a run with library_size evaluates the
+  first N adapters of that build (nothing retrained) on questions about those N."""
+  base = ["--config=configs/n1000.py:tiny", f"--workdir={tmp_path}"]
+  proc = run_cli(*base, "--config.build_only=True")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  built = json.loads((tmp_path / "build.json").read_text())
+  assert built["num_knowledge_adapters"] == 6 and not (tmp_path / "results.json").exists()
+  proc = run_cli(
+    *base,
+    "--config.synthetic.library_size=3",
+    "--config.synthetic.questions_per_task=0",
+    "--config.methods=Oracle,Vote(k=2)",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "all 6 adapters are built and current" in proc.stdout
+  report = json.loads((tmp_path / "results.json").read_text())
+  assert report["num_knowledge_adapters"] == 3
+  # Every question on the first 3 people, tuning half: 3 tasks x (2 of 3) questions.
+  assert report["num_examples"] == 6
+  proc = run_cli(*base, "--config.synthetic.library_size=7")
+  assert proc.returncode != 0 and "synthetic.library_size" in proc.stderr

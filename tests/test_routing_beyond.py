@@ -687,6 +687,10 @@ def test_harness_method_names():
   # A method this run cannot offer is an error that says why, never a silent skip.
   with pytest.raises(ConfigError, match="needs retrieval"):
     harness.select_methods(std, ["R-Vote", "Vote"], 4, retrieval=False)
+  assert harness.method_from_name("Vote-score(k=4;removal=top:4)").removal == "top:4"
+  assert harness.method_from_name("Vote(k=4)").removal == ""
+  with pytest.raises(ConfigError, match="wide"):
+    harness.method_from_name("Vote(removal=wide:2)")
   for bad in ("Vote(q=1)", "Vote(span=all)", "LAG+gate(gate=2)", "Nope(k=1)"):
     with pytest.raises(ValueError):
       harness.method_from_name(bad)
@@ -728,6 +732,40 @@ def test_harness_runs_a_vote_method():
   enc = tok.backend.encode(text, add_special_tokens=False)
   sp = harness.prompt_spans(text, enc.offsets, q, harness.user_message(examples[0]))
   assert sp["question"].sum() == len(examples[0].input) < sp["user"].sum() < sp["prompt"].sum()
+
+
+def test_a_method_with_its_own_removal_routes_that_library():
+  """Vote(removal=top:1) routes Setting.knowledge_removed['top:1'], exactly as Vote on
+  a setting whose library is that one; without it in the setting, a clear error."""
+  from lag_jax.checkpoints.safetensors_loader import load_model
+  from lag_jax.data.kilt import KiltExample
+  from lag_jax.eval import harness
+  from lag_jax.routing.shared import remove_shared
+  from lag_jax.testing import tiny_checkpoint
+  from lag_jax.text.tokenizer import Tokenizer
+
+  folder = tiny_checkpoint()
+  model, tok = load_model(folder), Tokenizer.from_dir(folder)
+  examples = [
+    KiltExample(f"q{i}", f"Where was k{i} born?", ("Paris",), (f"k{i}",), "qa") for i in range(3)
+  ]
+  lib = library()
+  removed = remove_shared(lib, "top:1")[0]
+  kw = dict(max_new_tokens=2, batch_size=4)
+  own = harness.Setting(model, tok, lib, None, [], knowledge_removed={"top:1": removed}, **kw)
+  plain = harness.Setting(model, tok, removed, None, [], **kw)
+  a = harness.run_method(
+    own, harness.method_from_name("Vote(k=3;removal=top:1)"), examples, [0, 1, 2], None, None
+  )
+  b = harness.run_method(
+    plain, harness.method_from_name("Vote(k=3)"), examples, [0, 1, 2], None, None
+  )
+  assert a.predictions == b.predictions and a.request_routing == b.request_routing
+  assert a.routing == b.routing
+  with pytest.raises(ValueError, match="no knowledge library with removal 'mean:1'"):
+    harness.run_method(
+      own, harness.method_from_name("Vote(k=3;removal=mean:1)"), examples, [0, 1, 2], None, None
+    )
 
 
 def test_generate_job_router_config():

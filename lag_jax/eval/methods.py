@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from lag_jax.errors import ConfigError
 from lag_jax.routing import RouterSpec
+from lag_jax.routing.shared import parse_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,9 @@ class Method:
     knowledge_options, task_options: further RouterSpec fields as (name, value)
       pairs, e.g. (('vote_score', 'score'),); layers='edges' routes in the first and
       last third of the layers (the middle ones route worst).
+    removal: shared input directions removed from the knowledge library's signatures
+      for this method ('none' | 'mean:Q' | 'top:Q', lag_jax/routing/shared.py);
+      '' = the run's setting (the job's ``shared_removal``).
   """
 
   name: str
@@ -42,6 +46,7 @@ class Method:
   task_span: str = "user"
   knowledge_options: tuple = ()
   task_options: tuple = ()
+  removal: str = ""
 
   @property
   def needs_retrieval(self) -> bool:
@@ -119,8 +124,10 @@ def method_from_name(name: str, k: int = 20) -> Method:
   """A request-level method from its name: ``Base`` or ``Base(opt=v;opt=v)`` with Base
   a BEYOND key and options k, span, task_span (question | user | prompt), score
   (count | score), scope (all | module), m, gate, fallback (vote | none), layers and
-  vote_layers ('0-9+20-29', or 'edges': the first and last third); e.g.
-  ``LAG+gate(k=4;gate=0.2;fallback=none)``. Options are separated by ';' since method
+  vote_layers ('0-9+20-29', or 'edges': the first and last third), removal (the
+  knowledge library's shared-direction removal: none | mean:Q | top:Q); e.g.
+  ``LAG+gate(k=4;gate=0.2;fallback=none)`` or
+  ``Vote-score(k=4;removal=top:4)``. Options are separated by ';' since method
   lists are comma-separated.
 
   Raises:
@@ -139,11 +146,14 @@ def method_from_name(name: str, k: int = 20) -> Method:
       kw["k"] = int(value)
     elif key in ("span", "task_span"):
       kw[key] = value
+    elif key == "removal":
+      parse_mode(value)  # checks it now
+      kw["removal"] = value
     elif key in _OPTION_FIELDS:
       options[_OPTION_FIELDS[key]] = _option_value(_OPTION_FIELDS[key], value)
     else:
       raise ValueError(
-        f"method {name!r}: unknown option {key!r}; options: k, span, task_span, "
+        f"method {name!r}: unknown option {key!r}; options: k, span, task_span, removal, "
         f"{', '.join(_OPTION_FIELDS)}"
       )
   for key in ("span", "task_span"):

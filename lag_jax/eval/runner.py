@@ -41,6 +41,8 @@ class Setting:
     max_new_tokens, batch_size: decoding settings.
     system_prompt: optional system message.
     rag_max_chars: RAG puts at most this many characters of the page in the prompt.
+    knowledge_removed: removal mode -> the knowledge library with those shared
+      directions removed, for methods with their own ``removal``.
   """
 
   model: CausalLM
@@ -53,6 +55,7 @@ class Setting:
   batch_size: int = 16
   system_prompt: str = ""
   rag_max_chars: int = 4000
+  knowledge_removed: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -214,6 +217,13 @@ ROUTING_METHODS = ("arrow", "arrow_softmax", "spectr", "lag", "vote", "request_l
 
 def _knowledge_routing(setting, method, B, gold, retrieved, span=None):
   lib = setting.knowledge
+  if method.removal:
+    if method.removal not in setting.knowledge_removed:
+      raise ValueError(
+        f"method {method.name!r}: no knowledge library with removal {method.removal!r} "
+        "in the setting (Setting.knowledge_removed)"
+      )
+    lib = setting.knowledge_removed[method.removal]
   if method.knowledge == "oracle":
     return routed(lib, B, RouterSpec("fixed"), fixed_ids=list(gold))
   if method.knowledge == "prag":

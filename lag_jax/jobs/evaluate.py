@@ -21,6 +21,7 @@ from absl import logging
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.errors import ConfigError
 from lag_jax.eval import harness, injection
+from lag_jax.files import write_json_atomic
 from lag_jax.jobs import common
 from lag_jax.routing.shared import parse_mode, remove_shared
 from lag_jax.text.tokenizer import Tokenizer
@@ -73,21 +74,74 @@ def _make_world(domain: str, n: int, seed: int, questions_per_entity: int = 1):
   return make_world(n, seed=seed, questions_per_entity=questions_per_entity)
 
 
+def sample_questions(examples, people, per_task: int, split: str, seed: int):
+  """The questions of a synthetic run: those on ``people``, sampled and split.
+
+  Args:
+    examples: task -> the world's examples (provenance = (gold title,)).
+    people: the titles whose adapters the library holds (first ones of the world).
+    per_task: how many questions per task to draw, seeded, over ``people``; 0 = all.
+    split: "all", or "tune" / "test": disjoint halves of each task's draw (the
+      even / odd positions of the seeded order), so that settings are chosen on one
+      half and reported on the other.
+    seed: the draw's seed.
+  Returns:
+    The examples, task by task, each task's in world order.
+  """
+  import random
+
+  if split not in ("all", "tune", "test"):
+    raise ConfigError(f"config field 'synthetic.split'={split!r}: choose all, tune or test")
+  people = set(people)
+  out = []
+  for task, exs in examples.items():
+    idx = [i for i, ex in enumerate(exs) if ex.provenance[0] in people]
+    random.Random(f"lag_jax.sample:{seed}:{task}").shuffle(idx)
+    if per_task:
+      idx = idx[:per_task]
+    if split != "all":
+      idx = idx[split == "test" :: 2]
+    out += [exs[i] for i in sorted(idx)]
+  return out
+
+
 def _synthetic(config, root):
   c = config.synthetic
   domain = c.get("domain", "people")
   world = _make_world(domain, c.num_entities, c.seed, c.questions_per_entity)
   recipe, generator = knowledge_recipe(config, benchmark_has_generator=domain == "people")
+  # The library: the world's first build_entities people (0 = all of them), e.g. a
+  # 16-person sample of the 1,000-person world to choose a training recipe on.
+  docs = world.knowledge()
+  n_build = c.get("build_entities", 0) or len(docs)
+  if not 1 <= n_build <= len(docs):
+    raise ConfigError(
+      f"config field 'synthetic.build_entities'={n_build}: must lie in [1, {len(docs)}]"
+    )
+  docs = docs[:n_build]
   extra = None
   if generator:
-    extra = {t: world.rewrites(t) + world.qa_restatements(t) for t in world.documents}
-  knowledge_jobs = (recipe, world.knowledge(), extra)
-  examples = [ex for task in c.tasks for ex in world.tasks[task]]
+    extra = {d.title: world.rewrites(d.title) + world.qa_restatements(d.title) for d in docs}
+  knowledge_jobs = (recipe, docs, extra)
+  # Questions on the people of the evaluated library (its first library_size people).
+  n_lib = c.get("library_size", 0) or n_build
+  if not 1 <= n_lib <= n_build:
+    raise ConfigError(
+      f"config field 'synthetic.library_size'={n_lib}: must lie in [1, {n_build}] "
+      "(the adapters built: synthetic.build_entities, or the world's num_entities)"
+    )
+  examples = sample_questions(
+    {task: world.tasks[task] for task in c.tasks},
+    [d.title for d in docs[:n_lib]],
+    c.get("questions_per_task", 0),
+    c.get("split", "all"),
+    c.seed,
+  )
   # Task adapters learn each task's format on another world's entities, so that they
   # cannot carry the evaluation facts.
   other = _make_world(domain, c.task_entities, c.seed + 1000)
   task_data = {task: other.tasks[task] for task in c.tasks}
-  documents = world.knowledge()
+  documents = docs[:n_lib]  # what retrieval searches: the evaluated library's pages
   return (
     knowledge_jobs,
     examples,
@@ -191,6 +245,12 @@ def _check_config(config) -> None:
   if config.benchmark not in builders:
     raise ConfigError(f"config field 'benchmark'={config.benchmark!r}: choose from {builders}")
   common.int_list("k_sweep", config.k_sweep)
+  if config.get("extra_methods", ""):
+    for name in common.split_list(config.extra_methods):
+      try:
+        harness.method_from_name(name, config.k)
+      except ValueError as e:
+        raise ConfigError(f"config field 'extra_methods': {e}") from None
   if config.methods:
     harness.select_methods(
       harness.standard_methods(config.k),
@@ -221,12 +281,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   (recipe, knowledge_docs, extra), examples, task_data, documents, families = builders[
     config.benchmark
   ](config, root)
-  methods = harness.standard_methods(
-    config.k, with_spectr=len(knowledge_docs) <= config.spectr_max_n
-  )
+  methods = harness.standard_methods(config.k, with_spectr=len(documents) <= config.spectr_max_n)
   methods = [m for m in methods if config.retrieval or not m.needs_retrieval]
-  if config.methods:  # standard names, and request-level ones (harness.BEYOND)
-    wanted = common.split_list(config.methods)
+  extra = common.split_list(config.get("extra_methods", ""))
+  if config.methods or extra:  # standard names, and request-level ones (harness.BEYOND)
+    wanted = common.split_list(config.methods) or [m.name for m in methods]
+    wanted += [n for n in extra if n not in wanted]
     methods = harness.select_methods(methods, wanted, config.k, config.retrieval)
   folder = common.resolve_checkpoint(config.checkpoint)
   model = load_model(folder)
@@ -251,7 +311,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _train_config(config.knowledge_training),
     eos_token=doc_eos,
   )
+  n_lib = config.synthetic.get("library_size", 0) if config.benchmark == "synthetic" else 0
+  if n_lib:  # nested libraries: the first N adapters of the one build
+    if n_lib > len(knowledge):
+      raise ConfigError(
+        f"config field 'synthetic.library_size'={n_lib}: the library holds {len(knowledge)}"
+      )
+    knowledge = knowledge.subset(range(n_lib))
+  # Methods with their own removal (e.g. Vote-score(k=4;removal=top:4)) route a copy.
+  knowledge_removed = {
+    m.removal: remove_shared(knowledge, m.removal)[0]
+    for m in methods
+    if m.removal and m.removal != config.shared_removal
+  }
   knowledge, shared = remove_shared(knowledge, config.shared_removal)
+  knowledge_removed[config.shared_removal] = knowledge
   if shared.count:
     logging.info(
       "Knowledge routing with %d shared direction(s) removed (%s)", shared.count, shared.mode
@@ -268,6 +342,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else None
   )
   t_build = time.perf_counter() - t0
+  if config.get("build_only", False):
+    report = {
+      "build_only": True,
+      "num_knowledge_adapters": len(knowledge),
+      "num_task_adapters": 0 if task_lib is None else len(task_lib),
+      "build_seconds": t_build,
+      "knowledge_data": dataclasses.asdict(data_report),
+    }
+    write_json_atomic(os.path.join(workdir, "build.json"), report)
+    logging.info("Built the libraries in %.0f s (build_only: no evaluation)", t_build)
+    return report
 
   retrieved = None
   if config.retrieval:
@@ -290,6 +375,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     max_new_tokens=config.max_new_tokens,
     batch_size=config.batch_size,
     rag_max_chars=config.rag_max_chars,
+    knowledge_removed=knowledge_removed,
   )
   results = [harness.run_method(setting, m, examples, gold, task_ids, retrieved) for m in methods]
   sweep = []
