@@ -50,6 +50,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.k_sweep_sizes = "16"
   c.k = 4
   c.batch_size = 16
+  # The vote taken apart at these sizes (lag_jax/eval/routing_analysis.py): the
+  # per-token choices of analysis_router over the same requests, with
+  # analysis_removal; writes analysis.json, analysis.md, analysis_<N>.png.
+  c.analysis_sizes = ""
+  c.analysis_router = "LAG"
+  c.analysis_removal = "none"
 
   # Document-only training data, as the demo's (configs/demo.py), without the
   # base-model rewrites: generating them for 1,000 pages is the hour-long part.
@@ -82,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.k_sweep = "1"
     c.k_sweep_routers = "Vote"
     c.k_sweep_sizes = "6"
+    c.analysis_sizes = "6"
     c.k = 2
     c.knowledge_training.max_seq_len = 64
   elif arg:

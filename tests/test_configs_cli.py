@@ -62,6 +62,10 @@ def _check_outputs(job, workdir):
         assert 0.0 <= row[n]["request_acc"] <= 1.0 and row[n]["requests"] > 0
     assert (workdir / "scale.md").exists() and (workdir / "scale.png").exists()
     assert (workdir / "scale_k.png").exists()
+    analysis = json.loads((workdir / "analysis.json").read_text())
+    a = analysis["sizes"]["6"]
+    assert sum(a["gold_rank"].values()) == a["requests"] > 0
+    assert (workdir / "analysis.md").exists() and (workdir / "analysis_6.png").exists()
   else:
     raise AssertionError(f"no output check for job {job!r}")
 

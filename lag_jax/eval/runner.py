@@ -72,6 +72,7 @@ class MethodResult:
   seconds: float
   request_routing: dict | None = None
   timing: dict | None = None
+  routing_ids: list | None = None
 
 
 def score_example(ex: KiltExample, generated: str) -> dict:
@@ -101,6 +102,7 @@ def run_method(
   knowledge_ids: Sequence[int],
   task_ids: Sequence[int] | None,
   retrieved: Sequence[int] | None,
+  keep_routing: bool = False,
 ) -> MethodResult:
   """Generates and scores ``examples`` with ``method``.
 
@@ -108,6 +110,9 @@ def run_method(
     knowledge_ids: gold knowledge adapter id per example (-1: none in the library).
     task_ids: the right task adapter id per example, or None without a task library.
     retrieved: BM25-top document index per example (for RAG / PRAG), or None.
+    keep_routing: also return, per example, the knowledge library's choices over the
+      prompt (``routing_ids``: {"types": [T] token types, "ids": module -> [L, T]}),
+      for analysis (lag_jax/eval/routing_analysis.py).
   """
   if retrieved is None and method.needs_retrieval:
     raise ValueError(f"method {method.name!r} needs retrieval (RAG / PRAG): none was given")
@@ -132,6 +137,7 @@ def run_method(
     spans.append(prompt_spans(text, enc.offsets, q, user_message(ex, context)))
 
   predictions, scores, routing_hits, request_hits = [], [], [], [0, 0]
+  kept = [] if keep_routing else None
   timing = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "prefill_passes": 1}
   # Routing accuracy means something only for routers that choose.
   want_routing = method.knowledge in ROUTING_METHODS
@@ -193,6 +199,18 @@ def run_method(
       c, t = _request_hits(out.routing, setting.knowledge.modules, types[sl], knowledge_ids[sl])
       request_hits[0] += c
       request_hits[1] += t
+      if kept is not None:
+        for b, ty in enumerate(types[sl]):
+          kept.append(
+            {
+              "types": ty,
+              "ids": {
+                m: np.asarray(per_lib[0][b, :, : len(ty)])
+                for m, per_lib in out.routing.items()
+                if m in setting.knowledge.modules
+              },
+            }
+          )
   by_dataset: dict[str, dict[str, float]] = {}
   for ex, s in zip(examples, scores, strict=True):
     d = by_dataset.setdefault(dataset_of(ex), {"n": 0})
@@ -208,7 +226,7 @@ def run_method(
   logging.info("%s: %d examples in %.1fs", method.name, len(examples), seconds)
   request_routing = {"correct": request_hits[0], "total": request_hits[1]} if routing_hits else None
   return MethodResult(
-    method.name, predictions, scores, by_dataset, routing, seconds, request_routing, timing
+    method.name, predictions, scores, by_dataset, routing, seconds, request_routing, timing, kept
   )
 
 

@@ -61,6 +61,63 @@ def pick_requests(examples, names: list[str], limit: int, seed: int):
   return pool
 
 
+def _analyse(config, world, full, examples, model, tokenizer, workdir) -> dict:
+  """The vote taken apart (lag_jax/eval/routing_analysis.py) at ``analysis_sizes``:
+  per-token choices of ``analysis_router`` over the same requests as the table,
+  with ``analysis_removal``; writes analysis.json, analysis.md and analysis_<N>.png."""
+  from lag_jax.eval import routing_analysis
+
+  sizes = [int(v) for v in common.split_list(config.get("analysis_sizes", ""))]
+  if not sizes:
+    return {}
+  spec = config.get("analysis_removal", "none")
+  name = config.get("analysis_router", "LAG")
+  out, md = {}, []
+  attributes = {
+    p.title: {
+      "first name": p.first_name,
+      "birthplace": p.birthplace,
+      "employer": p.employer,
+      "occupation": p.occupation,
+      "instrument": p.instrument,
+    }
+    for p in world.people
+  }
+  for n in sizes:
+    if not 2 <= n <= len(full):
+      raise ValueError(f"config field 'analysis_sizes': {n} is not in [2, {len(full)}]")
+    lib = full.subset(range(n))
+    if spec != "none":
+      lib = remove_shared(lib, spec)[0]
+    reqs = pick_requests(examples, list(lib.names), config.max_requests, config.synthetic.seed)
+    gold = [lib.names.index(ex.provenance[0]) for ex in reqs]
+    setting = harness.Setting(
+      model=model,
+      tokenizer=tokenizer,
+      knowledge=lib,
+      task=None,
+      documents=[],
+      max_new_tokens=1,
+      batch_size=config.batch_size,
+    )
+    r = harness.run_method(setting, method(name, config.k), reqs, gold, None, None, True)
+    a = routing_analysis.analyse(r.routing_ids, gold, list(lib.names), attributes)
+    out[n] = a
+    title = f"{name} (k={config.k}) choices, N = {n}, removal {spec}"
+    md.append(routing_analysis.markdown(a, title))
+    routing_analysis.plot(a, os.path.join(workdir, f"analysis_{n}.png"), title)
+    logging.info("analysis N=%d: vote %.3f, gold rank %s", n, a["vote_acc"], a["gold_rank"])
+  common.write_json_atomic(
+    os.path.join(workdir, "analysis.json"),
+    {"router": name, "k": config.k, "removal": spec, "sizes": out},
+  )
+  tmp = os.path.join(workdir, ".analysis.md.tmp")
+  with open(tmp, "w") as f:
+    f.write("\n".join(md))
+  os.replace(tmp, os.path.join(workdir, "analysis.md"))
+  return out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_count() > 1:
     raise ValueError("the routing_scale job runs in a single process (drop --distributed)")
@@ -202,6 +259,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           r.seconds,
         )
 
+  analyses = _analyse(config, world, full, examples, model, tokenizer, workdir)
+
   measured = sorted({int(n) for row in rows.values() for n in row})
   report = {
     "num_entities": len(full),
@@ -213,6 +272,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "total_seconds": time.perf_counter() - t_start,
     "shared_leading_eigenvalue": removed,
     "routers": rows,
+    "analysis_sizes": sorted(analyses),
   }
   common.write_json_atomic(os.path.join(workdir, "scale.json"), report)
   markdown = markdown_table(report)
