@@ -283,10 +283,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ](config, root)
   methods = harness.standard_methods(config.k, with_spectr=len(documents) <= config.spectr_max_n)
   methods = [m for m in methods if config.retrieval or not m.needs_retrieval]
-  extra = common.split_list(config.get("extra_methods", ""))
-  if config.methods or extra:  # standard names, and request-level ones (harness.BEYOND)
+  also = common.split_list(config.get("extra_methods", ""))
+  if config.methods or also:  # standard names, and request-level ones (harness.BEYOND)
     wanted = common.split_list(config.methods) or [m.name for m in methods]
-    wanted += [n for n in extra if n not in wanted]
+    wanted += [n for n in also if n not in wanted]
     methods = harness.select_methods(methods, wanted, config.k, config.retrieval)
   folder = common.resolve_checkpoint(config.checkpoint)
   model = load_model(folder)
