@@ -34,3 +34,19 @@ def test_routing_report_renders_from_json(tmp_path):
     committed.index("<!-- routing:begin -->") : committed.index("<!-- routing:end -->")
   ]
   assert section == want
+
+
+def test_accelerator_check_smoke(tmp_path):
+  """The accelerator check's code runs end to end at tiny sizes on CPU, so that the
+  one-command check is ready whenever a GPU or TPU is lent."""
+  from benchmarks.accelerator import main
+
+  out = tmp_path / "accelerator.json"
+  r = main(["--smoke", f"--json={out}"])
+  assert out.exists() and r["smoke"] and "tests" not in r
+  assert {(x["shape"], x["batch"]) for x in r["base"]} == {
+    (s, b) for s in ("smollm2", "llama3b") for b in (1, 2)
+  }
+  assert all(x["decode_tokens_per_s"] > 0 and x["prefill_tokens_per_s"] > 0 for x in r["base"])
+  assert [x["n"] for x in r["cost"]] == [8] and r["cost"][0]["lag"]["ratio"] > 0
+  assert r["projection"][0]["fastest"] in ("gather", "dense", "grouped")
