@@ -152,3 +152,99 @@ def write_json(args, results: dict) -> None:
   with open(args.json, "w") as f:
     json.dump(results, f, indent=1)
     f.write("\n")
+
+
+# --- a quiet machine ------------------------------------------------------------------
+
+# A comparison against a peer (transformers, PEFT) counts as taken on a quiet machine
+# when other processes used at most this share of the machine's CPU time while it ran
+# (and the 1-minute load average before it started was at most QUIET_LOAD_PER_CORE per
+# core). Under load torch's threads slow far more than XLA's, and loaded runs have
+# overstated our lead several-fold (BENCHMARKS.md).
+QUIET_FOREIGN_SHARE = 0.10
+QUIET_LOAD_PER_CORE = 0.5
+
+
+def _busy_and_total_jiffies() -> tuple[int, int]:
+  with open("/proc/stat") as f:
+    fields = [int(v) for v in f.readline().split()[1:]]
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+  return sum(fields) - idle, sum(fields)
+
+
+class LoadMonitor:
+  """The machine's load around a measurement: the 1-minute load average before and
+  after, and the share of CPU time that processes other than this one (and its
+  waited-for children) used meanwhile, from /proc/stat.
+
+  Use as a context manager; ``summary()`` is JSON-ready, ``sentence()`` goes into the
+  markdown next to the table.
+  """
+
+  def __enter__(self):
+    self.load_before = os.getloadavg()[0]
+    self._t = time.perf_counter()
+    self._own = sum(os.times()[:4])
+    try:
+      self._busy, self._total = _busy_and_total_jiffies()
+    except OSError:  # not Linux: the load average alone
+      self._busy = None
+    return self
+
+  def __exit__(self, *exc):
+    self.load_after = os.getloadavg()[0]
+    self.seconds = time.perf_counter() - self._t
+    own = sum(os.times()[:4]) - self._own
+    self.foreign_share = None
+    if self._busy is not None:
+      busy, total = _busy_and_total_jiffies()
+      hz = os.sysconf("SC_CLK_TCK")
+      machine_s = max((total - self._total) / hz, 1e-9)
+      foreign = max(0.0, (busy - self._busy) / hz - own)
+      # /proc/stat's total counts every CPU: this is a share of the whole machine.
+      self.foreign_share = min(1.0, foreign / machine_s)
+    return False
+
+  @property
+  def quiet(self) -> bool:
+    cpus = os.cpu_count() or 1
+    share_ok = self.foreign_share is None or self.foreign_share <= QUIET_FOREIGN_SHARE
+    return share_ok and self.load_before <= QUIET_LOAD_PER_CORE * cpus
+
+  def summary(self) -> dict:
+    return {
+      "load_avg_1min": [self.load_before, self.load_after],
+      "foreign_cpu_share": self.foreign_share,
+      "seconds": self.seconds,
+      "quiet": self.quiet,
+      "thresholds": {
+        "foreign_cpu_share": QUIET_FOREIGN_SHARE,
+        "load_before_per_core": QUIET_LOAD_PER_CORE,
+      },
+    }
+
+
+def load_sentence(s: dict) -> str:
+  """Markdown: the load around a comparison, and a warning when it was not quiet."""
+  share = s.get("foreign_cpu_share")
+  text = f"1-min load {s['load_avg_1min'][0]:.1f} before, {s['load_avg_1min'][1]:.1f} after; " + (
+    f"other processes used {100 * share:.0f}% of the CPU meanwhile" if share is not None else ""
+  )
+  if s.get("quiet"):
+    return text + " (quiet)."
+  t = s["thresholds"]
+  return (
+    text + f". **Not a quiet machine** (thresholds: other processes <= "
+    f"{100 * t['foreign_cpu_share']:.0f}% of the CPU, load before <= "
+    f"{t['load_before_per_core']} per core): the ratios against the peer are not "
+    "comparable; rerun on a quiet machine."
+  )
+
+
+def refuse_if_loaded(summary: dict, require_quiet: bool, what: str) -> None:
+  """With ``require_quiet``, a comparison taken on a loaded machine is not written."""
+  if require_quiet and not summary["quiet"]:
+    raise SystemExit(
+      f"{what}: not a quiet machine ({load_sentence(summary)}); nothing written. "
+      "Stop other work (or drop --require_quiet to keep the table, marked)."
+    )

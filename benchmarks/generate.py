@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import transformers
 
-from benchmarks.common import command_line
+from benchmarks.common import LoadMonitor, command_line, load_sentence, refuse_if_loaded
 from benchmarks.sections import write_section
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.generation.generate import generate
@@ -63,6 +63,11 @@ def parse_args(argv):
   p.add_argument("--max_new_tokens", type=int, default=64)
   p.add_argument("--runs", type=int, default=3, help="timed runs per side (median reported)")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+  p.add_argument(
+    "--require_quiet",
+    action="store_true",
+    help="write nothing when other processes loaded the machine (benchmarks/common.py)",
+  )
   p.add_argument(
     "--markdown",
     default=str(ROOT / "BENCHMARKS.md"),
@@ -162,7 +167,7 @@ def benchmark(args) -> dict:
   model = load_model(folder)
   hf = HFRunner(folder, args.max_new_tokens)
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(model))
-  load_before = os.getloadavg()[0]
+  monitor = LoadMonitor().__enter__()
   compile_timer = CompileTimer()
   P, N = args.prompt_len, args.max_new_tokens
   decode_steps = N - 1
@@ -206,6 +211,7 @@ def benchmark(args) -> dict:
       flush=True,
     )
     rows.append(row)
+  monitor.__exit__(None, None, None)
   bandwidth = read_bandwidth_gbs()
   return dict(
     command=command_line("benchmarks.generate"),
@@ -217,8 +223,9 @@ def benchmark(args) -> dict:
     runs=args.runs,
     cpu_count=os.cpu_count(),
     # Other processes on the same cores distort both sides (torch's spinning
-    # threads most): the 1-minute load average before and after the runs.
-    load_average=[load_before, os.getloadavg()[0]],
+    # threads most): the load around the runs, and whether the machine was quiet.
+    load_average=monitor.summary()["load_avg_1min"],
+    load=monitor.summary(),
     torch_threads=args.threads,
     machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
     read_bandwidth_gbs=bandwidth,
@@ -239,9 +246,13 @@ def markdown(res: dict) -> str:
     f"`{res['model_type']}` checkpoint `{pathlib.Path(res['checkpoint']).name}` "
     f"({res['param_bytes'] / 1e6:.0f} MB float32), prompts of {res['prompt_len']} tokens, "
     f"{res['max_new_tokens']} new tokens, greedy, EOS disabled; median of {res['runs']} "
-    f"interleaved runs. Machine: {res['cpu_count']} CPUs ({res['machine']}), 1-min load "
-    f"average {res['load_average'][0]:.1f} -> {res['load_average'][1]:.1f}, torch threads "
-    f"{res['torch_threads']}; jax {res['versions']['jax']}, torch "
+    f"interleaved runs. Machine: {res['cpu_count']} CPUs ({res['machine']}), "
+    + (
+      load_sentence(res["load"])[:-1]
+      if "load" in res
+      else f"1-min load average {res['load_average'][0]:.1f} -> {res['load_average'][1]:.1f}"
+    )
+    + f", torch threads {res['torch_threads']}; jax {res['versions']['jax']}, torch "
     f"{res['versions']['torch']}, transformers {res['versions']['transformers']}.",
     "",
     "| batch | ours decode tok/s | HF decode tok/s | ratio | ours prefill tok/s "
@@ -280,6 +291,7 @@ def markdown(res: dict) -> str:
 def main(argv=None):
   args = parse_args(argv)
   res = benchmark(args)
+  refuse_if_loaded(res["load"], args.require_quiet, "benchmarks.generate")
   if args.json:
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:

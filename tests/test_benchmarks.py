@@ -5,6 +5,7 @@ from measuring)."""
 from __future__ import annotations
 
 import importlib
+import os
 import pathlib
 
 import pytest
@@ -50,3 +51,36 @@ def test_accelerator_check_smoke(tmp_path):
   assert all(x["decode_tokens_per_s"] > 0 and x["prefill_tokens_per_s"] > 0 for x in r["base"])
   assert [x["n"] for x in r["cost"]] == [8] and r["cost"][0]["lag"]["ratio"] > 0
   assert r["projection"][0]["fastest"] in ("gather", "dense", "grouped")
+
+
+def test_load_monitor_sees_other_processes_and_not_its_own():
+  """A process busy beside the measurement shows as foreign CPU; the measurement's own
+  work does not; a loaded table is marked, and refused with require_quiet."""
+  import subprocess
+  import sys
+  import time
+
+  from benchmarks.common import LoadMonitor, load_sentence, refuse_if_loaded
+
+  with LoadMonitor() as own:
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.5:
+      pass
+  spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+  try:
+    time.sleep(0.3)  # past its start-up
+    with LoadMonitor() as other:
+      time.sleep(1.0)
+  finally:
+    spinner.kill()
+    spinner.wait()
+  # One busy core of os.cpu_count(): about 1 / cpus of the machine.
+  assert other.foreign_share > 0.5 / os.cpu_count()
+  assert own.foreign_share < other.foreign_share
+  s = other.summary()
+  loaded = dict(s, quiet=False)
+  assert "Not a quiet machine" in load_sentence(loaded)
+  assert "(quiet)" in load_sentence(dict(s, quiet=True))
+  with pytest.raises(SystemExit, match="not a quiet machine"):
+    refuse_if_loaded(loaded, True, "bench")
+  refuse_if_loaded(loaded, False, "bench")  # marked, not refused

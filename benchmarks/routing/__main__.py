@@ -8,7 +8,15 @@ import os
 import time
 
 import benchmarks.routing as routing_package
-from benchmarks.common import command_line, log, machine_info, run_child, write_json
+from benchmarks.common import (
+  LoadMonitor,
+  command_line,
+  log,
+  machine_info,
+  refuse_if_loaded,
+  run_child,
+  write_json,
+)
 from benchmarks.routing.parts import RUN_ORDER, _child_part
 from benchmarks.routing.report import analysis, markdown, plot
 from benchmarks.routing.setup import BEGIN, END, ROOT
@@ -104,6 +112,11 @@ def parse_args(argv):
   p.add_argument("--peft_runs", type=int, default=5)
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
   p.add_argument(
+    "--require_quiet",
+    action="store_true",
+    help="stop without writing when the PEFT comparison ran on a loaded machine",
+  )
+  p.add_argument(
     "--markdown",
     default=str(ROOT / "BENCHMARKS.md"),
     help="file whose routing section is rewritten; '' to skip",
@@ -156,7 +169,11 @@ def main(argv=None):
   for part, override in units:
     unit_args = {**vars(args), **override}
     t = time.perf_counter()
-    res, reason = run_child(_child_part, args.child_timeout_s, part=part, args_dict=unit_args)
+    with LoadMonitor() as monitor:
+      res, reason = run_child(_child_part, args.child_timeout_s, part=part, args_dict=unit_args)
+    if part == "peft":  # the comparison against a peer: was the machine quiet?
+      results["peft_load"] = monitor.summary()
+      refuse_if_loaded(results["peft_load"], args.require_quiet, "benchmarks.routing peft")
     if res is None:
       results.setdefault("failures", []).append({"part": part, **override, "reason": reason})
       log(f"unit {part} {override} failed ({reason}); continuing")

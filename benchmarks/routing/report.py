@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 
+from benchmarks.common import load_sentence
 from benchmarks.routing.profile import PROFILE_OPS
 from benchmarks.routing.setup import (
   BEGIN,
@@ -323,7 +324,8 @@ def markdown(results: dict) -> str:
       f"prompt, batch 1, N random rank-6 adapters on gate/up/down; ours "
       f"`arrow_softmax` top_k {p0['top_k']} through `generate`, PEFT "
       f"`create_arrow_model` with `ArrowConfig(top_k={p0['top_k']})`; median of "
-      f"interleaved runs; tokens/s = new tokens / (prefill + decode).",
+      f"interleaved runs; tokens/s = new tokens / (prefill + decode)."
+      + (f" Load: {load_sentence(results['peft_load'])}" if "peft_load" in results else ""),
       "",
       "| N | ours tok/s | PEFT tok/s | speedup (medians) | speedup (fastest runs) "
       "| ours library build s | ours first call s | PEFT create_arrow_model s "
