@@ -1099,3 +1099,39 @@ def test_adapter_on_a_module_the_library_lacks(libraries):
     k_lib.add([stray], CFG)
   with pytest.raises(AdapterError, match="library rank 2 is below adapter rank 8"):
     AdapterLibrary.from_adapters(K_ADAPTERS[:5], CFG, rank=2)
+
+
+def test_streamed_from_disk_equals_in_memory(tmp_path):
+  """A library of AdapterFiles (read chunk by chunk, names / modules / ranks from the
+  headers) is bit-identical to the one built from the loaded adapters; add() streams
+  too; an adapter changed on disk between the survey and its chunk is named."""
+  from lag_jax.adapters import AdapterFile, save_peft_adapter
+
+  adapters = K_ADAPTERS  # mixed ranks
+  files = []
+  for a in adapters:
+    save_peft_adapter(a, tmp_path / a.name)
+    files.append(AdapterFile(str(tmp_path / a.name)))
+  assert [f.peek() for f in files] == [
+    ({m.module for m in a.modules.values()}, max(m.r for m in a.modules.values())) for a in adapters
+  ]
+  whole = AdapterLibrary.from_adapters(adapters, CFG, chunk=3)
+  streamed = AdapterLibrary.from_adapters(files, CFG, chunk=3)
+  assert streamed.names == whole.names and streamed.ranks == whole.ranks
+  _assert_libraries_equal(streamed, whole, exact=True)
+  grown = AdapterLibrary.from_adapters(files[:4], CFG).add(files[4:], CFG)
+  _assert_libraries_equal(grown, AdapterLibrary.from_adapters(adapters, CFG))
+  # Renamed on the way in: the file's name is the one given.
+  named = AdapterLibrary.from_adapters([AdapterFile(files[0].path, name="x")], CFG)
+  assert named.names == ("x",)
+  # A larger rank written over an adapter after the survey: refused, by name.
+  survey_only = AdapterFile(files[1].path)
+  real_peek = AdapterFile.peek
+  try:
+    AdapterFile.peek = lambda self: ({"up_proj", "gate_proj", "down_proj"}, 1)
+    with pytest.raises(AdapterError, match=f"adapter '{adapters[1].name}'.*changed on disk"):
+      AdapterLibrary.from_adapters([survey_only], CFG)
+  finally:
+    AdapterFile.peek = real_peek
+  with pytest.raises(AdapterError, match="not found|no such"):
+    AdapterLibrary.from_adapters([AdapterFile(str(tmp_path / "missing"))], CFG)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from lag_jax.adapters.apply import merge_into_model, stack_lora, validate_adapter
 from lag_jax.adapters.peft_io import (
   AdapterError,
+  AdapterFile,
   LoraAdapter,
   ModuleLora,
   load_peft_adapter,
@@ -13,6 +14,7 @@ from lag_jax.adapters.peft_io import (
 
 __all__ = [
   "AdapterError",
+  "AdapterFile",
   "LoraAdapter",
   "ModuleLora",
   "load_peft_adapter",

@@ -439,6 +439,51 @@ def load_peft_adapter(
   return LoraAdapter(name=name, config=config, modules=modules)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterFile:
+  """A PEFT adapter folder that is read only when needed (``load``): libraries built
+  from many of these stream them from disk chunk by chunk instead of holding all.
+
+  Attributes:
+    path: the folder.
+    name: the adapter's name; default the folder's name.
+    allow_pickle: as ``load_peft_adapter``.
+  """
+
+  path: str
+  name: str | None = None
+  allow_pickle: bool = False
+
+  @property
+  def adapter_name(self) -> str:
+    return self.name or os.path.basename(os.path.normpath(os.fspath(self.path)))
+
+  def load(self) -> LoraAdapter:
+    return load_peft_adapter(self.path, name=self.adapter_name, allow_pickle=self.allow_pickle)
+
+  def peek(self) -> tuple[set[str], int]:
+    """(short module names it adapts, its largest rank), from adapter_config.json and
+    the safetensors header alone (no tensor is read); a pickled adapter is loaded."""
+    folder, name = os.fspath(self.path), self.adapter_name
+    where = f"adapter {name!r} ({folder})"
+    st_path = os.path.join(folder, SAFETENSORS_NAME)
+    if not os.path.isdir(folder) or not os.path.exists(st_path):
+      a = self.load()  # its own clear error, or a pickled adapter
+      return {m.module for m in a.modules.values()}, max(m.r for m in a.modules.values())
+    config = _read_config(folder, where)
+    _check_config(config, where)
+    try:
+      with safe_open(st_path, framework="numpy") as f:
+        keys = list(f.keys())  # noqa: SIM118 (safe_open has no iter)
+    except Exception as e:
+      _fail(where, f"{st_path} is unreadable or truncated ({e})")
+    paths = {m.group("module") for k in keys if (m := _KEY.match(k))}
+    if not paths:
+      _fail(where, f"{st_path} holds no lora_A / lora_B weights")
+    ranks = [_module_rank_alpha(config, p)[0] for p in paths]
+    return {_parse_module_path(p)[1] for p in paths}, max(ranks)
+
+
 def _write_tensors(tensors: dict[str, np.ndarray], path: str) -> None:
   # PEFT writes format=pt; transformers' loaders check it.
   save_file(tensors, path, metadata={"format": "pt"})

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from lag_jax.adapters import load_peft_adapter
+from lag_jax.adapters import AdapterFile
 from lag_jax.errors import ConfigError, some_names
 from lag_jax.integrity import folder_digest
 from lag_jax.jobs import common
@@ -84,8 +84,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> AdapterLibrary:
     todo = list(digests)
 
   t0 = time.perf_counter()
-  adapters = [load_peft_adapter(by_name[n], allow_pickle=config.allow_pickle) for n in todo]
-  metadata = {a.name: {"source_digest": digests[n]} for a, n in zip(adapters, todo, strict=True)}
+  # Read chunk by chunk while the signatures are computed (AdapterFile): peak memory is
+  # the library plus one chunk, not every adapter as well.
+  adapters = [AdapterFile(by_name[n], allow_pickle=config.allow_pickle) for n in todo]
+  metadata = {
+    a.adapter_name: {"source_digest": digests[n]} for a, n in zip(adapters, todo, strict=True)
+  }
   t1 = time.perf_counter()
   dtype = common.dtype("dtype", config.dtype)
   if existing is None:
@@ -97,7 +101,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> AdapterLibrary:
   t2 = time.perf_counter()
   library.save(library_dir)
   logging.info(
-    "Read %d adapters in %.1fs; signatures in %.1fs (%.1f adapters/s); library of "
+    "Listed %d adapters in %.1fs; read them and computed signatures in %.1fs "
+    "(%.1f adapters/s); library of "
     "%d adapters, %.1f MB, saved to %s",
     len(adapters),
     t1 - t0,

@@ -150,6 +150,7 @@ class Resident:
     arrows: [I, N] each adapter's top right singular vector, as columns.
     valid: [N] bool, False for adapters that are all zero here.
     shared: [I, Q] input directions that routing ignores, or None.
+    index: the arrows' ArrowIndex (routing/arrow_index.py), or None.
   """
 
   a: jax.Array
@@ -157,6 +158,7 @@ class Resident:
   arrows: jax.Array
   valid: jax.Array
   shared: jax.Array | None = None
+  index: object | None = None
 
   @classmethod
   def of(cls, weights, module: str, layer=None) -> Resident:
@@ -164,12 +166,15 @@ class Resident:
     as given when the layer axis is already scanned away."""
     pick = (lambda x: x) if layer is None else (lambda x: x[layer])  # noqa: E731
     shared = None if weights.shared is None else pick(weights.shared[module])
+    index = getattr(weights, "index", None)
+    index = None if index is None else jax.tree.map(pick, index[module])
     return cls(
       a=pick(weights.a[module]),
       b=pick(weights.b[module]),
       arrows=pick(weights.arrows[module]),
       valid=pick(weights.valid[module]),
       shared=shared,
+      index=index,
     )
 
   @property
@@ -326,8 +331,36 @@ def _rerank(pl, x, xr, cand, ok_c, project, want_margin: bool) -> Decision:
   return Decision(sel, ok, z_sel, cand, n2, m)
 
 
-def lag_decision(pl, x, xr, allowed, k: int, projection: str, want_margin=False) -> Decision:
-  """The paper's LAG: Arrow filter to k candidates, SpectR rerank among them."""
+def lag_decision(
+  pl, x, xr, allowed, k: int, projection: str, want_margin=False, probe: int = 0
+) -> Decision:
+  """The paper's LAG: Arrow filter to k candidates, SpectR rerank among them.
+
+  ``probe`` > 0: the Arrow filter scans only the arrows of the ``probe`` best clusters
+  of the library's arrow index (routing/arrow_index.py; all of them: the exact filter).
+  """
+  if probe:
+    index = getattr(pl, "index", None)
+    if index is None:
+      raise ValueError(
+        "index_probe > 0 needs a resident library with an arrow index "
+        "(AdapterLibrary.with_index); this library has none"
+      )
+    from lag_jax.routing.arrow_index import search
+
+    vals, cand = search(index, x, allowed, min(k, pl.n), probe)
+    d = _rerank(
+      pl,
+      x,
+      xr,
+      jnp.maximum(cand, 0),
+      jnp.isfinite(vals),
+      lambda xs: _project_tokens(pl, xs, jnp.maximum(cand, 0), jnp.isfinite(vals), projection),
+      want_margin,
+    )
+    if want_margin and d.margin is None:
+      d = dataclasses.replace(d, margin=margin(vals[..., :2], jnp.isfinite(vals[..., :2])))
+    return d
   scores = arrow_scores(x, pl, allowed)
   vals, cand = pl.top_k(scores, k)  # [B, T, C]
   need = jnp.isfinite(vals)
@@ -525,7 +558,7 @@ def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C: 
   if name == "vote" and not resolving:
     return (*apply_mixture(pl, x, allowed, state["ids"], state["weights"]), None, None)
   if not spec.request_level:  # the paper's LAG
-    d = lag_decision(pl, x, xr, allowed, spec.k, spec.projection)
+    d = lag_decision(pl, x, xr, allowed, spec.k, spec.projection, probe=spec.index_probe)
     return (*apply_hard(pl, d), None, None)
   # vote's first pass, request_lag, gated lag.
   first_pass = resolving and spec.votes  # votes need the ungated decisions
@@ -540,7 +573,9 @@ def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C: 
       req_cand = state["cand"][:, :k]
     d = rerank_decision(pl, x, xr, allowed, req_cand, want_margin)
   else:
-    d = lag_decision(pl, x, xr, allowed, spec.k, spec.projection, want_margin)
+    d = lag_decision(
+      pl, x, xr, allowed, spec.k, spec.projection, want_margin, probe=spec.index_probe
+    )
   delta, chosen = apply_hard(pl, d)
   if first_pass:
     return delta, chosen, tally(spec, d, span, layer, pl.size), cand_out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,7 +33,7 @@ from absl import logging
 from flax import struct
 
 from lag_jax.adapters.apply import validate_adapter
-from lag_jax.adapters.peft_io import AdapterError, LoraAdapter
+from lag_jax.adapters.peft_io import AdapterError, AdapterFile, LoraAdapter
 from lag_jax.errors import IntegrityError
 from lag_jax.integrity import array_digests, first_nonfinite, folder_mode
 from lag_jax.model.config import ModelConfig
@@ -56,6 +57,9 @@ class LibraryWeights:
   # [L, I, Q] per module: input directions removed from routing (routing/shared.py);
   # None for a library as built. Never saved: derived from the others on demand.
   shared: dict[str, jax.Array] | None = None
+  # Per module, an ArrowIndex with a leading L axis (routing/arrow_index.py): the
+  # clusters an index_probe router scans. None until ``with_index``; never saved.
+  index: dict | None = None
 
 
 class NamedAdapters:
@@ -122,7 +126,7 @@ class AdapterLibrary(NamedAdapters):
   @classmethod
   def from_adapters(
     cls,
-    adapters: Sequence[LoraAdapter],
+    adapters: Sequence[LoraAdapter | AdapterFile],
     config: ModelConfig,
     modules: Sequence[str] | None = None,
     *,
@@ -134,7 +138,10 @@ class AdapterLibrary(NamedAdapters):
     """Validates, spectrally aligns and stacks adapters.
 
     Args:
-      adapters: PEFT adapters of the base model ``config``.
+      adapters: PEFT adapters of the base model ``config``, in memory or as
+        ``AdapterFile``s: those are read chunk by chunk, so that peak memory is the
+        library plus one chunk, not every adapter as well (their names, modules and
+        ranks come from their config and safetensors header first).
       modules: the modules the library adapts; default every module any adapter
         covers. Adapter weights on other modules are an error (they would be lost).
       rank: pad to this rank (>= every adapter's rank); default the largest.
@@ -144,28 +151,40 @@ class AdapterLibrary(NamedAdapters):
     adapters = list(adapters)
     if not adapters:
       raise AdapterError("cannot build a library from an empty list of adapters")
-    names = [a.name for a in adapters]
+    names, covers, ranks = [], [], []
+    for a in adapters:
+      if isinstance(a, AdapterFile):
+        names.append(a.adapter_name)
+        mods, r = a.peek()
+        unknown = sorted(mods - set(ADAPTABLE_MODULES))
+        if unknown:
+          raise AdapterError(
+            f"adapter {a.adapter_name!r} ({a.path}) adapts {unknown}; a library holds "
+            f"adapters of {list(ADAPTABLE_MODULES)}"
+          )
+      else:
+        validate_adapter(a, config)
+        names.append(a.name)
+        mods, r = {m.module for m in a.modules.values()}, max(m.r for m in a.modules.values())
+      covers.append(mods)
+      ranks.append(r)
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
       raise AdapterError(f"duplicate adapter names in the library: {dupes}")
-    for a in adapters:
-      validate_adapter(a, config)
-    covered = sorted(
-      {m.module for a in adapters for m in a.modules.values()}, key=ADAPTABLE_MODULES.index
-    )
+    covered = sorted(set().union(*covers), key=_module_order)
     modules = tuple(covered if modules is None else modules)
-    for a in adapters:
-      extra = sorted({m.module for m in a.modules.values()} - set(modules))
+    for name, mods in zip(names, covers, strict=True):
+      extra = sorted(mods - set(modules))
       if extra:
         raise AdapterError(
-          f"adapter {a.name!r} adapts {extra}, which this library "
+          f"adapter {name!r} adapts {extra}, which this library "
           f"(modules {list(modules)}) does not hold"
         )
-    ranks = tuple(max(m.r for m in a.modules.values()) for a in adapters)
+    ranks = tuple(ranks)
     rank = max(ranks) if rank is None else rank
     if rank < max(ranks):
       raise AdapterError(f"library rank {rank} is below adapter rank {max(ranks)}")
-    arrays = {m: _align_module(adapters, config, m, rank, dtype, chunk) for m in modules}
+    arrays = _align_modules(adapters, names, config, modules, rank, dtype, chunk)
     weights = LibraryWeights(
       **{f: {m: arrays[m][f] for m in modules} for f in ("a", "b", "arrows", "valid")}
     )
@@ -173,7 +192,7 @@ class AdapterLibrary(NamedAdapters):
 
   def add(
     self,
-    adapters: Sequence[LoraAdapter],
+    adapters: Sequence[LoraAdapter | AdapterFile],
     config: ModelConfig,
     *,
     chunk: int = 64,
@@ -186,7 +205,7 @@ class AdapterLibrary(NamedAdapters):
       adapters,
       config,
       self.modules,
-      rank=max(self.rank, *(max(m.r for m in a.modules.values()) for a in adapters)),
+      rank=max(self.rank, *(_adapter_rank(a) for a in adapters)),
       dtype=next(iter(self.weights.a.values())).dtype,
       chunk=chunk,
       metadata=metadata,
@@ -194,6 +213,11 @@ class AdapterLibrary(NamedAdapters):
     clash = sorted(set(self.names) & set(new.names))
     if clash:
       raise AdapterError(f"adapters already in the library: {clash}")
+    if self.weights.shared is not None or self.weights.index is not None:
+      raise ValueError(
+        "add: add adapters to the library as built, then remove shared directions or "
+        "build the arrow index again"
+      )
     old = self if new.rank == self.rank else self._padded(new.rank)
     w = jax.tree.map(
       lambda x, y, axis: jnp.concatenate([x, y], axis=axis),
@@ -221,6 +245,8 @@ class AdapterLibrary(NamedAdapters):
     w = self.weights
     if w.shared is not None:
       raise ValueError("subset: take the subset before removing shared directions")
+    if w.index is not None:
+      raise ValueError("subset: take the subset before building the arrow index")
     take = lambda x, axis: jnp.take(x, jnp.asarray(idx), axis=axis)  # noqa: E731
     weights = LibraryWeights(
       a={m: take(x, 1) for m, x in w.a.items()},
@@ -236,6 +262,32 @@ class AdapterLibrary(NamedAdapters):
       weights=weights,
       metadata={n: self.metadata[n] for n in names if n in self.metadata},
     )
+
+  def with_index(
+    self, clusters: int | None = None, *, capacity_factor: float = 1.5, seed: int = 0
+  ) -> AdapterLibrary:
+    """The library with a sublinear arrow index per layer and module
+    (routing/arrow_index.py), for routers with ``RouterSpec(index_probe=P)``.
+
+    Args:
+      clusters: J per layer and module (default about sqrt(N)).
+      capacity_factor: members per cluster at most ceil(factor * N / J).
+      seed: the clustering's initial draw.
+    """
+    from lag_jax.routing.arrow_index import build_index, default_clusters
+
+    n = len(self)
+    g = min(clusters or default_clusters(n), n)
+    cap = max(1, math.ceil(capacity_factor * n / g))
+    index = {}
+    for m in self.modules:
+      arrows = np.asarray(self.weights.arrows[m])  # [L, I, N]
+      valid = np.asarray(self.weights.valid[m])  # [L, N]
+      per = [
+        build_index(arrows[i], valid[i], g, capacity=cap, seed=seed) for i in range(arrows.shape[0])
+      ]
+      index[m] = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per)
+    return dataclasses.replace(self, weights=self.weights.replace(index=index))
 
   def _padded(self, rank: int) -> AdapterLibrary:
     pad = rank - self.rank
@@ -259,6 +311,11 @@ class AdapterLibrary(NamedAdapters):
       raise ValueError(
         "this library has shared directions removed (routing/shared.py: its arrows are "
         "derived); save the library as built and apply remove_shared after loading"
+      )
+    if self.weights.index is not None:
+      raise ValueError(
+        "this library carries an arrow index (derived, not saved): save the library "
+        "as built and call with_index after loading"
       )
 
     path = os.path.abspath(os.fspath(path))
@@ -542,37 +599,71 @@ def _raw_factors(adapters, config: ModelConfig, module: str, rank: int):
   return a, b
 
 
-def _align_module(adapters, config, module, rank, dtype, chunk):
-  """Signatures of one module for all adapters, chunk by chunk.
+def _module_order(m: str):
+  """The model's module order; names it does not know last (validation names them)."""
+  return (ADAPTABLE_MODULES.index(m), m) if m in ADAPTABLE_MODULES else (len(ADAPTABLE_MODULES), m)
 
-  The results are written into preallocated host arrays in the library's layout and
-  dtype, so peak memory is the finished library plus one chunk (concatenating the
-  chunks and swapping axes afterwards held three copies of the library).
+
+def _adapter_rank(a) -> int:
+  return a.peek()[1] if isinstance(a, AdapterFile) else max(m.r for m in a.modules.values())
+
+
+def _align_modules(adapters, names, config, modules, rank, dtype, chunk):
+  """Signatures of every module for all adapters, chunk by chunk.
+
+  Each chunk of adapters is read (``AdapterFile``s are loaded from disk only now),
+  aligned module by module, written into preallocated host arrays in the library's
+  layout and dtype, and dropped; each module's arrays then move to the device one
+  module at a time. Peak memory is the finished library, one chunk and one module's
+  device copy (concatenating chunks and swapping axes afterwards held three copies
+  of the library; holding every input adapter, a fourth).
   """
   L, n = config.num_hidden_layers, len(adapters)
-  O, I = config.module_shapes()[module]
   np_dtype = jnp.dtype(dtype)
-  a_all = np.empty((L, n, rank, I), np_dtype)
-  b_all = np.empty((L, n, O, rank), np_dtype)
-  valid_all = np.empty((L, n), bool)
+  out = {}
+  for m in modules:
+    O, I = config.module_shapes()[m]
+    out[m] = {
+      "a": np.empty((L, n, rank, I), np_dtype),
+      "b": np.empty((L, n, O, rank), np_dtype),
+      "valid": np.empty((L, n), bool),
+    }
   for start in range(0, n, chunk):
     stop = min(start + chunk, n)
-    a, b = _raw_factors(adapters[start:stop], config, module, rank)
-    a_star, b_star, _, valid = spectral_align_stacked(jnp.asarray(a), jnp.asarray(b))
-    del a, b
-    # Copying the chunk out also waits for it before more work is dispatched: with
-    # many batched LAPACK calls in flight, the CPU runtime was seen to stall under load.
-    a_all[:, start:stop] = np.asarray(a_star.astype(dtype)).swapaxes(0, 1)
-    b_all[:, start:stop] = np.asarray(b_star.astype(dtype)).swapaxes(0, 1)
-    valid_all[:, start:stop] = np.asarray(valid).swapaxes(0, 1)
-    del a_star, b_star, valid
-  arrows = np.ascontiguousarray(a_all[:, :, 0, :].swapaxes(1, 2))  # [L, I, N]
-  return {
-    "a": jnp.asarray(a_all),  # [L, N, R, I]
-    "b": jnp.asarray(b_all),  # [L, N, O, R]
-    "arrows": jnp.asarray(arrows),
-    "valid": jnp.asarray(valid_all),  # [L, N]
-  }
+    part = []
+    for a, name in zip(adapters[start:stop], names[start:stop], strict=True):
+      if isinstance(a, AdapterFile):
+        a = a.load()
+        validate_adapter(a, config)
+        extra = sorted({x.module for x in a.modules.values()} - set(modules))
+        if extra or max(x.r for x in a.modules.values()) > rank:
+          raise AdapterError(
+            f"adapter {name!r} ({a.name}) changed on disk while the library was built"
+          )
+      part.append(a)
+    for m in modules:
+      a, b = _raw_factors(part, config, m, rank)
+      a_star, b_star, _, valid = spectral_align_stacked(jnp.asarray(a), jnp.asarray(b))
+      del a, b
+      # Copying the chunk out also waits for it before more work is dispatched: with
+      # many batched LAPACK calls in flight, the CPU runtime was seen to stall under load.
+      out[m]["a"][:, start:stop] = np.asarray(a_star.astype(dtype)).swapaxes(0, 1)
+      out[m]["b"][:, start:stop] = np.asarray(b_star.astype(dtype)).swapaxes(0, 1)
+      out[m]["valid"][:, start:stop] = np.asarray(valid).swapaxes(0, 1)
+      del a_star, b_star, valid
+    del part
+  arrays = {}
+  for m in modules:
+    host = out.pop(m)
+    arrows = np.ascontiguousarray(host["a"][:, :, 0, :].swapaxes(1, 2))  # [L, I, N]
+    arrays[m] = {
+      "a": jnp.asarray(host.pop("a")),  # [L, N, R, I]
+      "b": jnp.asarray(host.pop("b")),  # [L, N, O, R]
+      "arrows": jnp.asarray(arrows),
+      "valid": jnp.asarray(host.pop("valid")),  # [L, N]
+    }
+    del host, arrows
+  return arrays
 
 
 def peft_adapter_dirs(folder: str | os.PathLike) -> list[str]:
@@ -596,8 +687,6 @@ def load_or_build_library(
   """A saved library (a folder with library.json), or one built from a folder whose
   sub-folders are PEFT adapters (named after their folders). ``host``: a saved
   library's arrays stay in host memory (see ``AdapterLibrary.load``)."""
-  from lag_jax.adapters.peft_io import load_peft_adapter
-
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise AdapterError(f"{path}: no such library folder")
@@ -609,5 +698,6 @@ def load_or_build_library(
       f"{path}: neither a saved library (library.json) nor a folder of "
       "PEFT adapters (sub-folders with adapter_config.json)"
     )
-  adapters = [load_peft_adapter(d, allow_pickle=allow_pickle) for d in dirs]
+  # Streamed from disk chunk by chunk (AdapterFile): never every adapter in memory.
+  adapters = [AdapterFile(d, allow_pickle=allow_pickle) for d in dirs]
   return AdapterLibrary.from_adapters(adapters, config, modules)

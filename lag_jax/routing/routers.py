@@ -94,6 +94,10 @@ class RouterSpec:
       vote pass over the prompt first) or ``none`` (no adapter).
     layers: ``lag`` / ``request_lag``: the layers that route per token; the others
       use the fallback (None: all).
+    index_probe: ``lag`` (and the LAG decisions of ``vote`` / ``request_lag``): 0
+      scans every arrow (exact); P > 0 scans only the members of the P clusters of the
+      library's arrow index whose centroids score highest (sublinear in N;
+      ``AdapterLibrary.with_index``; probing every cluster is the exact filter).
   """
 
   name: str = "lag"
@@ -107,6 +111,7 @@ class RouterSpec:
   gate: float = 0.0
   gate_fallback: str = "vote"
   layers: tuple[int, ...] | None = None
+  index_probe: int = 0
 
   def __post_init__(self):
     if self.name not in ROUTERS:
@@ -129,6 +134,8 @@ class RouterSpec:
         raise ValueError(
           f"router {self.name!r}: {field} {value!r} is unknown; choose from {choices}"
         )
+    if self.index_probe < 0:
+      raise ValueError(f"router {self.name!r}: index_probe must be >= 0, got {self.index_probe}")
     if self.vote_top_m < 1:
       raise ValueError(f"router {self.name!r}: vote_top_m must be >= 1, got {self.vote_top_m}")
     if not 0.0 <= self.gate < 1.0:

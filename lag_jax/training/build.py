@@ -44,7 +44,7 @@ from absl import logging
 from flax import nnx
 
 from lag_jax.adapters.apply import stack_lora
-from lag_jax.adapters.peft_io import LoraAdapter, load_peft_adapter, save_peft_adapter
+from lag_jax.adapters.peft_io import AdapterFile, LoraAdapter, save_peft_adapter
 from lag_jax.errors import some_names
 from lag_jax.files import write_json_atomic
 from lag_jax.integrity import array_digests, fingerprint
@@ -287,7 +287,7 @@ def build_library(
     ):
       return
     t0 = time.perf_counter()
-    adapters = [load_peft_adapter(folder(i), name=names[i]) for i in addable]
+    adapters = [AdapterFile(folder(i), name=names[i]) for i in addable]  # read in chunks
     meta = {names[i]: metadata(i, rows_of(i)) for i in addable}
     if library is None:
       library = AdapterLibrary.from_adapters(

@@ -1,0 +1,180 @@
+"""A sublinear arrow index: score cluster centroids, then scan only the best clusters.
+
+Arrow's filter reads every adapter's arrow for every token (the n*h term of the cost
+model): at N = 10^5 that is the whole decode step. The index clusters one layer and
+module's arrows and, per token, scans only the members of the ``probe`` clusters whose
+centroids score highest; probing every cluster gives the exact top-k.
+
+Sign invariance: an arrow's sign is arbitrary (|arrow . x| is what routes), so +a and -a
+belong together. Clustering is spherical k-means on the axis each arrow spans: an arrow
+joins the centroid c with the largest |a . c|, and a centroid is the top eigenvector of
+its members' sum of a a^T (one power iteration per round, from the previous centroid).
+Clusters are capped at ``capacity`` members (static shapes for the TPU: every cluster is
+a padded block), assigned greedily by affinity.
+
+Arrays, per layer and module (leading L axis in a library):
+  centroids [J, I] unit vectors; members [J, W] int32 adapter ids (-1: padding);
+  member_arrows [J, W, I] the members' arrows in cluster order (what a probe reads).
+Shape letters as docs/method.md: B batch, T tokens, I input width, N adapters,
+J clusters, W members per cluster (capacity); ``probe`` clusters are scanned per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+_NEG = -jnp.inf
+
+
+@struct.dataclass
+class ArrowIndex:
+  """One layer and module's index (or stacked over layers with a leading L axis)."""
+
+  centroids: jax.Array  # [J, I]
+  members: jax.Array  # [J, W] int32, -1 padding
+  member_arrows: jax.Array  # [J, W, I]
+
+  @property
+  def clusters(self) -> int:
+    return self.members.shape[-2]
+
+  @property
+  def capacity(self) -> int:
+    return self.members.shape[-1]
+
+
+def default_clusters(n: int) -> int:
+  """About sqrt(N) clusters: centroid scoring and one cluster's scan cost the same."""
+  return max(1, int(round(math.sqrt(n))))
+
+
+def build_index(
+  arrows: np.ndarray,
+  valid: np.ndarray | None = None,
+  clusters: int | None = None,
+  *,
+  capacity: int | None = None,
+  capacity_factor: float = 1.5,
+  rounds: int = 8,
+  seed: int = 0,
+) -> ArrowIndex:
+  """Clusters the arrows of one layer and module.
+
+  Args:
+    arrows: [I, N] (the library's layout: one arrow per column).
+    valid: [N] bool; invalid adapters (all-zero here) join no cluster.
+    clusters: J (default ``default_clusters(N)``).
+    capacity: W, members at most per cluster (default ceil(capacity_factor * N / J);
+      a library's layers share one W so that they stack).
+    capacity_factor: see capacity.
+    rounds: k-means rounds.
+    seed: the initial centroids' draw.
+  Returns:
+    The ArrowIndex (numpy-backed; jnp.asarray it or stack it as needed).
+  """
+  a = np.asarray(arrows, np.float32).T  # [N, I]
+  n, dim = a.shape
+  ok = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+  ids = np.flatnonzero(ok)
+  g = clusters or default_clusters(len(ids) or 1)
+  cap = capacity or max(1, math.ceil(capacity_factor * max(len(ids), 1) / g))
+  if cap * g < len(ids):
+    raise ValueError(f"build_index: {g} clusters of {cap} cannot hold {len(ids)} arrows")
+  x = a[ids]
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  x = x / np.maximum(norms, 1e-12)
+  rng = np.random.default_rng(seed)
+  # Initial centroids: g distinct arrows (random unit vectors for clusters beyond the
+  # arrows a layer has: they stay empty).
+  cent = rng.standard_normal((g, dim)).astype(np.float32)
+  cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+  take = min(g, len(x))
+  cent[:take] = x[rng.choice(len(x), take, replace=False)]
+  assign = np.zeros(len(x), np.int64)
+  for _ in range(rounds):
+    assign = _balanced_assign(np.abs(x @ cent.T), cap)
+    for c in range(g):
+      mem = x[assign == c]
+      if not len(mem):
+        continue
+      # Top eigenvector of sum a a^T, one power step from the current centroid.
+      v = mem.T @ (mem @ cent[c])
+      nv = np.linalg.norm(v)
+      cent[c] = v / nv if nv > 1e-12 else mem[0]
+  assign = _balanced_assign(np.abs(x @ cent.T), cap)
+  members = np.full((g, cap), -1, np.int32)
+  fill = np.zeros(g, np.int64)
+  for j, c in enumerate(assign):
+    members[c, fill[c]] = ids[j]
+    fill[c] += 1
+  member_arrows = np.where(members[..., None] >= 0, a[np.maximum(members, 0)], 0.0).astype(
+    np.asarray(arrows).dtype
+  )
+  return ArrowIndex(centroids=cent.astype(np.float32), members=members, member_arrows=member_arrows)
+
+
+def _balanced_assign(affinity: np.ndarray, cap: int) -> np.ndarray:
+  """Each row to its best column with room (capacity ``cap``), strongest pairs first."""
+  n, g = affinity.shape
+  order = np.argsort(-affinity, axis=1)
+  best = affinity[np.arange(n), order[:, 0]]
+  assign = np.full(n, -1, np.int64)
+  load = np.zeros(g, np.int64)
+  for i in np.argsort(-best, kind="stable"):
+    for c in order[i]:
+      if load[c] < cap:
+        assign[i] = c
+        load[c] += 1
+        break
+  return assign
+
+
+def search(index: ArrowIndex, x: jax.Array, allowed: jax.Array, k: int, probe: int):
+  """The top-k arrow scores among the members of each token's ``probe`` best clusters.
+
+  Args:
+    index: one layer and module's ArrowIndex.
+    x: [B, T, I] the module's input.
+    allowed: [B, N] bool, the adapters each request may use.
+    k: candidates.
+    probe: P clusters scanned per token (all of them: the exact top-k).
+  Returns:
+    (vals [B, T, k] float32 |arrow . x|, -inf where fewer than k allowed members were
+    scanned; ids [B, T, k] int32 adapter ids, -1 there). Ties: the lower id first.
+  """
+  J, W = index.members.shape
+  P = min(probe, J)
+  cs = jnp.abs(
+    jnp.einsum(
+      "bti,ji->btj", x, index.centroids.astype(x.dtype), preferred_element_type=jnp.float32
+    )
+  )
+  _, top_c = jax.lax.top_k(cs, P)  # [B, T, probe]
+  ids = index.members[top_c]  # [B, T, probe, W]
+  arrows = index.member_arrows[top_c]  # [B, T, probe, W, I]
+  s = jnp.abs(
+    jnp.einsum("btpwi,bti->btpw", arrows.astype(x.dtype), x, preferred_element_type=jnp.float32)
+  )
+  B, T = x.shape[:2]
+  ids = ids.reshape(B, T, P * W)
+  s = s.reshape(B, T, P * W)
+  ok = (ids >= 0) & jnp.take_along_axis(
+    allowed[:, None, :], jnp.clip(ids, 0, allowed.shape[-1] - 1), axis=2
+  )
+  s = jnp.where(ok, s, _NEG)
+  # Order by (score desc, id asc): sort candidates by id first, then a stable top-k.
+  by_id = jnp.argsort(jnp.where(ids >= 0, ids, jnp.iinfo(jnp.int32).max), axis=-1)
+  s = jnp.take_along_axis(s, by_id, axis=-1)
+  ids = jnp.take_along_axis(ids, by_id, axis=-1)
+  if k > P * W:  # fewer slots than candidates: pad with nothing
+    pad = ((0, 0), (0, 0), (0, k - P * W))
+    s, ids = jnp.pad(s, pad, constant_values=_NEG), jnp.pad(ids, pad, constant_values=-1)
+  vals, pos = jax.lax.top_k(s, k)
+  out = jnp.take_along_axis(ids, pos, axis=-1)
+  out = jnp.where(jnp.isfinite(vals), out, -1)
+  return vals, out.astype(jnp.int32)

@@ -1,0 +1,110 @@
+"""The sublinear arrow index (lag_jax/routing/arrow_index.py) against the exact scan."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lag_jax.routing import arrow_index as ai
+
+
+def _exact(arrows, x, allowed, k):
+  s = np.abs(np.einsum("bti,in->btn", x, arrows))
+  s = np.where(allowed[:, None, :], s, -np.inf)
+  order = np.argsort(-s, axis=-1, kind="stable")[..., :k]  # ties: lower id first
+  vals = np.take_along_axis(s, order, axis=-1)
+  return vals, np.where(np.isfinite(vals), order, -1)
+
+
+def _clustered(n, dim, groups, seed):
+  """Arrows around `groups` axes, with random signs (an arrow's sign is arbitrary)."""
+  rng = np.random.default_rng(seed)
+  axes = rng.standard_normal((groups, dim))
+  a = axes[rng.integers(0, groups, n)] + 0.3 * rng.standard_normal((n, dim))
+  a *= rng.choice([-1.0, 1.0], (n, 1))
+  a /= np.linalg.norm(a, axis=1, keepdims=True)
+  return a.T.astype(np.float32)  # [I, N]
+
+
+@pytest.mark.parametrize("n,g", [(97, 10), (200, 7)])
+def test_probing_every_cluster_is_the_exact_scan(n, g):
+  rng = np.random.default_rng(n)
+  arrows = rng.standard_normal((24, n)).astype(np.float32)
+  valid = rng.random(n) > 0.1
+  idx = ai.build_index(arrows, valid, clusters=g)
+  members = idx.members[idx.members >= 0]
+  assert sorted(members.tolist()) == np.flatnonzero(valid).tolist()  # each valid once
+  assert idx.members.shape[1] <= int(np.ceil(1.5 * valid.sum() / g))
+  x = rng.standard_normal((2, 3, 24)).astype(np.float32)
+  allowed = valid[None, :] & (rng.random((2, n)) > 0.2)
+  vals, ids = ai.search(idx, jnp.asarray(x), jnp.asarray(allowed), k=5, probe=g)
+  ev, eids = _exact(arrows, x, allowed, 5)
+  np.testing.assert_array_equal(np.asarray(ids), eids)
+  np.testing.assert_allclose(np.asarray(vals), ev, rtol=1e-5, atol=1e-6)
+
+
+def test_few_probes_find_the_top_k_of_clustered_arrows():
+  arrows = _clustered(2000, 32, 40, seed=0)
+  idx = ai.build_index(arrows, clusters=45)
+  rng = np.random.default_rng(1)
+  # Tokens near some adapter's axis (as a routed input is), signs random.
+  x = arrows.T[rng.integers(0, 2000, 64)] + 0.2 * rng.standard_normal((64, 32))
+  x = x[None].astype(np.float32)
+  allowed = np.ones((1, 2000), bool)
+  _, eids = _exact(arrows, x, allowed, 20)
+  _, ids = ai.search(idx, jnp.asarray(x), jnp.asarray(allowed), k=20, probe=8)
+  ids = np.asarray(ids)
+  recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(ids[0], eids[0])])
+  assert recall >= 0.95, recall
+  # The sign of an arrow does not move it to another cluster.
+  flipped = ai.build_index(arrows * np.where(np.arange(2000) % 2, -1, 1), clusters=45)
+  np.testing.assert_array_equal(flipped.members, idx.members)
+
+
+def test_fewer_slots_than_k_pads_with_nothing():
+  arrows = np.eye(4, 6, dtype=np.float32)  # 6 adapters, 2 of them all-zero
+  valid = np.abs(arrows).sum(0) > 0
+  idx = ai.build_index(arrows, valid, clusters=4)
+  x = jnp.ones((1, 1, 4), jnp.float32)
+  vals, ids = ai.search(idx, x, jnp.ones((1, 6), bool), k=8, probe=1)
+  found = int((np.asarray(ids) >= 0).sum())  # the probed cluster's members, then nothing
+  assert ids.shape == (1, 1, 8) and 1 <= found <= idx.capacity
+  assert np.all(np.isneginf(np.asarray(vals)[np.asarray(ids) < 0]))
+
+
+def test_a_library_router_with_the_index_equals_exact_lag_when_it_probes_everything():
+  """RouterSpec(index_probe=G) through the model equals exact LAG (the same adapters
+  per token, the same logits); a small probe runs; without an index it is an error."""
+  from flax import nnx
+
+  from lag_jax.model.transformer import MLP_MODULES, CausalLM
+  from lag_jax.routing.hook import RoutedAdapters, routed
+  from lag_jax.routing.library import AdapterLibrary
+  from lag_jax.routing.routers import RouterSpec
+  from lag_jax.testing import tiny_config
+  from lag_jax.testing.libraries import random_adapter
+
+  cfg = tiny_config()
+  adapters = [random_adapter(cfg, f"a{i}", 4, MLP_MODULES, seed=i) for i in range(23)]
+  lib = AdapterLibrary.from_adapters(adapters, cfg)
+  indexed = lib.with_index(clusters=5)
+  g = indexed.weights.index["up_proj"].members.shape[1]
+  assert g == 5
+  model = CausalLM(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
+
+  def run(library, spec):
+    hook = RoutedAdapters((routed(library, 2, spec),))
+    logits, _, aux = model(tokens, lora=hook, return_aux=True)
+    return np.asarray(logits), aux
+
+  exact, aux_e = run(lib, RouterSpec("lag", k=3))
+  probed, aux_p = run(indexed, RouterSpec("lag", k=3, index_probe=5))
+  np.testing.assert_allclose(probed, exact, rtol=1e-5, atol=1e-5)
+  small, _ = run(indexed, RouterSpec("lag", k=3, index_probe=1))
+  assert np.isfinite(small).all()
+  with pytest.raises(ValueError, match="needs a resident library with an arrow index"):
+    run(lib, RouterSpec("lag", k=3, index_probe=2))
+  with pytest.raises(ValueError, match="index_probe must be >= 0"):
+    RouterSpec("lag", index_probe=-1)
+  with pytest.raises(ValueError, match="arrow index"):
+    indexed.save("/nonexistent/never")
