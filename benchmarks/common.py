@@ -224,7 +224,7 @@ class LoadMonitor:
     }
 
 
-def load_sentence(s: dict) -> str:
+def load_sentence(s: dict, peer: bool = True) -> str:
   """Markdown: the load around a comparison, and a warning when it was not quiet."""
   share = s.get("foreign_cpu_share")
   text = f"1-min load {s['load_avg_1min'][0]:.1f} before, {s['load_avg_1min'][1]:.1f} after; " + (
@@ -236,8 +236,12 @@ def load_sentence(s: dict) -> str:
   return (
     text + f". **Not a quiet machine** (thresholds: other processes <= "
     f"{100 * t['foreign_cpu_share']:.0f}% of the CPU, load before <= "
-    f"{t['load_before_per_core']} per core): the ratios against the peer are not "
-    "comparable; rerun on a quiet machine."
+    f"{t['load_before_per_core']} per core): "
+    + (
+      "the ratios against the peer are not comparable; rerun on a quiet machine."
+      if peer
+      else "timings are noisy; rerun on a quiet machine."
+    )
   )
 
 

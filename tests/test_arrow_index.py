@@ -108,3 +108,25 @@ def test_a_library_router_with_the_index_equals_exact_lag_when_it_probes_everyth
     RouterSpec("lag", index_probe=-1)
   with pytest.raises(ValueError, match="arrow index"):
     indexed.save("/nonexistent/never")
+
+
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 1e-2), ("int8", 1e-2)])
+def test_reduced_precision_arrows_score_close_to_float32(dtype, tol):
+  """Probing every cluster with bfloat16 / int8 (per-arrow scale) arrows: scores within
+  the storage's rounding of the exact ones, and nearly the same top-k."""
+  rng = np.random.default_rng(7)
+  arrows = rng.standard_normal((64, 300)).astype(np.float32)
+  arrows /= np.linalg.norm(arrows, axis=0, keepdims=True)
+  idx = ai.build_index(arrows, clusters=17, arrow_dtype=dtype)
+  assert idx.member_arrows.dtype == np.dtype(dtype if dtype == "int8" else jnp.bfloat16)
+  assert (idx.member_scales is not None) == (dtype == "int8")
+  x = rng.standard_normal((1, 50, 64)).astype(np.float32)
+  allowed = np.ones((1, 300), bool)
+  ev, eids = _exact(arrows, x, allowed, 20)
+  vals, ids = ai.search(idx, jnp.asarray(x), jnp.asarray(allowed), k=20, probe=17)
+  scale = np.linalg.norm(x, axis=-1, keepdims=True)  # |a . x| <= |x|
+  np.testing.assert_allclose(np.asarray(vals) / scale, ev / scale, atol=tol)
+  agree = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(np.asarray(ids)[0], eids[0])])
+  assert agree >= 0.9, agree
+  with pytest.raises(ValueError, match="arrow_dtype"):
+    ai.build_index(arrows, clusters=3, arrow_dtype="int4")

@@ -84,3 +84,12 @@ def test_load_monitor_sees_other_processes_and_not_its_own():
   with pytest.raises(SystemExit, match="not a quiet machine"):
     refuse_if_loaded(loaded, True, "bench")
   refuse_if_loaded(loaded, False, "bench")  # marked, not refused
+
+
+def test_arrow_index_benchmark_runs_small():
+  from benchmarks.arrow_index import main
+
+  r = main(["--ns=120", "--probes=11", "--dtypes=float32", "--reps=1", "--tokens=8", "--no-write"])
+  (row,) = r["rows"][:1]
+  (e,) = row["index"]
+  assert e["probe"] == 11 == e["clusters"] and e["recall"] == 1.0  # every cluster: exact

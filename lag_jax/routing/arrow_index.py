@@ -37,7 +37,8 @@ class ArrowIndex:
 
   centroids: jax.Array  # [J, I]
   members: jax.Array  # [J, W] int32, -1 padding
-  member_arrows: jax.Array  # [J, W, I]
+  member_arrows: jax.Array  # [J, W, I] float32, bfloat16 or int8
+  member_scales: jax.Array | None = None  # [J, W] float32 with int8 arrows
 
   @property
   def clusters(self) -> int:
@@ -62,6 +63,7 @@ def build_index(
   capacity_factor: float = 1.5,
   rounds: int = 8,
   seed: int = 0,
+  arrow_dtype: str = "float32",
 ) -> ArrowIndex:
   """Clusters the arrows of one layer and module.
 
@@ -74,6 +76,9 @@ def build_index(
     capacity_factor: see capacity.
     rounds: k-means rounds.
     seed: the initial centroids' draw.
+    arrow_dtype: how the members' arrows are stored, i.e. what a probe reads:
+      "float32", "bfloat16" (half the bytes) or "int8" (a quarter, with one float32
+      scale per arrow: max |a| / 127).
   Returns:
     The ArrowIndex (numpy-backed; jnp.asarray it or stack it as needed).
   """
@@ -112,10 +117,30 @@ def build_index(
   for j, c in enumerate(assign):
     members[c, fill[c]] = ids[j]
     fill[c] += 1
-  member_arrows = np.where(members[..., None] >= 0, a[np.maximum(members, 0)], 0.0).astype(
-    np.asarray(arrows).dtype
+  member_arrows = np.where(members[..., None] >= 0, a[np.maximum(members, 0)], 0.0)
+  member_arrows, scales = quantize(member_arrows.astype(np.float32), arrow_dtype)
+  return ArrowIndex(
+    centroids=cent.astype(np.float32),
+    members=members,
+    member_arrows=member_arrows,
+    member_scales=scales,
   )
-  return ArrowIndex(centroids=cent.astype(np.float32), members=members, member_arrows=member_arrows)
+
+
+ARROW_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def quantize(arrows: np.ndarray, dtype: str):
+  """(stored arrows, per-arrow scales or None) of float32 arrows [..., I]."""
+  if dtype == "float32":
+    return arrows, None
+  if dtype == "bfloat16":
+    return arrows.astype(jnp.bfloat16), None
+  if dtype == "int8":
+    scale = np.abs(arrows).max(axis=-1) / 127.0
+    q = np.round(arrows / np.maximum(scale, 1e-30)[..., None])
+    return np.clip(q, -127, 127).astype(np.int8), scale.astype(np.float32)
+  raise ValueError(f"arrow_dtype {dtype!r}: choose from {ARROW_DTYPES}")
 
 
 def _balanced_assign(affinity: np.ndarray, cap: int) -> np.ndarray:
@@ -160,6 +185,8 @@ def search(index: ArrowIndex, x: jax.Array, allowed: jax.Array, k: int, probe: i
   s = jnp.abs(
     jnp.einsum("btpwi,bti->btpw", arrows.astype(x.dtype), x, preferred_element_type=jnp.float32)
   )
+  if index.member_scales is not None:  # int8 arrows: one scale per arrow
+    s = s * index.member_scales[top_c]
   B, T = x.shape[:2]
   ids = ids.reshape(B, T, P * W)
   s = s.reshape(B, T, P * W)

@@ -264,7 +264,12 @@ class AdapterLibrary(NamedAdapters):
     )
 
   def with_index(
-    self, clusters: int | None = None, *, capacity_factor: float = 1.5, seed: int = 0
+    self,
+    clusters: int | None = None,
+    *,
+    capacity_factor: float = 1.5,
+    seed: int = 0,
+    arrow_dtype: str = "float32",
   ) -> AdapterLibrary:
     """The library with a sublinear arrow index per layer and module
     (routing/arrow_index.py), for routers with ``RouterSpec(index_probe=P)``.
@@ -273,6 +278,8 @@ class AdapterLibrary(NamedAdapters):
       clusters: J per layer and module (default about sqrt(N)).
       capacity_factor: members per cluster at most ceil(factor * N / J).
       seed: the clustering's initial draw.
+      arrow_dtype: the probed arrows' storage: float32, bfloat16 or int8 (with a
+        scale per arrow).
     """
     from lag_jax.routing.arrow_index import build_index, default_clusters
 
@@ -284,7 +291,8 @@ class AdapterLibrary(NamedAdapters):
       arrows = np.asarray(self.weights.arrows[m])  # [L, I, N]
       valid = np.asarray(self.weights.valid[m])  # [L, N]
       per = [
-        build_index(arrows[i], valid[i], g, capacity=cap, seed=seed) for i in range(arrows.shape[0])
+        build_index(arrows[i], valid[i], g, capacity=cap, seed=seed, arrow_dtype=arrow_dtype)
+        for i in range(arrows.shape[0])
       ]
       index[m] = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per)
     return dataclasses.replace(self, weights=self.weights.replace(index=index))
