@@ -56,7 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     "Vote(k=4),Vote-score(k=4),ReqLAG(k=4),"
     # The same with shared input directions removed (lag_jax/routing/shared.py).
     "Vote(k=4;removal=top:4),Vote-score(k=4;removal=top:4),"
-    "Vote-score(k=4;removal=top:16),ReqLAG(k=4;removal=top:4)"
+    "Vote-score(k=4;removal=top:16),ReqLAG(k=4;removal=top:4),"
+    # The paper's LAG through the sublinear arrow index (routing/arrow_index.py).
+    "LAG+index(k=20;probe=8)"
   )
   c.extra_methods = ""  # the request-level routers are in methods
   c.build_only = variant == "build"
@@ -70,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.k_sweep = "1"
     c.methods = (
       "Instr,Oracle,Task only,Arrow,LAG,RAG,PRAG,P-LAG,R-LAG,Vote(k=2),"
-      "Vote-score(k=2;removal=top:1)"
+      "Vote-score(k=2;removal=top:1),LAG+index(k=2;probe=1)"
     )
   elif variant not in ("build", "tune", "test"):
     raise ValueError(f"configs/n1000.py: unknown variant {arg!r} (use build, tune, test or tiny)")

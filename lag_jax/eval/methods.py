@@ -94,6 +94,9 @@ BEYOND = {
   "LAG+gate": ("lag", (("gate", 0.1),), ()),
   "LAG+gate-none": ("lag", (("gate", 0.1), ("gate_fallback", "none")), ()),
   "LAG+edges": ("lag", (("layers", "edges"),), ()),
+  # The Arrow filter through the library's arrow index (routing/arrow_index.py): the
+  # probe=P best clusters of about sqrt(N) are scanned instead of every arrow.
+  "LAG+index": ("lag", (("index_probe", 8),), ()),
   # With RAG (the BM25-top page in the prompt) or PRAG (its adapter) for knowledge and
   # the router for the task library, as the paper's R-LAG / P-LAG.
   "R-Vote": ("vote", (), (("knowledge", "none"), ("rag", True))),
@@ -110,6 +113,7 @@ _OPTION_FIELDS = {
   "gate": "gate",
   "fallback": "gate_fallback",
   "layers": "layers",
+  "probe": "index_probe",
 }
 
 
@@ -124,7 +128,8 @@ def method_from_name(name: str, k: int = 20) -> Method:
   """A request-level method from its name: ``Base`` or ``Base(opt=v;opt=v)`` with Base
   a BEYOND key and options k, span, task_span (question | user | prompt), score
   (count | score), scope (all | module), m, gate, fallback (vote | none), layers and
-  vote_layers ('0-9+20-29', or 'edges': the first and last third), removal (the
+  vote_layers ('0-9+20-29', or 'edges': the first and last third), probe (clusters
+  of the arrow index scanned; LAG+index), removal (the
   knowledge library's shared-direction removal: none | mean:Q | top:Q); e.g.
   ``LAG+gate(k=4;gate=0.2;fallback=none)`` or
   ``Vote-score(k=4;removal=top:4)``. Options are separated by ';' since method
@@ -161,13 +166,15 @@ def method_from_name(name: str, k: int = 20) -> Method:
       raise ValueError(f"method {name!r}: {key} {kw[key]!r} is not one of {SPANS}")
   opts = tuple(sorted(options.items()))
   kw = {"knowledge": router, "task": router, **kw}
-  method = Method(name, knowledge_options=opts, task_options=opts, **kw)
+  # The arrow index is the knowledge library's (the task library has a few adapters).
+  task_opts = tuple((f, v) for f, v in opts if f != "index_probe")
+  method = Method(name, knowledge_options=opts, task_options=task_opts, **kw)
   router_spec(router, method.k, opts, 3)  # checks the options now
   return method
 
 
 def _option_value(field: str, value: str):
-  if field == "vote_top_m":
+  if field in ("vote_top_m", "index_probe"):
     return int(value)
   if field == "gate":
     return float(value)
