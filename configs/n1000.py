@@ -12,7 +12,8 @@ Then evaluate on the tuning half (every choice is made there) and report the tes
 
 Both read the libraries from ``library_root`` ($HOME/lag_n1000 by default). The curve
 over N is one experiment: the same library's first N adapters, with questions on those
-N people (--config.synthetic.library_size=16, 64 or 250).
+N people (--config.synthetic.library_size=16, 64 or 250, each into its own workdir),
+gathered by ``python -m lag_jax.eval.curve --run=16:<workdir> ... --out=<folder>``.
 
 The world: configs/demo.py's synthetic people, 1,000 of them, one article each. The
 knowledge adapters are the demo's (rank 6 on gate/up/down, trained on each article and

@@ -1,0 +1,106 @@
+"""Score and routing accuracy against library size: evaluate runs at several N, as one.
+
+  python -m lag_jax.eval.curve --run=16:$HOME/lag_n1000/n16 --run=64:$HOME/lag_n1000/n64 \\
+      --run=250:$HOME/lag_n1000/n250 --run=1000:$HOME/lag_n1000/test --out=results/n1000/curve
+
+Each run is an ``evaluate`` workdir (its results.json) of the same library at another
+size (configs/n1000.py with ``--config.synthetic.library_size=N``). Writes curve.json,
+curve.md (per method: AVG % of oracle and per-request routing accuracy at each N) and
+curve.png (both against N, log scale) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from lag_jax.files import write_json_atomic
+
+
+def collect(runs: dict[int, dict]) -> dict:
+  """{method: {N: {"avg", "request_acc", "entity_acc"}}} from results.json dicts by N."""
+  out: dict[str, dict] = {}
+  for n, report in sorted(runs.items()):
+    got = report.get("num_knowledge_adapters")
+    if got is not None and got != n:
+      raise ValueError(f"the run given for N = {n} evaluated {got} knowledge adapters")
+    for method, row in report["methods"].items():
+      out.setdefault(method, {})[n] = {
+        "avg": row.get("normalized", {}).get("AVG"),
+        "request_acc": row.get("routing_request_acc"),
+        "entity_acc": row.get("routing_entity_acc"),
+      }
+  return out
+
+
+def markdown(curve: dict, sizes: list[int]) -> str:
+  def pct(v):
+    return "-" if v is None else f"{100 * v:.1f}"
+
+  head = "| Method | " + " | ".join(f"AVG N={n}" for n in sizes)
+  head += " | " + " | ".join(f"requests N={n}" for n in sizes) + " |"
+  lines = [head, "|---" * (1 + 2 * len(sizes)) + "|"]
+  for method, by_n in curve.items():
+    cells = [pct(by_n.get(n, {}).get("avg")) for n in sizes]
+    cells += [pct(by_n.get(n, {}).get("request_acc")) for n in sizes]
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(curve: dict, sizes: list[int], path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  for method, by_n in curve.items():
+    ns = [n for n in sizes if by_n.get(n, {}).get("avg") is not None]
+    if ns and method != "Oracle":
+      ax1.plot(ns, [100 * by_n[n]["avg"] for n in ns], "o-", label=method)
+    ns = [n for n in sizes if by_n.get(n, {}).get("request_acc") is not None]
+    if ns:
+      ax2.plot(ns, [100 * by_n[n]["request_acc"] for n in ns], "o-", label=method)
+  for ax, label in ((ax1, "AVG score (% of oracle)"), (ax2, "requests routed to gold (%)")):
+    ax.set_xscale("log")
+    ax.set_xlabel("N (knowledge adapters)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  ax1.legend(fontsize=6, ncol=2)
+  ax2.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--run", action="append", required=True, help="N:workdir (repeat)")
+  p.add_argument("--out", required=True)
+  args = p.parse_args(argv)
+  runs = {}
+  for spec in args.run:
+    n, _, folder = spec.partition(":")
+    path = os.path.join(os.path.expanduser(folder), "results.json")
+    if not n.isdigit() or not os.path.exists(path):
+      raise SystemExit(f"--run {spec!r}: want N:workdir with a results.json ({path})")
+    with open(path) as f:
+      runs[int(n)] = json.load(f)
+  sizes = sorted(runs)
+  curve = collect(runs)
+  os.makedirs(args.out, exist_ok=True)
+  write_json_atomic(
+    os.path.join(args.out, "curve.json"), {"sizes": sizes, "runs": args.run, "methods": curve}
+  )
+  md = markdown(curve, sizes)
+  with open(os.path.join(args.out, ".curve.md.tmp"), "w") as f:
+    f.write(md)
+  os.replace(os.path.join(args.out, ".curve.md.tmp"), os.path.join(args.out, "curve.md"))
+  plot(curve, sizes, os.path.join(args.out, "curve.png"))
+  print(md)
+  return curve
+
+
+if __name__ == "__main__":
+  main()
