@@ -753,7 +753,7 @@ class OffloadedLibrary(NamedAdapters):
 
   Build with ``OffloadedLibrary.open(folder, ...)`` (memory-mapped files) or
   ``OffloadedLibrary.from_library(library, ...)`` (host numpy copies); route with
-  ``routed_offloaded`` and the ``OffloadedAdapters`` hook.
+  ``routed(offloaded_library, B, spec)`` and the ``RoutedAdapters`` hook.
 
   Attributes:
     names, modules, rank, ranks, metadata: as in the AdapterLibrary.
