@@ -123,8 +123,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Route the knowledge library with shared input directions removed from its
   # signatures: none | mean:S | top:S (lag_jax/routing/shared.py).
   c.shared_removal = "none"
-  c.methods = ""  # comma-separated subset of method names; default all
-  # Run beside them: the best data-free router (request-level vote over the question's
+  c.methods = ""  # comma-separated method names, exactly; default the standard ones and:
+  # the best data-free router beside them (request-level vote over the question's
   # tokens with shared input directions removed; RESULTS.md, "N = 1,000").
   c.extra_methods = "Vote(k=4;removal=top:4)"
   c.build_only = False  # train the libraries (resumably) and stop: <workdir>/build.json

@@ -283,10 +283,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ](config, root)
   methods = harness.standard_methods(config.k, with_spectr=len(documents) <= config.spectr_max_n)
   methods = [m for m in methods if config.retrieval or not m.needs_retrieval]
+  # methods: exactly these (standard names, and request-level ones: harness.BEYOND);
+  # else the standard ones plus extra_methods.
   also = common.split_list(config.get("extra_methods", ""))
-  if config.methods or also:  # standard names, and request-level ones (harness.BEYOND)
-    wanted = common.split_list(config.methods) or [m.name for m in methods]
-    wanted += [n for n in also if n not in wanted]
+  if config.methods or also:
+    wanted = common.split_list(config.methods) or [m.name for m in methods] + also
     methods = harness.select_methods(methods, wanted, config.k, config.retrieval)
   folder = common.resolve_checkpoint(config.checkpoint)
   model = load_model(folder)
