@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -619,22 +620,21 @@ def _adapter_rank(a) -> int:
 def _align_modules(adapters, names, config, modules, rank, dtype, chunk):
   """Signatures of every module for all adapters, chunk by chunk.
 
-  Each chunk of adapters is read (``AdapterFile``s are loaded from disk only now),
-  aligned module by module, written into preallocated host arrays in the library's
-  layout and dtype, and dropped; each module's arrays then move to the device one
-  module at a time. Peak memory is the finished library, one chunk and one module's
-  device copy (concatenating chunks and swapping axes afterwards held three copies
-  of the library; holding every input adapter, a fourth).
+  The library's arrays are allocated once on the device, in its layout and dtype; each
+  chunk of adapters is read (``AdapterFile``s are loaded from disk only now), aligned
+  module by module, written into them in place (a donated update) and dropped. Peak
+  memory is the finished library plus one chunk's work (building host copies first
+  held the library twice, and concatenating chunks three times; holding every input
+  adapter, once more).
   """
   L, n = config.num_hidden_layers, len(adapters)
-  np_dtype = jnp.dtype(dtype)
   out = {}
   for m in modules:
     O, I = config.module_shapes()[m]
     out[m] = {
-      "a": np.empty((L, n, rank, I), np_dtype),
-      "b": np.empty((L, n, O, rank), np_dtype),
-      "valid": np.empty((L, n), bool),
+      "a": jnp.zeros((L, n, rank, I), dtype),
+      "b": jnp.zeros((L, n, O, rank), dtype),
+      "valid": jnp.zeros((L, n), bool),
     }
   for start in range(0, n, chunk):
     stop = min(start + chunk, n)
@@ -653,25 +653,32 @@ def _align_modules(adapters, names, config, modules, rank, dtype, chunk):
       a, b = _raw_factors(part, config, m, rank)
       a_star, b_star, _, valid = spectral_align_stacked(jnp.asarray(a), jnp.asarray(b))
       del a, b
-      # Copying the chunk out also waits for it before more work is dispatched: with
-      # many batched LAPACK calls in flight, the CPU runtime was seen to stall under load.
-      out[m]["a"][:, start:stop] = np.asarray(a_star.astype(dtype)).swapaxes(0, 1)
-      out[m]["b"][:, start:stop] = np.asarray(b_star.astype(dtype)).swapaxes(0, 1)
-      out[m]["valid"][:, start:stop] = np.asarray(valid).swapaxes(0, 1)
+      out[m] = _write_chunk(out[m], a_star, b_star, valid, jnp.int32(start))
+      # Waiting for the chunk before more work is dispatched: with many batched LAPACK
+      # calls in flight, the CPU runtime was seen to stall under load.
+      jax.block_until_ready(out[m])
       del a_star, b_star, valid
     del part
-  arrays = {}
-  for m in modules:
-    host = out.pop(m)
-    arrows = np.ascontiguousarray(host["a"][:, :, 0, :].swapaxes(1, 2))  # [L, I, N]
-    arrays[m] = {
-      "a": jnp.asarray(host.pop("a")),  # [L, N, R, I]
-      "b": jnp.asarray(host.pop("b")),  # [L, N, O, R]
-      "arrows": jnp.asarray(arrows),
-      "valid": jnp.asarray(host.pop("valid")),  # [L, N]
-    }
-    del host, arrows
-  return arrays
+  return {m: {**v, "arrows": _arrows_of(v["a"])} for m, v in out.items()}
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_chunk(out, a_star, b_star, valid, start):
+  """out's a [L, N, R, I], b [L, N, O, R], valid [L, N] with the chunk's [c, L, ...]
+  written at adapters start.. (in place: ``out`` is donated)."""
+  zero = jnp.int32(0)
+
+  def put(x, chunk_x):
+    chunk_x = jnp.swapaxes(chunk_x, 0, 1).astype(x.dtype)
+    return jax.lax.dynamic_update_slice(x, chunk_x, (zero, start) + (zero,) * (x.ndim - 2))
+
+  return {"a": put(out["a"], a_star), "b": put(out["b"], b_star), "valid": put(out["valid"], valid)}
+
+
+@jax.jit
+def _arrows_of(a):
+  """Each adapter's arrow, the first row of its A*: [L, N, R, I] -> [L, I, N]."""
+  return jnp.swapaxes(a[:, :, 0, :], 1, 2)
 
 
 def peft_adapter_dirs(folder: str | os.PathLike) -> list[str]:
