@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import LoadMonitor, load_sentence, log, time_fn
+from benchmarks.common import LoadMonitor, command_line, load_sentence, log, time_fn
 from benchmarks.sections import write_section
 from lag_jax.routing import arrow_index as ai
 
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
             )
         rows.append(row)
   result = {
-    "command": "python -m benchmarks.arrow_index " + " ".join(argv or []),
+    "command": command_line("benchmarks.arrow_index"),
     "k": k,
     "tokens": args.tokens,
     "rows": rows,

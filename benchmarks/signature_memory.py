@@ -26,7 +26,7 @@ import shutil
 import statistics
 import time
 
-from benchmarks.common import log, run_child
+from benchmarks.common import command_line, log, run_child
 from benchmarks.sections import write_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
       "runs": len(runs),
     }
   result = {
-    "command": "python -m benchmarks.signature_memory " + " ".join(argv or []),
+    "command": command_line("benchmarks.signature_memory"),
     "n": args.n,
     "chunk": args.chunk,
     "rows": rows,
