@@ -71,9 +71,13 @@ def test_fewer_slots_than_k_pads_with_nothing():
   assert np.all(np.isneginf(np.asarray(vals)[np.asarray(ids) < 0]))
 
 
-def test_a_library_router_with_the_index_equals_exact_lag_when_it_probes_everything():
-  """RouterSpec(index_probe=G) through the model equals exact LAG (the same adapters
-  per token, the same logits); a small probe runs; without an index it is an error."""
+def test_a_library_router_with_the_index_equals_exact_lag_when_it_probes_everything(
+  monkeypatch,
+):
+  """RouterSpec(index_probe=J) through the model equals exact LAG (the same logits)
+  when the index path runs (forced here: probing everything never pays off, so the
+  router would scan exactly anyway); a decode-sized probe takes the index path by
+  itself; without an index it is an error."""
   from flax import nnx
 
   from lag_jax.model.transformer import MLP_MODULES, CausalLM
@@ -94,14 +98,32 @@ def test_a_library_router_with_the_index_equals_exact_lag_when_it_probes_everyth
 
   def run(library, spec):
     hook = RoutedAdapters((routed(library, 2, spec),))
-    logits, _, aux = model(tokens, lora=hook, return_aux=True)
-    return np.asarray(logits), aux
+    logits, _ = model(tokens, lora=hook)
+    return np.asarray(logits), None
 
-  exact, aux_e = run(lib, RouterSpec("lag", k=3))
-  probed, aux_p = run(indexed, RouterSpec("lag", k=3, index_probe=5))
+  calls = []
+  real_search = ai.search
+
+  def counting(*args, **kw):
+    calls.append(args[1].shape)
+    return real_search(*args, **kw)
+
+  monkeypatch.setattr(ai, "search", counting)
+  exact, _ = run(lib, RouterSpec("lag", k=3))
+  assert not calls
+  monkeypatch.setattr(ai, "pays_off", lambda *a: True)
+  probed, _ = run(indexed, RouterSpec("lag", k=3, index_probe=5))
+  assert calls  # the index path ran
   np.testing.assert_allclose(probed, exact, rtol=1e-5, atol=1e-5)
-  small, _ = run(indexed, RouterSpec("lag", k=3, index_probe=1))
-  assert np.isfinite(small).all()
+  monkeypatch.undo()
+  monkeypatch.setattr(ai, "search", counting)
+  calls.clear()
+  run(indexed, RouterSpec("lag", k=3, index_probe=5))
+  assert not calls  # 14 tokens x 5 clusters of 7 > 23 arrows: the exact scan
+  one = jnp.asarray(tokens[:1, :1])
+  hook = RoutedAdapters((routed(indexed, 1, RouterSpec("lag", k=3, index_probe=1)),))
+  logits, _ = model(one, lora=hook)
+  assert calls and np.isfinite(np.asarray(logits)).all()  # 1 token x 1 x 7 < 23
   with pytest.raises(ValueError, match="needs a resident library with an arrow index"):
     run(lib, RouterSpec("lag", k=3, index_probe=2))
   with pytest.raises(ValueError, match="index_probe must be >= 0"):

@@ -159,6 +159,15 @@ def _balanced_assign(affinity: np.ndarray, cap: int) -> np.ndarray:
   return assign
 
 
+def pays_off(index: ArrowIndex, tokens: int, probe: int, n: int) -> bool:
+  """Whether probing reads fewer arrows than the exact scan: ``tokens`` (B * T) times
+  ``probe`` clusters of W members against N. A prefill of many tokens gathers each
+  token's clusters separately, which can cost more than one dense scan (and memory
+  [B, T, probe, W, I]); there the exact scan is used, which is never less accurate."""
+  J, W = index.members.shape[-2:]
+  return tokens * min(probe, J) * W < n
+
+
 def search(index: ArrowIndex, x: jax.Array, allowed: jax.Array, k: int, probe: int):
   """The top-k arrow scores among the members of each token's ``probe`` best clusters.
 

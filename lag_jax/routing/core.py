@@ -346,9 +346,12 @@ def lag_decision(
         "index_probe > 0 needs a resident library with an arrow index "
         "(AdapterLibrary.with_index); this library has none"
       )
-    from lag_jax.routing.arrow_index import search
+    from lag_jax.routing.arrow_index import pays_off, search
 
-    vals, cand = search(index, x, allowed, min(k, pl.n), probe)
+    # Decode probes; a long prefill scans exactly (cheaper there, and exact).
+    probe = probe if pays_off(index, x.shape[0] * x.shape[1], probe, pl.n) else 0
+  if probe:
+    vals, cand = search(pl.index, x, allowed, min(k, pl.n), probe)
     d = _rerank(
       pl,
       x,

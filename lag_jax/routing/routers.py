@@ -97,7 +97,9 @@ class RouterSpec:
     index_probe: ``lag`` (and the LAG decisions of ``vote`` / ``request_lag``): 0
       scans every arrow (exact); P > 0 scans only the members of the P clusters of the
       library's arrow index whose centroids score highest (sublinear in N;
-      ``AdapterLibrary.with_index``; probing every cluster is the exact filter).
+      ``AdapterLibrary.with_index``; probing every cluster is the exact filter). Where
+      probing would read more arrows than the exact scan (a long prefill: B * T *
+      probe * W >= N), the exact scan runs instead.
   """
 
   name: str = "lag"
