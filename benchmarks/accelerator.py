@@ -48,20 +48,10 @@ BEGIN, END = "<!-- accelerator:begin -->", "<!-- accelerator:end -->"
 
 def _shapes(smoke: bool) -> dict:
   from benchmarks.routing.setup import SHAPES
-  from lag_jax.model.config import ModelConfig
+  from lag_jax.testing import tiny_config
 
   if smoke:
-    tiny = ModelConfig(
-      model_type="llama",
-      vocab_size=512,
-      hidden_size=64,
-      intermediate_size=128,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      head_dim=16,
-      tie_word_embeddings=True,
-    )
+    tiny = tiny_config(vocab_size=512)
     return {"smollm2": tiny, "llama3b": tiny}
   import dataclasses
 

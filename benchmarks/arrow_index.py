@@ -18,7 +18,6 @@ index returns. Results: benchmarks/results/arrow_index.json and a BENCHMARKS.md 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -28,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import LoadMonitor, command_line, load_sentence, log, time_fn
-from benchmarks.sections import write_section
+from benchmarks.sections import publish
 from lag_jax.routing import arrow_index as ai
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- arrow_index:begin -->", "<!-- arrow_index:end -->"
 WIDTHS = (576, 576, 1536)  # gate_proj, up_proj, down_proj inputs
 
@@ -150,11 +148,7 @@ def main(argv=None) -> dict:
   md = markdown(result)
   print(md)
   if not args.no_write:
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "arrow_index.json"), "w") as f:
-      json.dump(result, f, indent=1)
-      f.write("\n")
-    write_section(os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"), md, BEGIN, END)
+    publish("arrow_index", result, md, BEGIN, END)
   return result
 
 

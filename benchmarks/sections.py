@@ -22,3 +22,13 @@ def write_section(path: str, section: str, begin: str, end: str, header: str = "
   tmp = p.with_name(f".{p.name}.tmp")
   tmp.write_text(text)
   os.replace(tmp, p)
+
+
+def publish(name: str, result: dict, section: str, begin: str, end: str) -> None:
+  """A benchmark's results: benchmarks/results/<name>.json and its BENCHMARKS.md section."""
+  import json
+
+  here = pathlib.Path(__file__).resolve().parent
+  (here / "results").mkdir(exist_ok=True)
+  (here / "results" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+  write_section(str(here.parent / "BENCHMARKS.md"), section, begin, end)

@@ -27,9 +27,8 @@ import statistics
 import time
 
 from benchmarks.common import command_line, log, run_child
-from benchmarks.sections import write_section
+from benchmarks.sections import publish
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- signature_memory:begin -->", "<!-- signature_memory:end -->"
 
 
@@ -141,11 +140,7 @@ def main(argv=None) -> dict:
   md = markdown(result)
   print(md)
   if not args.no_write:
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "signature_memory.json"), "w") as f:
-      json.dump(result, f, indent=1)
-      f.write("\n")
-    write_section(os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"), md, BEGIN, END)
+    publish("signature_memory", result, md, BEGIN, END)
   return result
 
 

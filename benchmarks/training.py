@@ -28,9 +28,8 @@ import time
 import numpy as np
 
 from benchmarks.common import command_line, log, run_child
-from benchmarks.sections import write_section
+from benchmarks.sections import publish
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- training:begin -->", "<!-- training:end -->"
 T = 128
 DEFAULT_VARIANTS = "f32:s8,f32:s4,f32:s16,f32:s8:onehot,bf16:s8"
@@ -227,15 +226,7 @@ def main(argv=None) -> dict:
   }
   print(_markdown(result))
   if not args.no_write:
-    import json
-
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "training.json"), "w") as f:
-      json.dump(result, f, indent=1)
-      f.write("\n")
-    write_section(
-      os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"), _markdown(result), BEGIN, END
-    )
+    publish("training", result, _markdown(result), BEGIN, END)
   return result
 
 

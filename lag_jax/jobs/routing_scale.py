@@ -61,6 +61,19 @@ def pick_requests(examples, names: list[str], limit: int, seed: int):
   return pool
 
 
+def _routing_setting(model, tokenizer, library, batch_size: int) -> harness.Setting:
+  """The knowledge library alone, prefill and one generated token: routing is measured."""
+  return harness.Setting(
+    model=model,
+    tokenizer=tokenizer,
+    knowledge=library,
+    task=None,
+    documents=[],
+    max_new_tokens=1,
+    batch_size=batch_size,
+  )
+
+
 def _analyse(config, world, full, examples, model, tokenizer, workdir) -> dict:
   """The vote taken apart (lag_jax/eval/routing_analysis.py) at ``analysis_sizes``:
   per-token choices of ``analysis_router`` over the same requests as the table,
@@ -91,15 +104,7 @@ def _analyse(config, world, full, examples, model, tokenizer, workdir) -> dict:
       lib = remove_shared(lib, spec)[0]
     reqs = pick_requests(examples, list(lib.names), config.max_requests, config.synthetic.seed)
     gold = [lib.names.index(ex.provenance[0]) for ex in reqs]
-    setting = harness.Setting(
-      model=model,
-      tokenizer=tokenizer,
-      knowledge=lib,
-      task=None,
-      documents=[],
-      max_new_tokens=1,
-      batch_size=config.batch_size,
-    )
+    setting = _routing_setting(model, tokenizer, lib, config.batch_size)
     r = harness.run_method(setting, method(name, config.k), reqs, gold, None, None, True)
     a = routing_analysis.analyse(r.routing_ids, gold, list(lib.names), attributes)
     out[n] = a
@@ -229,15 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         removed.setdefault(spec, {})[str(n)] = {
           m: float(np.mean(v[:, 0])) for m, v in shared.leading.items()
         }
-      setting = harness.Setting(
-        model=model,
-        tokenizer=tokenizer,
-        knowledge=lib_v,
-        task=None,
-        documents=[],
-        max_new_tokens=1,
-        batch_size=config.batch_size,
-      )
+      setting = _routing_setting(model, tokenizer, lib_v, config.batch_size)
       for name, k, label in todo:
         r = harness.run_method(setting, method(name, k), reqs, gold, None, None)
         entity_acc, by_layer = harness.routing_accuracy(r.routing, "entity")

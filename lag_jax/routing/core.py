@@ -339,6 +339,7 @@ def lag_decision(
   ``probe`` > 0: the Arrow filter scans only the arrows of the ``probe`` best clusters
   of the library's arrow index (routing/arrow_index.py; all of them: the exact filter).
   """
+  index = None
   if probe:
     index = getattr(pl, "index", None)
     if index is None:
@@ -349,23 +350,21 @@ def lag_decision(
     from lag_jax.routing.arrow_index import pays_off, search
 
     # Decode probes; a long prefill scans exactly (cheaper there, and exact).
-    probe = probe if pays_off(index, x.shape[0] * x.shape[1], probe, pl.n) else 0
-  if probe:
-    vals, cand = search(pl.index, x, allowed, min(k, pl.n), probe)
-    d = _rerank(
-      pl,
-      x,
-      xr,
-      jnp.maximum(cand, 0),
-      jnp.isfinite(vals),
-      lambda xs: _project_tokens(pl, xs, jnp.maximum(cand, 0), jnp.isfinite(vals), projection),
-      want_margin,
-    )
-    if want_margin and d.margin is None:
-      d = dataclasses.replace(d, margin=margin(vals[..., :2], jnp.isfinite(vals[..., :2])))
-    return d
-  scores = arrow_scores(x, pl, allowed)
-  vals, cand = pl.top_k(scores, k)  # [B, T, C]
+    if not pays_off(index, x.shape[0] * x.shape[1], probe, pl.n):
+      index = None
+  if index is not None:
+
+    def top(c):
+      vals, ids = search(index, x, allowed, min(c, pl.n), probe)
+      return vals, jnp.maximum(ids, 0)  # -1 (nothing found) is masked by vals = -inf
+
+  else:
+    scores = arrow_scores(x, pl, allowed)
+
+    def top(c):
+      return pl.top_k(scores, c)
+
+  vals, cand = top(k)  # [B, T, C]
   need = jnp.isfinite(vals)
   d = _rerank(
     pl,
@@ -376,8 +375,8 @@ def lag_decision(
     lambda xs: _project_tokens(pl, xs, cand, need, projection),
     want_margin,
   )
-  if want_margin and d.margin is None:  # k = 1 is Arrow: its margin is the scores' top 2
-    top2, _ = pl.top_k(scores, 2)
+  if want_margin and d.margin is None:  # k = 1 is Arrow: its margin is the filter's top 2
+    top2, _ = top(2)
     d = dataclasses.replace(d, margin=margin(top2, jnp.isfinite(top2)))
   return d
 
