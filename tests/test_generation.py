@@ -66,8 +66,9 @@ def _random_lora(model, rank=2, seed=0):
   return lora
 
 
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
 @pytest.mark.parametrize("case", ["llama", "llama_lora", "mistral_window"])
-def test_cached_decode_matches_uncached_forward(tmp_path, llama, case):
+def test_cached_decode_matches_uncached_forward(tmp_path, llama, case, layer_loop):
   if case == "mistral_window":
     # A window shorter than prompt + generation, so decode must mask old slots.
     tiny_hf_model(arch="mistral", attention="gqa", sliding_window=5).save_pretrained(tmp_path)
@@ -75,7 +76,9 @@ def test_cached_decode_matches_uncached_forward(tmp_path, llama, case):
   else:
     _, model = llama
   lora = _random_lora(model) if case == "llama_lora" else None
-  out = generate(model, PROMPTS, max_new_tokens=8, lora=lora, return_logits=True)
+  out = generate(
+    model, PROMPTS, max_new_tokens=8, lora=lora, return_logits=True, layer_loop=layer_loop
+  )
   graphdef, params = nnx.split(model)
   for b, prompt in enumerate(PROMPTS):
     new = out.tokens[b]
@@ -310,10 +313,18 @@ def _forward_aux(graphdef, params, tokens, hook):
   return nnx.merge(graphdef, params)(tokens, lora=hook, return_aux=True)[2]
 
 
-def test_routing_telemetry_is_position_indexed(llama):
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_routing_telemetry_is_position_indexed(llama, layer_loop):
   _, model = llama
   tags = jnp.asarray([5, 6, 7], jnp.int32)
-  out = generate(model, PROMPTS, max_new_tokens=6, lora=_ProbeHook(tags), return_routing=True)
+  out = generate(
+    model,
+    PROMPTS,
+    max_new_tokens=6,
+    lora=_ProbeHook(tags),
+    return_routing=True,
+    layer_loop=layer_loop,
+  )
   routing = out.routing["q_proj"]  # [3, L, S]: three prompts, the padding row dropped
   assert routing.shape[:2] == (3, model.config.num_hidden_layers)
   graphdef, params = nnx.split(model)
@@ -322,3 +333,19 @@ def test_routing_telemetry_is_position_indexed(llama):
     ref = _forward_aux(graphdef, params, np.asarray([fed], np.int32), _ProbeHook(tags[b : b + 1]))
     np.testing.assert_array_equal(routing[b, :, : len(fed)], np.asarray(ref["q_proj"])[:, 0])
     assert (routing[b, :, len(fed) :] == -1).all()  # never fed: still the fill value
+
+
+def test_unrolled_decode_follows_new_weights(tmp_path):
+  """The per-layer weight copies are rebuilt when the model's weights change."""
+  tiny_hf_model(arch="llama", attention="gqa").save_pretrained(tmp_path)
+  model = load_model(tmp_path)
+  before = generate(model, PROMPTS, max_new_tokens=6, return_logits=True, layer_loop="unrolled")
+  w = model.model.layers.mlp.down_proj.weight
+  w.value = w.value * 3.0
+  after = generate(model, PROMPTS, max_new_tokens=6, return_logits=True, layer_loop="unrolled")
+  scan = generate(model, PROMPTS, max_new_tokens=6, return_logits=True, layer_loop="scan")
+  for b in range(len(PROMPTS)):
+    np.testing.assert_allclose(after.logits[b], scan.logits[b], atol=1e-4, rtol=0)
+    assert not np.allclose(after.logits[b], before.logits[b], atol=1e-3)
+  with pytest.raises(ValueError, match="layer_loop"):
+    generate(model, PROMPTS, max_new_tokens=2, layer_loop="loop")

@@ -13,6 +13,11 @@ query can attend to it (the causal mask hides the later padding slots).
 Weights are arguments of the jitted functions (``nnx.split`` once per call,
 ``nnx.merge`` inside the trace), never closed-over constants that XLA would
 spend minutes constant-folding.
+
+On CPU the decode loop runs the layers unrolled over per-layer copies of their
+weights (``layer_loop``; ``transformer.unstack_layers``): XLA:CPU copies each
+scanned slice of the stacked weights before its dot, which at batch 1 is a third
+of the step. The copies are made once per model and kept while it lives.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import dataclasses
 import functools
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +41,7 @@ from lag_jax import distributed
 from lag_jax.generation.sampling import Greedy, Sampler
 from lag_jax.model.kv_cache import KVCache
 from lag_jax.model.layers import RequestLevelHook
-from lag_jax.model.transformer import CausalLM
+from lag_jax.model.transformer import CausalLM, unstack_layers
 
 # Steps of 1.5x and 2x alternately: a prompt pads by at most a third (prefill is
 # compute-bound on CPU: with powers of two, 68-token prompts padded to 128), at the
@@ -80,7 +86,8 @@ class SamplingState:
       next step feeds): prompt length + step - 1.
     lengths: [B] int32 new tokens per sequence so far, a stop token included.
     done: [B] bool, the sequence emitted a stop token (or is batch padding).
-    cache: the KVCache, k and v [L, B, K, S, E] with S = P + F slots.
+    cache: the KVCache, k and v [L, B, K, S, E] with S = P + F slots (or L
+      per-layer [B, K, S, E] arrays for the unrolled decode loop).
     rng: PRNG key, split once per step.
     step: [] int32 columns of ``tokens`` filled so far (the same for all rows).
     logits: [B, F, V] float32 logits each new token was sampled from, or None
@@ -168,6 +175,7 @@ def _pad_stop_tokens(stop_tokens: Sequence[int]) -> np.ndarray:
     "record_logits",
     "record_routing",
     "resolve",
+    "per_layer_cache",
   ),
 )
 def _prefill(
@@ -186,6 +194,7 @@ def _prefill(
   record_logits: bool,
   record_routing: bool,
   resolve: bool = False,
+  per_layer_cache: bool = False,
 ):
   """Runs the prompts and samples the first new token.
 
@@ -196,6 +205,9 @@ def _prefill(
     stop_tokens: [num_stop] int32, -1 padded.
     resolve: the hook computes request-level routing state in this pass
       (``RoutedAdapters.split_aux``).
+    per_layer_cache: return the cache as per-layer arrays (``KVCache.unstacked``),
+      for the unrolled decode loop: its attention then reads each layer's cache in
+      place instead of a slice copied out of the stack every step.
   Returns:
     the SamplingState; with ``resolve``, (SamplingState, the hook's request state).
   """
@@ -232,6 +244,8 @@ def _prefill(
   recorded = None
   if record_logits:
     recorded = jnp.zeros((B, F, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+  if per_layer_cache:
+    cache = cache.unstacked()
   state = SamplingState(
     tokens=jnp.full((B, F), PAD_ID, jnp.int32).at[:, 0].set(first),
     positions=prompt_lengths.astype(jnp.int32),
@@ -248,14 +262,26 @@ def _prefill(
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("state",))
 def _decode(
-  graphdef, params, lora, state: SamplingState, stop_tokens, max_new_tokens, *, sampler: Sampler
+  graphdef,
+  params,
+  lora,
+  state: SamplingState,
+  stop_tokens,
+  max_new_tokens,
+  layer_params=None,
+  *,
+  sampler: Sampler,
 ) -> SamplingState:
-  """Feeds [B, 1] tokens until max_new_tokens columns are filled or all are done."""
+  """Feeds [B, 1] tokens until max_new_tokens columns are filled or all are done.
+
+  ``layer_params``: per-layer weights (``unstack_layers``) for the unrolled layer
+  loop, or None for the scan."""
   TRACE_COUNTS["decode"] += 1
   logging.info(
-    "Compiling decode loop for tokens %s, cache %s, %s",
+    "Compiling decode loop for tokens %s, cache length %d, %s layers, %s",
     state.tokens.shape,
-    state.cache.k.shape,
+    state.cache.length,
+    "scanned" if layer_params is None else "unrolled",
     sampler,
   )
 
@@ -265,7 +291,14 @@ def _decode(
   def body(s: SamplingState) -> SamplingState:
     model = nnx.merge(graphdef, params)
     last = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)  # [B, 1]
-    out = model(last, s.positions[:, None], s.cache, lora, return_aux=s.routing is not None)
+    out = model(
+      last,
+      s.positions[:, None],
+      s.cache,
+      lora,
+      return_aux=s.routing is not None,
+      layer_params=layer_params,
+    )
     logits, cache = out[0][:, 0], out[1]  # logits [B, V]
     routing = s.routing
     if routing is not None:
@@ -311,6 +344,7 @@ def generate(
   return_logits: bool = False,
   return_routing: bool = False,
   batch_sharding: jax.sharding.NamedSharding | None = None,
+  layer_loop: str = "auto",
 ) -> GenerationOutput:
   """Generates up to ``max_new_tokens`` new tokens after each prompt.
 
@@ -339,6 +373,13 @@ def generate(
       ``NamedSharding(mesh, P('data'))``: the batch is padded to a multiple of the
       split and each process places only its own devices' rows of the prompts.
       Default: the inputs are replicated.
+    layer_loop: how decode runs the layers: "scan" (over the stacked weights;
+      compile time flat in depth), "unrolled" (over per-layer copies of the
+      weights, made once per model and kept while it lives: no per-step slice
+      copies on CPU, at the price of that memory and of compile time growing with
+      depth), or "auto": unrolled on a single-process CPU run whose adapters, if
+      any, are fixed LoRA weights, else scan. Prefill always scans (it is
+      compute-bound).
   Raises:
     ValueError: no prompts, an empty prompt, ids outside the vocabulary, or a
       prompt that with max_new_tokens exceeds max_position_embeddings (naming the
@@ -395,6 +436,7 @@ def generate(
     lora = lora.for_prompts(np.arange(P)[None, :] < real_lengths[:, None])
   graphdef, params = nnx.split(model)
   cache_dtype = jnp.dtype(cache_dtype or model.dtype)
+  layer_params = _layer_params(model, params, layer_loop, lora)
 
   t0 = time.perf_counter()
   prefill = functools.partial(
@@ -409,6 +451,7 @@ def generate(
     sampler=sampler,
     max_new_bucket=F,
     cache_dtype=cache_dtype,
+    per_layer_cache=layer_params is not None,
   )
   if passes:
     # Request-level routing: this prefill computes each request's state (votes,
@@ -428,7 +471,9 @@ def generate(
     )
   jax.block_until_ready(state)
   t1 = time.perf_counter()
-  state = _decode(graphdef, params, lora, state, stop, np.int32(max_new_tokens), sampler=sampler)
+  state = _decode(
+    graphdef, params, lora, state, stop, np.int32(max_new_tokens), layer_params, sampler=sampler
+  )
   # Rows split over several processes are gathered: every process gets them all.
   out_tokens, lengths, done, step = distributed.to_host(
     (state.tokens, state.lengths, state.done, state.step)
@@ -453,6 +498,34 @@ def generate(
     routing=routing,
     prefill_passes=max(passes, 1),
   )
+
+
+# model -> (its stacked layer leaves, their per-layer copies); rebuilt when any
+# leaf was replaced (e.g. after loading new weights into the same model).
+_UNSTACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layer_params(model: CausalLM, params, layer_loop: str, lora) -> tuple | None:
+  """The per-layer weights decode runs over, or None to scan (see ``generate``)."""
+  if layer_loop not in ("auto", "scan", "unrolled"):
+    raise ValueError(f"generate: layer_loop must be auto, scan or unrolled, got {layer_loop!r}")
+  if layer_loop == "auto":
+    leaf = jax.tree.leaves(params)[0]
+    cpu = all(d.platform == "cpu" for d in leaf.devices())
+    fixed = lora is None or isinstance(lora, dict)
+    layer_loop = "unrolled" if cpu and fixed and jax.process_count() == 1 else "scan"
+  if layer_loop == "scan":
+    return None
+  leaves = jax.tree.leaves(nnx.state(model.model.layers))
+  cached = _UNSTACKED.get(model)
+  if (
+    cached is None
+    or len(cached[0]) != len(leaves)
+    or any(a is not b for a, b in zip(cached[0], leaves, strict=True))
+  ):
+    cached = (leaves, unstack_layers(model))
+    _UNSTACKED[model] = cached
+  return cached[1]
 
 
 def _batch_parts(sharding: jax.sharding.NamedSharding) -> int:

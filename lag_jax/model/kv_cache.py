@@ -20,6 +20,11 @@ class KVCache:
   Heads come before slots so that each (b, k) pair's keys are one contiguous
   [S, E] matrix: the attention dots then need no transposed copy of the cache.
 
+  In the decoder's unrolled layer loop (``CausalLM.__call__(layer_params=...)``)
+  k and v may instead be tuples of L per-layer [B, K, S, E] arrays
+  (``unstacked()``): each layer's attention then reads its own array rather than
+  a slice copied out of the stack.
+
   Slot j of sequence b holds position j. A sequence's valid slots are those at
   positions <= the query's own position: the causal mask is all the bookkeeping
   needed, because decode overwrites padding slots before it can see them.
@@ -35,7 +40,13 @@ class KVCache:
 
   @property
   def length(self) -> int:
-    return self.k.shape[3]
+    return self.k[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[3]
+
+  def unstacked(self) -> KVCache:
+    """The same cache as L per-layer [B, K, S, E] arrays (copies)."""
+    if isinstance(self.k, tuple):
+      return self
+    return KVCache(k=tuple(self.k), v=tuple(self.v))
 
 
 def write(stack: jax.Array, layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
@@ -47,3 +58,9 @@ def write(stack: jax.Array, layer: jax.Array, new: jax.Array, positions: jax.Arr
   """
   b = jnp.arange(new.shape[0])[:, None]  # [B, 1], broadcast against positions [B, T]
   return stack.at[layer, b, :, positions].set(new.astype(stack.dtype), unique_indices=True)
+
+
+def write_layer(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+  """One layer's cache [B, K, S, E] <- new [B, T, K, E] at slots positions [B, T]."""
+  b = jnp.arange(new.shape[0])[:, None]
+  return cache.at[b, :, positions].set(new.astype(cache.dtype), unique_indices=True)

@@ -3,9 +3,18 @@
 Module and parameter names copy HF (``model.layers.self_attn.q_proj.weight``), with
 the layers stacked on a leading L axis so that the forward pass is one
 ``lax.scan``: compile time stays flat in depth.
+
+The scan reads each layer's weights as a dynamic slice of the stack. TPU and GPU
+dots read such a slice in place; XLA:CPU copies it into a buffer first, so a
+memory-bound decode step reads and writes every weight once more than it needs
+to. ``unstack_layers`` gives the layers' parameters as L separate arrays and
+``__call__(..., layer_params=...)`` then runs them in an unrolled loop whose dots
+read their own arrays (compile time grows with depth: a CPU decode option).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +76,8 @@ class Attention(nnx.Module):
       positions: [B, T] positions of the queries.
       key_positions: [B, S] positions of the keys (S = T without a cache).
       key_valid: [B, S] bool, False for padding keys.
-      cache_k, cache_v: [L, B, K, S, E] the whole cache stack, or None.
+      cache_k, cache_v: [L, B, K, S, E] the whole cache stack, this layer's own
+        [B, K, S, E] cache (the unrolled loop over an unstacked cache), or None.
       adapters: this layer's adapter hook, or None.
       layer: [] int32 index of this layer in the cache stack.
     Returns:
@@ -84,7 +94,11 @@ class Attention(nnx.Module):
     inv_freq = inverse_frequencies(c)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    if cache_k is not None:
+    if cache_k is not None and cache_k.ndim == 4:
+      cache_k = k = kvc.write_layer(cache_k, k, positions)  # k [B, K, S, E]
+      cache_v = v = kvc.write_layer(cache_v, v, positions)
+      new_cache = (cache_k, cache_v)
+    elif cache_k is not None:
       cache_k = kvc.write(cache_k, layer, k, positions)
       cache_v = kvc.write(cache_v, layer, v, positions)
       k = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False)  # [B, K, S, E]
@@ -203,6 +217,7 @@ class CausalLM(nnx.Module):
     attention_mask: jax.Array | None = None,
     return_hidden: bool = False,
     return_aux: bool = False,
+    layer_params: tuple | None = None,
   ):
     """Runs the decoder.
 
@@ -218,6 +233,10 @@ class CausalLM(nnx.Module):
       return_hidden: return final normalised hidden states [B, T, D], not logits.
       return_aux: also return the hook's per-layer telemetry (module name ->
         pytree with a leading L axis), e.g. the adapter each token routed to.
+      layer_params: the layers' parameters as L per-layer states
+        (``unstack_layers(model)``): the layers run in an unrolled loop over them
+        instead of the scan over the stack (the stacked ones are then not read).
+        The cache may then be ``cache.unstacked()`` too (and is returned so).
     Returns:
       (logits [B, T, V] float32 or hidden [B, T, D], updated cache or None), plus
       the telemetry dict as a third element with ``return_aux``.
@@ -240,26 +259,44 @@ class CausalLM(nnx.Module):
     x = self.model.embed_tokens(tokens, self.dtype)
     graphdef, layer_state = nnx.split(self.model.layers)
     hook = StaticLora(lora) if isinstance(lora, dict) else lora
-    xs = (
-      layer_state,
-      None if hook is None else hook.per_layer(),
-      jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32),
-    )
+    hook_xs = None if hook is None else hook.per_layer()
 
-    # The cache stack is carried through the scan (not scanned over as xs/ys), so
-    # each layer writes its new keys in place instead of copying its slice out and
-    # back every step: at batch 16 those copies cost more than the attention.
-    def body(carry, layer_xs):
+    def run_layer(carry, state, hook_layer_xs, i):
       x, ck, cv = carry
-      state, hook_xs, i = layer_xs
       layer = nnx.merge(graphdef, state)
-      adapters = None if hook is None else LayerAdapters(hook, hook_xs)
+      adapters = None if hook is None else LayerAdapters(hook, hook_layer_xs)
       x, kv = layer(x, positions, key_positions, key_valid, ck, cv, adapters, i)
       aux = {} if adapters is None else adapters.aux
       return (x, *(kv or (None, None))), aux
 
-    init = (x, None, None) if cache is None else (x, cache.k, cache.v)
-    (x, ck, cv), aux = jax.lax.scan(body, init, xs)
+    # The cache stack is carried through the layers (not scanned over as xs/ys), so
+    # each layer writes its new keys in place instead of copying its slice out and
+    # back every step: at batch 16 those copies cost more than the attention.
+    carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
+    if layer_params is None:
+      xs = (layer_state, hook_xs, jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32))
+      carry, aux = jax.lax.scan(lambda c, layer_xs: run_layer(c, *layer_xs), carry, xs)
+    else:
+      if len(layer_params) != self.config.num_hidden_layers:
+        raise ValueError(
+          f"layer_params has {len(layer_params)} layers; the model has "
+          f"{self.config.num_hidden_layers}"
+        )
+      # A tuple cache (KVCache.unstacked) gives each layer its own arrays.
+      per_layer_cache = cache is not None and isinstance(cache.k, tuple)
+      auxes, ks, vs = [], [], []
+      for i, state in enumerate(layer_params):
+        layer_xs = None if hook_xs is None else jax.tree.map(lambda a, i=i: a[i], hook_xs)
+        if per_layer_cache:
+          carry = (carry[0], cache.k[i], cache.v[i])
+        carry, layer_aux = run_layer(carry, state, layer_xs, jnp.int32(i))
+        auxes.append(layer_aux)
+        ks.append(carry[1])
+        vs.append(carry[2])
+      aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+      if per_layer_cache:
+        carry = (carry[0], tuple(ks), tuple(vs))
+    x, ck, cv = carry
     h = self.model.norm(x)
     new_cache = None if cache is None else kvc.KVCache(k=ck, v=cv)
     out = h if return_hidden else self.logits(h)
@@ -272,3 +309,17 @@ class CausalLM(nnx.Module):
     return jnp.einsum(
       "btd,vd->btv", h, self.lm_head.weight[...].astype(h.dtype), preferred_element_type=jnp.float32
     )
+
+
+def unstack_layers(model: CausalLM) -> tuple[nnx.State, ...]:
+  """The decoder layers' parameters as L separate per-layer states (copies), for
+  ``CausalLM.__call__(..., layer_params=...)``. Shardings of the non-layer axes
+  are kept."""
+  _, state = nnx.split(model.model.layers)
+  L = model.config.num_hidden_layers
+  return _unstack(state, L)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(state, num_layers: int):
+  return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(num_layers))
