@@ -52,6 +52,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- generate:begin -->", "<!-- generate:end -->"
 
 
+def markers(dtype: str = "float32") -> tuple[str, str]:
+  """The BENCHMARKS.md section of a dtype's table (float32 keeps the old name)."""
+  if dtype == "float32":
+    return BEGIN, END
+  return f"<!-- generate-{dtype}:begin -->", f"<!-- generate-{dtype}:end -->"
+
+
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument(
@@ -87,10 +94,15 @@ def parse_args(argv):
   )
   p.add_argument(
     "--json",
-    default=str(ROOT / "benchmarks" / "results" / "generate.json"),
-    help="results file; '' to skip",
+    default=None,
+    help="results file (default benchmarks/results/generate.json, generate_<dtype>.json "
+    "for another dtype); '' to skip",
   )
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.json is None:
+    name = "generate.json" if args.dtype == "float32" else f"generate_{args.dtype}.json"
+    args.json = str(ROOT / "benchmarks" / "results" / name)
+  return args
 
 
 def make_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -246,6 +258,7 @@ def benchmark(args) -> dict:
     prompt_len=P,
     max_new_tokens=N,
     dtype=args.dtype,
+    bf16_units=_bf16_units(),
     layer_loop=_layer_loop_used(model),
     runs=args.runs,
     cpu_count=os.cpu_count(),
@@ -265,6 +278,15 @@ def benchmark(args) -> dict:
   )
 
 
+def _bf16_units() -> list[str]:
+  """The CPU's bfloat16 matmul extensions (amx_bf16, avx512_bf16), from /proc/cpuinfo."""
+  try:
+    flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+  except OSError:
+    return []
+  return sorted({f for f in flags if f in ("amx_bf16", "avx512_bf16", "avx_ne_convert")})
+
+
 def _layer_loop_used(model) -> str:
   """What generate's layer_loop='auto' picks for the base model here."""
   from lag_jax.generation.generate import _layer_params
@@ -274,9 +296,11 @@ def _layer_loop_used(model) -> str:
 
 
 def markdown(res: dict) -> str:
+  begin, end = markers(res.get("dtype", "float32"))
+  title = "" if res.get("dtype", "float32") == "float32" else f", {res['dtype']}"
   lines = [
-    BEGIN,
-    "## Generation throughput (`benchmarks/generate.py`)",
+    begin,
+    f"## Generation throughput{title} (`benchmarks/generate.py`)",
     "",
     f"`{res['model_type']}` checkpoint `{pathlib.Path(res['checkpoint']).name}` "
     f"({res['param_bytes'] / 1e6:.0f} MB {res.get('dtype', 'float32')}, weights and "
@@ -308,6 +332,17 @@ def markdown(res: dict) -> str:
     + f", HF {r['hf_step_ms']:.1f} ms"
     for r in res["rows"]
   )
+  if res.get("dtype") == "bfloat16":
+    units = ", ".join(res.get("bf16_units") or []) or "none (AVX2 only: no AMX, no AVX512-BF16)"
+    lines += [
+      "",
+      f"This CPU's bfloat16 matmul units: {units}. Without them both sides compute "
+      "bfloat16 in software: large bfloat16 matmuls favour XLA:CPU (the training section's "
+      "matmul rates), which is where a prefill lead comes from, while XLA:CPU's bfloat16 "
+      "matrix-vector dot (decode at batch 1) is slower than its float32 one. On a host with "
+      "AMX, torch's bfloat16 matmuls run several times faster than XLA:CPU's. Neither says "
+      "much about a TPU, where bfloat16 is native.",
+    ]
   lines += [
     "",
     "Our decode runs the layers "
@@ -330,7 +365,7 @@ def markdown(res: dict) -> str:
     "```",
     res["command"],
     "```",
-    END,
+    end,
   ]
   return "\n".join(lines)
 
@@ -345,7 +380,7 @@ def main(argv=None):
       json.dump(res, f, indent=2)
       f.write("\n")
   if args.markdown:
-    write_section(args.markdown, markdown(res), BEGIN, END, header="# Benchmarks\n")
+    write_section(args.markdown, markdown(res), *markers(args.dtype), header="# Benchmarks\n")
   print(markdown(res))
 
 
