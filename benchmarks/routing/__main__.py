@@ -100,6 +100,11 @@ def parse_args(argv):
   )
   p.add_argument("--peft_ns", default="10,100")
   p.add_argument(
+    "--peft_ours_ns",
+    default="1000",
+    help="sizes where only our side runs (PEFT's loading alone would take hours)",
+  )
+  p.add_argument(
     "--peft_try_n",
     type=int,
     default=1000,

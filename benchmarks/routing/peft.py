@@ -141,6 +141,9 @@ def peft_part(args, results: dict) -> None:
       del peft_model, base, lib, hook
       gc.collect()
       write_json(args, results)
+    for n in [int(n) for n in args.peft_ours_ns.split(",") if n]:
+      rows.append(_ours_only_row(args, model, config, prompt, n))
+      write_json(args, results)
     if args.peft_try_n:
       results["peft_load_probe"] = peft_load_probe(args, folder, config, tmp)
   finally:
@@ -161,6 +164,42 @@ def peft_part(args, results: dict) -> None:
       "create_fit": {"a": a1, "b": b2},
       "create_s_at": {str(n): a1 * n + b2 * n * n for n in (1000, 10000)},
     }
+
+
+def _ours_only_row(args, model, config, prompt, n: int) -> dict:
+  """Our side alone at an N where PEFT's loading alone takes hours (the extrapolation
+  and load probe say how long)."""
+  from lag_jax.generation.generate import generate
+  from lag_jax.generation.sampling import Greedy
+
+  new = args.peft_new_tokens
+  row: dict = {"n": n, "top_k": args.peft_top_k, "prompt_len": len(prompt), "new_tokens": new}
+  t = time.perf_counter()
+  adapters = random_adapters(config, n, KNOW_RANK, KNOW_ALPHA, KNOW_MODULES, 0, "k")
+  lib = AdapterLibrary.from_adapters(adapters, config, KNOW_MODULES, chunk=args.sig_chunk)
+  jax.block_until_ready(lib.weights)
+  row["ours_library_s"] = time.perf_counter() - t
+  del adapters
+  hook = RoutedAdapters((routed(lib, 1, RouterSpec("arrow_softmax", k=args.peft_top_k)),))
+
+  def ours(hook=hook):
+    out = generate(model, [prompt], max_new_tokens=new, sampler=Greedy(), lora=hook)
+    return out.prefill_s + out.decode_s, out.decode_s, out.num_decode_steps
+
+  t = time.perf_counter()
+  ours()
+  row["ours_first_call_s"] = time.perf_counter() - t
+  runs = [ours() for _ in range(args.peft_runs)]
+  row.update(
+    ours_tok_s=new / statistics.median(x[0] for x in runs),
+    ours_decode_step_ms=1e3 * statistics.median(x[1] / x[2] for x in runs),
+    ours_runs_s=[x[0] for x in runs],
+    peft_skipped="PEFT not run: its adapter loading alone takes hours at this N",
+  )
+  log(f"ours only N={n}: {row['ours_tok_s']:.1f} tok/s, library {row['ours_library_s']:.0f} s")
+  del lib, hook
+  gc.collect()
+  return row
 
 
 def peft_load_probe(args, folder: str, config: ModelConfig, tmp: str) -> dict:

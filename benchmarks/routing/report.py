@@ -333,6 +333,12 @@ def markdown(results: dict) -> str:
       "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in pe:
+      if "peft_skipped" in r:
+        lines.append(
+          f"| {r['n']} | {r['ours_tok_s']:.1f} | not run: loading alone takes hours "
+          f"(below) | | | {r['ours_library_s']:.1f} | {r['ours_first_call_s']:.1f} | | |"
+        )
+        continue
       if "peft_tok_s" not in r:
         lines.append(f"| {r['n']} | | failed: {r.get('peft_error', '')} | | | | | | |")
         continue
@@ -580,7 +586,7 @@ def analysis(results: dict) -> list[str]:
         f"{min(r['peft_runs_s']) / min(r['ours_runs_s']):.1f}x)"
         for r in pe
       )
-      + " faster (goal >= 5x at N = 100). "
+      + " faster (goals: >= 5x at N = 100, >= 2x at N = 10, on a quiet machine). "
       "PEFT stacks every adapter's A and B in every Arrow layer on every forward pass and "
       "computes all N adapters' outputs before mixing the top k, so its per-token cost is "
       "dense in N (like SpectR), and `create_arrow_model` loads adapters one "
