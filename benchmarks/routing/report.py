@@ -325,7 +325,12 @@ def markdown(results: dict) -> str:
       f"`arrow_softmax` top_k {p0['top_k']} through `generate`, PEFT "
       f"`create_arrow_model` with `ArrowConfig(top_k={p0['top_k']})`; median of "
       f"interleaved runs; tokens/s = new tokens / (prefill + decode)."
-      + (f" Load: {load_sentence(results['peft_load'])}" if "peft_load" in results else ""),
+      + (f" Load: {load_sentence(results['peft_load'])}" if "peft_load" in results else "")
+      + (
+        f" Measured apart from the rest of this section, with `{results['peft_command']}`."
+        if "peft_command" in results
+        else ""
+      ),
       "",
       "| N | ours tok/s | PEFT tok/s | speedup (medians) | speedup (fastest runs) "
       "| ours library build s | ours first call s | PEFT create_arrow_model s "
