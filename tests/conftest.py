@@ -14,3 +14,18 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see lag_jax/__init__.py
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops JAX's compiled programs after each test module. Each compilation maps
+  code pages (~300 for a SmolLM2 decode loop, ~1,400 unrolled), and the whole
+  suite in one process otherwise approaches the kernel's vm.max_map_count (65,530)
+  and crashes inside XLA."""
+  yield
+  jax.clear_caches()
+  gc.collect()
