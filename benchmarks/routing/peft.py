@@ -33,8 +33,6 @@ def peft_part(args, results: dict) -> None:
   from lag_jax.adapters.peft_io import save_peft_adapter
   from lag_jax.assets import smollm2_checkpoint
   from lag_jax.checkpoints.safetensors_loader import load_model
-  from lag_jax.generation.generate import generate
-  from lag_jax.generation.sampling import Greedy
 
   torch.set_num_threads(args.threads)
   folder = str(smollm2_checkpoint())
@@ -58,21 +56,8 @@ def peft_part(args, results: dict) -> None:
         paths.append(os.path.join(tmp, f"{n}-{a.name}"))
         save_peft_adapter(a, paths[-1])
       row["write_adapters_s"] = time.perf_counter() - t
-      t = time.perf_counter()
-      lib = AdapterLibrary.from_adapters(adapters, config, KNOW_MODULES, chunk=args.sig_chunk)
-      jax.block_until_ready(lib.weights)
-      row["ours_library_s"] = time.perf_counter() - t
+      ours = _our_side(args, model, config, prompt, adapters, row)
       del adapters
-      hook = RoutedAdapters((routed(lib, 1, RouterSpec("arrow_softmax", k=args.peft_top_k)),))
-
-      def ours(hook=hook):
-        out = generate(model, [prompt], max_new_tokens=new, sampler=Greedy(), lora=hook)
-        assert len(out.tokens[0]) == new
-        return out.prefill_s + out.decode_s, out.decode_s, out.num_decode_steps
-
-      t = time.perf_counter()
-      ours()
-      row["ours_first_call_s"] = time.perf_counter() - t
       t0 = time.perf_counter()
       base = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
       try:
@@ -120,25 +105,15 @@ def peft_part(args, results: dict) -> None:
         t = theirs()
         theirs_t.append(t)
         log(f"  run {r}: ours {new / ours_t[-1][0]:.1f} tok/s, PEFT {new / t:.2f} tok/s")
-      o = statistics.median(x[0] for x in ours_t)
-      od = statistics.median(x[1] / x[2] for x in ours_t)
-      p = statistics.median(theirs_t)
-      row.update(
-        {
-          "ours_tok_s": new / o,
-          "peft_tok_s": new / p,
-          "speedup": p / o,
-          "ours_decode_step_ms": 1e3 * od,
-          "ours_runs_s": [x[0] for x in ours_t],
-          "peft_runs_s": theirs_t,
-        }
-      )
+      row.update(_our_stats(ours_t, new))
+      o, p = statistics.median(x[0] for x in ours_t), statistics.median(theirs_t)
+      row.update(peft_tok_s=new / p, speedup=p / o, peft_runs_s=theirs_t)
       rows.append(row)
       log(
         f"peft N={n}: ours {row['ours_tok_s']:.1f} tok/s vs PEFT {row['peft_tok_s']:.2f} "
         f"tok/s -> {row['speedup']:.1f}x"
       )
-      del peft_model, base, lib, hook
+      del peft_model, base, ours
       gc.collect()
       write_json(args, results)
     for n in [int(n) for n in args.peft_ours_ns.split(",") if n]:
@@ -166,38 +141,55 @@ def peft_part(args, results: dict) -> None:
     }
 
 
-def _ours_only_row(args, model, config, prompt, n: int) -> dict:
-  """Our side alone at an N where PEFT's loading alone takes hours (the extrapolation
-  and load probe say how long)."""
+def _our_side(args, model, config, prompt, adapters, row: dict):
+  """Our side of one row: builds the library of ``adapters`` (``row['ours_library_s']``),
+  makes the first call (``row['ours_first_call_s']``, compilation included) and returns
+  the timed call: () -> (prefill + decode s, decode s, decode steps)."""
   from lag_jax.generation.generate import generate
   from lag_jax.generation.sampling import Greedy
 
   new = args.peft_new_tokens
-  row: dict = {"n": n, "top_k": args.peft_top_k, "prompt_len": len(prompt), "new_tokens": new}
   t = time.perf_counter()
-  adapters = random_adapters(config, n, KNOW_RANK, KNOW_ALPHA, KNOW_MODULES, 0, "k")
   lib = AdapterLibrary.from_adapters(adapters, config, KNOW_MODULES, chunk=args.sig_chunk)
   jax.block_until_ready(lib.weights)
   row["ours_library_s"] = time.perf_counter() - t
-  del adapters
   hook = RoutedAdapters((routed(lib, 1, RouterSpec("arrow_softmax", k=args.peft_top_k)),))
 
-  def ours(hook=hook):
+  def ours():
     out = generate(model, [prompt], max_new_tokens=new, sampler=Greedy(), lora=hook)
+    assert len(out.tokens[0]) == new
     return out.prefill_s + out.decode_s, out.decode_s, out.num_decode_steps
 
   t = time.perf_counter()
   ours()
   row["ours_first_call_s"] = time.perf_counter() - t
-  runs = [ours() for _ in range(args.peft_runs)]
-  row.update(
+  return ours
+
+
+def _our_stats(runs: list[tuple[float, float, int]], new: int) -> dict:
+  """Medians of our timed calls."""
+  return dict(
     ours_tok_s=new / statistics.median(x[0] for x in runs),
     ours_decode_step_ms=1e3 * statistics.median(x[1] / x[2] for x in runs),
     ours_runs_s=[x[0] for x in runs],
-    peft_skipped="PEFT not run: its adapter loading alone takes hours at this N",
   )
+
+
+def _ours_only_row(args, model, config, prompt, n: int) -> dict:
+  """Our side alone at an N where PEFT's loading alone takes hours (the extrapolation
+  and load probe say how long)."""
+  new = args.peft_new_tokens
+  row: dict = {"n": n, "top_k": args.peft_top_k, "prompt_len": len(prompt), "new_tokens": new}
+  t = time.perf_counter()
+  adapters = random_adapters(config, n, KNOW_RANK, KNOW_ALPHA, KNOW_MODULES, 0, "k")
+  adapters_s = time.perf_counter() - t
+  ours = _our_side(args, model, config, prompt, adapters, row)
+  row["ours_library_s"] += adapters_s  # as before: making the adapters counted too
+  del adapters
+  row.update(_our_stats([ours() for _ in range(args.peft_runs)], new))
+  row["peft_skipped"] = "PEFT not run: its adapter loading alone takes hours at this N"
   log(f"ours only N={n}: {row['ours_tok_s']:.1f} tok/s, library {row['ours_library_s']:.0f} s")
-  del lib, hook
+  del ours
   gc.collect()
   return row
 
