@@ -327,10 +327,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   knowledge, shared = remove_shared(knowledge, config.shared_removal)
   knowledge_removed[config.shared_removal] = knowledge
-  if any(dict(m.knowledge_options).get("index_probe") for m in methods):
-    # LAG+index methods scan the arrow index; exact methods never read it.
+  probes = [dict(m.knowledge_options).get("index_probe") or 0 for m in methods]
+  if max(probes, default=0):
+    # LAG+index methods scan the arrow index; exact methods never read it. Its clusters
+    # are sized for the largest probe asked for.
     t_index = time.perf_counter()
-    knowledge_removed = {k: v.with_index() for k, v in knowledge_removed.items()}
+    knowledge_removed = {k: v.with_index(probe=max(probes)) for k, v in knowledge_removed.items()}
     knowledge = knowledge_removed[config.shared_removal]
     logging.info("Arrow index built in %.1fs", time.perf_counter() - t_index)
   if shared.count:

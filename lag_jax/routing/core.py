@@ -344,8 +344,8 @@ def lag_decision(
     index = getattr(pl, "index", None)
     if index is None:
       raise ValueError(
-        "index_probe > 0 needs a resident library with an arrow index "
-        "(AdapterLibrary.with_index); this library has none"
+        "index_probe > 0 needs a library with an arrow index (AdapterLibrary.with_index "
+        "or OffloadedLibrary.with_index); this library has none"
       )
     from lag_jax.routing.arrow_index import pays_off, search
 

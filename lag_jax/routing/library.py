@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -268,7 +267,9 @@ class AdapterLibrary(NamedAdapters):
     self,
     clusters: int | None = None,
     *,
+    probe: int = 8,
     capacity_factor: float = 1.5,
+    spill: int = 1,
     seed: int = 0,
     arrow_dtype: str = "float32",
   ) -> AdapterLibrary:
@@ -276,26 +277,27 @@ class AdapterLibrary(NamedAdapters):
     (routing/arrow_index.py), for routers with ``RouterSpec(index_probe=P)``.
 
     Args:
-      clusters: J per layer and module (default about sqrt(N)).
-      capacity_factor: members per cluster at most ceil(factor * N / J).
+      clusters: J per layer and module (default ``default_clusters(N, probe)``: the
+        fewest rows read per token at that probe).
+      probe: the probe the default J is sized for (the router's index_probe).
+      capacity_factor: members per cluster at most ceil(factor * N / J) (per spill).
+      spill: 1 or 2 clusters per arrow (2: better recall, twice the members' bytes).
       seed: the clustering's initial draw.
       arrow_dtype: the probed arrows' storage: float32, bfloat16 or int8 (with a
         scale per arrow).
     """
-    from lag_jax.routing.arrow_index import build_index, default_clusters
+    from lag_jax.routing.arrow_index import index_layers
 
-    n = len(self)
-    g = min(clusters or default_clusters(n), n)
-    cap = max(1, math.ceil(capacity_factor * n / g))
-    index = {}
-    for m in self.modules:
-      arrows = np.asarray(self.weights.arrows[m])  # [L, I, N]
-      valid = np.asarray(self.weights.valid[m])  # [L, N]
-      per = [
-        build_index(arrows[i], valid[i], g, capacity=cap, seed=seed, arrow_dtype=arrow_dtype)
-        for i in range(arrows.shape[0])
-      ]
-      index[m] = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per)
+    index = index_layers(
+      {m: self.weights.arrows[m] for m in self.modules},
+      self.weights.valid,
+      clusters,
+      probe=probe,
+      capacity_factor=capacity_factor,
+      spill=spill,
+      seed=seed,
+      arrow_dtype=arrow_dtype,
+    )
     return dataclasses.replace(self, weights=self.weights.replace(index=index))
 
   def _padded(self, rank: int) -> AdapterLibrary:

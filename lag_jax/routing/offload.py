@@ -736,6 +736,7 @@ class _Host:
       arrows=w.arrows[module],
       valid=w.valid[module],
       shared=None if w.shared is None else w.shared[module],
+      index=None if w.index is None else w.index[module],
       module=module,
       layer=kw["layer"],
       caches=caches,
@@ -775,6 +776,9 @@ class OffloadedLibrary(NamedAdapters):
   metadata: dict[str, dict] = dataclasses.field(default_factory=dict)
   shared: dict[str, jax.Array] | None = None
   folder: str | None = None
+  # Per module, an ArrowIndex with a leading L axis (routing/arrow_index.py), held on
+  # the device beside the arrows. None until ``with_index``; never saved.
+  index: dict | None = None
 
   def routing_parts(self):
     """What ``hook.routed`` needs: (the scanned weights, with no A* / B*; the form
@@ -788,13 +792,25 @@ class OffloadedLibrary(NamedAdapters):
       raise IntegrityError(
         f"{self.host.failed} (found by an earlier call; the library cannot be used)"
       )
-    weights = LibraryWeights(a={}, b={}, arrows=self.arrows, valid=self.valid, shared=self.shared)
+    weights = LibraryWeights(
+      a={}, b={}, arrows=self.arrows, valid=self.valid, shared=self.shared, index=self.index
+    )
     caches = {f: dict(d) for f, d in self.caches.items()}
     return weights, self.host, caches, len(self)
 
   @property
   def num_layers(self) -> int:
     return next(iter(self.arrows.values())).shape[0]
+
+  def with_index(self, clusters: int | None = None, **kw) -> OffloadedLibrary:
+    """The library with a sublinear arrow index per layer and module, for routers
+    with ``RouterSpec(index_probe=P)``: per token the Arrow filter reads J centroids
+    and P clusters' arrows instead of all N (the step's cost at N = 10^5). Options as
+    ``AdapterLibrary.with_index``; built from the arrows as they stand (after any
+    shared-direction removal); the same device cache and host factors."""
+    from lag_jax.routing.arrow_index import index_layers
+
+    return dataclasses.replace(self, index=index_layers(self.arrows, self.valid, clusters, **kw))
 
   @property
   def slots(self) -> dict[str, int]:
@@ -1227,6 +1243,11 @@ def remove_shared_offloaded(library: OffloadedLibrary, mode: str, count: int, am
 
   from lag_jax.routing import shared as sh  # noqa: PLC0415 (shared imports this lazily)
 
+  if library.index is not None:
+    raise ValueError(
+      "remove_shared_offloaded: this library carries an arrow index of its arrows as they "
+      "were; remove shared directions first, then call with_index"
+    )
   host, N = library.host, len(library)
   key = f"{mode}-{count}-{hashlib.sha256(np.packbits(among).tobytes()).hexdigest()[:12]}"
   fingerprint = _fingerprint(library)
