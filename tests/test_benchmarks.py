@@ -5,6 +5,7 @@ from measuring)."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pathlib
 
@@ -94,3 +95,34 @@ def test_arrow_index_benchmark_runs_small():
   assert [e["spill"] for e in row["index"]] == [1, 2]
   for e in row["index"]:  # every cluster probed: the exact top-k
     assert e["clusters"] == 38 <= e["probe"] and e["recall"] == e["recall_strong"] == 1.0
+
+
+def test_offload_benchmark_runs_small_with_the_arrow_index(tmp_path):
+  """benchmarks.offload at toy sizes: every variant, the arrow index's included, gets a
+  row, and the report renders."""
+  from benchmarks import offload
+
+  out = tmp_path / "out"
+  offload.main(
+    [
+      "--n=400",
+      "--resident_n=200",
+      "--batches=1",
+      "--steps=1",
+      "--rounds=1",
+      "--no_disk_regime",
+      "--index_probe=2",
+      "--slots=256",
+      "--b_slots=64",
+      f"--folder={tmp_path / 'lib'}",
+      f"--json={out / 'o.json'}",
+      f"--markdown={out / 'o.md'}",
+      f"--plot={out / 'o.png'}",
+    ]
+  )
+  res = json.loads((out / "o.json").read_text())
+  (b,) = res["batches"]
+  got = {(r["variant"], r["regime"]) for r in b["rows"]}
+  assert {("offloaded_index", "hit"), ("offloaded_index", "miss"), ("offloaded", "hit")} <= got
+  assert b["check"]["ids_equal"] and res["index"]["probe"] == 2
+  assert "arrow index" in (out / "o.md").read_text() and (out / "o.png").stat().st_size > 0

@@ -70,7 +70,7 @@ def build_index(
   *,
   capacity: int | None = None,
   capacity_factor: float = 1.5,
-  rounds: int = 8,
+  rounds: int = 25,
   seed: int = 0,
   arrow_dtype: str = "float32",
   spill: int = 1,
@@ -84,7 +84,8 @@ def build_index(
     capacity: members at most per cluster and pass (default ceil(capacity_factor * N /
       J); a library's layers share one so that they stack); W = spill * capacity.
     capacity_factor: see capacity.
-    rounds: k-means rounds.
+    rounds: k-means rounds at most (it stops when under 0.1% of the arrows move; 8
+      rounds left N = 10^5 unconverged: 97-99% recall by seed, against 99.7% at 20).
     seed: the initial centroids' draw.
     arrow_dtype: how the members' arrows are stored, i.e. what a probe reads:
       "float32", "bfloat16" (half the bytes) or "int8" (a quarter, with one float32
@@ -115,8 +116,12 @@ def build_index(
   cent /= np.linalg.norm(cent, axis=1, keepdims=True)
   take = min(g, len(x))
   cent[:take] = x[rng.choice(len(x), take, replace=False)]
+  previous = None
   for _ in range(rounds):
     assign = _balanced_assign(np.abs(x @ cent.T), cap)
+    if previous is not None and np.mean(assign != previous) < 1e-3:
+      break  # converged: under 0.1% of the arrows moved
+    previous = assign
     order = np.argsort(assign, kind="stable")
     bounds = np.searchsorted(assign[order], np.arange(g + 1))
     for c in range(g):
