@@ -57,6 +57,12 @@ def main(argv=None) -> dict:
   p.add_argument("--probes", default="4,8,16")
   p.add_argument("--size_probe", type=int, default=8, help="the probe the clusters are sized for")
   p.add_argument("--spills", default="1,2")
+  p.add_argument(
+    "--methods",
+    default="loop,gather",
+    help="how the search reads the probed blocks (arrow_index.search): each is timed; the "
+    "first is the one compared with the exact scan",
+  )
   p.add_argument("--dtypes", default="float32,bfloat16,int8")
   p.add_argument("--groups", type=int, default=50, help="arrow axes per 1,000 adapters")
   p.add_argument("--tokens", type=int, default=256, help="tokens for recall")
@@ -74,6 +80,7 @@ def main(argv=None) -> dict:
     "k": k,
     "tokens": args.tokens,
     "size_probe": args.size_probe,
+    "methods": args.methods.split(","),
     "rows": rows,
     "load": monitor.summary(),
     "cpus": os.cpu_count(),
@@ -125,7 +132,8 @@ def _module_row(args, n: int, m: int, dim: int) -> dict:
     "exact_bytes": arrows.nbytes,
     "index": [],
   }
-  search = jax.jit(ai.search, static_argnames=("k", "probe"))
+  search = jax.jit(ai.search, static_argnames=("k", "probe", "method"))
+  methods = args.methods.split(",")
   for spill in (int(v) for v in args.spills.split(",")):
     t = time.perf_counter()
     base = ai.build_index(arrows, clusters=ai.default_clusters(n, args.size_probe), spill=spill)
@@ -137,18 +145,24 @@ def _module_row(args, n: int, m: int, dim: int) -> dict:
         # A few tokens at a time: each gathers probe * W arrows ([B, T, probe, W, I]).
         ids = np.concatenate(
           [
-            np.asarray(search(idx, xq[:, t : t + 4], allowed, k=k, probe=probe)[1])[0]
+            np.asarray(
+              search(idx, xq[:, t : t + 4], allowed, k=k, probe=probe, method=methods[0])[1]
+            )[0]
             for t in range(0, xq.shape[1], 4)
           ]
         )
         recall, strong, top1 = _recalls(ids, exact_ids, exact_vals, k)
-        tt = time_fn(
-          lambda idx=idx, probe=probe: jax.block_until_ready(
-            search(idx, x1, allowed, k=k, probe=probe)
-          ),
-          0.2,
-          args.reps,
-        )
+        ms = {
+          method: 1e3
+          * time_fn(
+            lambda idx=idx, probe=probe, method=method: jax.block_until_ready(
+              search(idx, x1, allowed, k=k, probe=probe, method=method)
+            ),
+            0.2,
+            args.reps,
+          )["median_s"]
+          for method in methods
+        }
         j, w = idx.members.shape
         read = idx.centroids.nbytes + probe * w * dim * idx.member_arrows.dtype.itemsize
         row["index"].append(
@@ -161,7 +175,8 @@ def _module_row(args, n: int, m: int, dim: int) -> dict:
             "recall": recall,
             "recall_strong": strong,
             "top1_agree": top1,
-            "ms": 1e3 * tt["median_s"],
+            "ms": ms[methods[0]],
+            "ms_by_method": ms,
             "bytes_read": int(read),
             "build_s": build_s,
           }
@@ -169,7 +184,7 @@ def _module_row(args, n: int, m: int, dim: int) -> dict:
         log(
           f"N={n} I={dim} spill {spill} {dtype} probe={probe} (J={j}, W={w}): recall "
           f"{recall:.3f} (strong {strong:.4f}), top-1 {top1:.3f}, "
-          f"{1e3 * tt['median_s']:.3f} ms vs exact {row['exact_ms']:.3f} ms"
+          f"{ms} ms vs exact {row['exact_ms']:.3f} ms"
         )
   return row
 
@@ -177,6 +192,7 @@ def _module_row(args, n: int, m: int, dim: int) -> dict:
 def markdown(r: dict) -> str:
   """Per N: exact filter time per layer (3 modules) and, per dtype and probe, recall
   (mean over modules) and time."""
+  methods = r.get("methods", ["gather"])
   by_n: dict[int, list[dict]] = {}
   for row in r["rows"]:
     by_n.setdefault(row["n"], []).append(row)
@@ -190,9 +206,11 @@ def markdown(r: dict) -> str:
     f"the exact top-k (mean over modules and {r['tokens']} tokens near some adapter's arrow); "
     "synthetic clustered arrows (see the module docstring).",
     "",
-    "| N | exact ms | index: spill, dtype, probe | clusters x width | recall | strong "
-    "recall | top-1 agrees | ms | vs exact | bytes read vs exact |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    f"| N | exact ms | index: spill, dtype, probe | clusters x width | recall | strong "
+    f"recall | top-1 agrees | ms ({methods[0]}) | vs exact | bytes read vs exact "
+    + "".join(f"| ms ({m}) " for m in methods[1:])
+    + "|",
+    "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(methods) - 1),
   ]
   base = None
   for n, mods in sorted(by_n.items()):
@@ -213,6 +231,7 @@ def markdown(r: dict) -> str:
         f"| {statistics.mean(e['recall'] for e in es):.3f} | {strong:.4f} "
         f"| {statistics.mean(e['top1_agree'] for e in es):.3f} | {ms:.3f} | {ms / exact:.2f}x "
         f"| {sum(e['bytes_read'] for e in es) / exact_bytes:.3f} |"
+        + "".join(f" {sum(e['ms_by_method'][m] for e in es):.3f} |" for m in methods[1:])
       )
   lines += [
     "",

@@ -41,10 +41,13 @@ def test_probing_every_cluster_is_the_exact_scan(n, g, spill):
   assert idx.members.shape[1] <= spill * int(np.ceil(1.5 * valid.sum() / g))
   x = rng.standard_normal((2, 3, 24)).astype(np.float32)
   allowed = valid[None, :] & (rng.random((2, n)) > 0.2)
-  vals, ids = ai.search(idx, jnp.asarray(x), jnp.asarray(allowed), k=5, probe=g)
   ev, eids = _exact(arrows, x, allowed, 5)
-  np.testing.assert_array_equal(np.asarray(ids), eids)
-  np.testing.assert_allclose(np.asarray(vals), ev, rtol=1e-5, atol=1e-6)
+  for method in ("gather", "loop"):  # the probed blocks copied at once, or read in a loop
+    vals, ids = ai.search(idx, jnp.asarray(x), jnp.asarray(allowed), k=5, probe=g, method=method)
+    np.testing.assert_array_equal(np.asarray(ids), eids, err_msg=method)
+    np.testing.assert_allclose(np.asarray(vals), ev, rtol=1e-5, atol=1e-6, err_msg=method)
+  with pytest.raises(ValueError, match="method"):
+    ai.search(idx, jnp.asarray(x), jnp.asarray(allowed), k=5, probe=g, method="scan")
 
 
 def test_few_probes_find_the_top_k_of_clustered_arrows():
@@ -172,6 +175,10 @@ def test_reduced_precision_arrows_score_close_to_float32(dtype, tol):
   vals, ids = ai.search(idx, jnp.asarray(x), jnp.asarray(allowed), k=20, probe=17)
   scale = np.linalg.norm(x, axis=-1, keepdims=True)  # |a . x| <= |x|
   np.testing.assert_allclose(np.asarray(vals) / scale, ev / scale, atol=tol)
+  gvals, gids = ai.search(
+    idx, jnp.asarray(x), jnp.asarray(allowed), k=20, probe=17, method="gather"
+  )
+  np.testing.assert_allclose(np.asarray(gvals), np.asarray(vals), rtol=1e-5, atol=1e-6)
   agree = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(np.asarray(ids)[0], eids[0])])
   assert agree >= 0.9, agree
   with pytest.raises(ValueError, match="arrow_dtype"):

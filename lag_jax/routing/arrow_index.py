@@ -241,7 +241,31 @@ def pays_off(index: ArrowIndex, tokens: int, probe: int, n: int) -> bool:
   return tokens * min(probe, J) * W < n
 
 
-def search(index: ArrowIndex, x: jax.Array, allowed: jax.Array, k: int, probe: int):
+def _block_scores(blocks: jax.Array, x: jax.Array, top_c: jax.Array, method: str):
+  """[B, T, P, W] float32 arrow . x over each token's probed blocks ([J, W, I])."""
+  if method == "gather":
+    return jnp.einsum(
+      "btpwi,bti->btpw", blocks[top_c].astype(x.dtype), x, preferred_element_type=jnp.float32
+    )
+  B, T, P = top_c.shape
+  J, W, I = blocks.shape
+  which = top_c.reshape(B * T * P)
+  xs = jnp.repeat(x.reshape(B * T, I), P, axis=0)  # each (token, probe)'s input
+
+  def body(j, out):
+    block = jax.lax.dynamic_index_in_dim(blocks, which[j], 0, keepdims=False)  # [W, I]
+    return out.at[j].set(jnp.dot(block.astype(x.dtype), xs[j], preferred_element_type=jnp.float32))
+
+  out = jax.lax.fori_loop(0, B * T * P, body, jnp.zeros((B * T * P, W), jnp.float32))
+  return out.reshape(B, T, P, W)
+
+
+SEARCH_METHODS = ("auto", "gather", "loop")
+
+
+def search(
+  index: ArrowIndex, x: jax.Array, allowed: jax.Array, k: int, probe: int, method: str = "auto"
+):
   """The top-k arrow scores among the members of each token's ``probe`` best clusters.
 
   Args:
@@ -250,10 +274,19 @@ def search(index: ArrowIndex, x: jax.Array, allowed: jax.Array, k: int, probe: i
     allowed: [B, N] bool, the adapters each request may use.
     k: candidates.
     probe: P clusters scanned per token (all of them: the exact top-k).
+    method: how the probed blocks are read. "gather" copies every token's P blocks into
+      one [B, T, P, W, I] array and contracts it in one einsum (one batched op: the
+      accelerator form); "loop" reads the blocks one at a time in a loop, each
+      contracted where it lies (XLA:CPU materialises a gather, three passes over the
+      bytes: 6x faster at B = 16 here). "auto": loop on CPU, gather elsewhere.
   Returns:
     (vals [B, T, k] float32 |arrow . x|, -inf where fewer than k allowed members were
     scanned; ids [B, T, k] int32 adapter ids, -1 there). Ties: the lower id first.
   """
+  if method not in SEARCH_METHODS:
+    raise ValueError(f"search: method {method!r}, choose from {SEARCH_METHODS}")
+  if method == "auto":
+    method = "loop" if jax.default_backend() == "cpu" else "gather"
   J, W = index.members.shape
   P = min(probe, J)
   cs = jnp.abs(
@@ -263,10 +296,7 @@ def search(index: ArrowIndex, x: jax.Array, allowed: jax.Array, k: int, probe: i
   )
   _, top_c = jax.lax.top_k(cs, P)  # [B, T, probe]
   ids = index.members[top_c]  # [B, T, probe, W]
-  arrows = index.member_arrows[top_c]  # [B, T, probe, W, I]
-  s = jnp.abs(
-    jnp.einsum("btpwi,bti->btpw", arrows.astype(x.dtype), x, preferred_element_type=jnp.float32)
-  )
+  s = jnp.abs(_block_scores(index.member_arrows, x, top_c, method))  # [B, T, probe, W]
   if index.member_scales is not None:  # int8 arrows: one scale per arrow
     s = s * index.member_scales[top_c]
   B, T = x.shape[:2]
