@@ -15,7 +15,9 @@ real shapes). Measures, on whatever backend JAX finds:
 3. ``projection``: one layer's LAG routing of a [1, T] prefill by projection (gather,
    dense, auto, grouped ragged_dot), so that ``auto``'s choice is checked on this
    backend (benchmarks/routing/prefill.py).
-4. ``tests``: ``pytest -m "not real_assets"`` on this backend, within what is left of
+4. ``index``: the arrow index's search at N = 10^4 and 10^5, B = 1 and 16, reading
+   the probed blocks by gather or in a loop, so that ``auto``'s choice is checked.
+5. ``tests``: ``pytest -m "not real_assets"`` on this backend, within what is left of
    the time budget; its summary line is recorded.
 
 Writes benchmarks/results/accelerator.json and the ``accelerator`` section of
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -222,6 +225,60 @@ def projection_part(smoke: bool) -> list[dict]:
   return out
 
 
+def index_part(smoke: bool, reps: int) -> list[dict]:
+  """The arrow index's search (routing/arrow_index.py) by how it reads the probed
+  blocks, gather vs loop, so that ``auto``'s choice per backend is checked. Random
+  blocks of the sizes ``with_index`` gives N adapters at probe 8 (the clustering does
+  not change the time, and building a real one at N = 10^5 takes minutes of host CPU)."""
+  from lag_jax.routing import arrow_index as ai
+
+  I, k, probe = (16, 4, 2) if smoke else (1536, 20, 8)
+  ns = (200,) if smoke else (10_000, 100_000)
+  rows = []
+  for n in ns:
+    J = ai.default_clusters(n, probe)
+    W = -(-3 * n // (2 * J))
+    rng = np.random.default_rng(n)
+    index = ai.ArrowIndex(
+      centroids=jnp.asarray(rng.standard_normal((J, I)), jnp.float32),
+      members=jnp.asarray(rng.integers(0, n, (J, W)), jnp.int32),
+      member_arrows=jnp.asarray(rng.standard_normal((J, W, I)), jnp.float32),
+    )
+    for b in (1, 2) if smoke else (1, 16):
+      x = jnp.asarray(rng.standard_normal((b, 1, I)), jnp.float32)
+      allowed = jnp.ones((b, n), bool)
+      ms = {}
+      for method in ("gather", "loop"):
+        f = jax.jit(functools.partial(ai.search, k=k, probe=probe, method=method))
+        jax.block_until_ready(f(index, x, allowed))
+        ms[method] = 1e3 * _median_s(lambda f=f, i=index, x=x, a=allowed: f(i, x, a), reps)
+      auto = "loop" if jax.default_backend() == "cpu" else "gather"
+      fastest = min(ms, key=ms.get)
+      rows.append(
+        {
+          "n": n,
+          "batch": b,
+          "clusters": J,
+          "width": W,
+          "ms": ms,
+          "auto": auto,
+          "fastest": fastest,
+          "auto_is_fastest": auto == fastest,
+        }
+      )
+      log(f"index search N={n} B={b}: {ms} (auto: {auto})")
+  return rows
+
+
+def _median_s(fn, reps: int) -> float:
+  times = []
+  for _ in range(max(3, reps)):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
 def tests_part(budget_s: float) -> dict:
   """``pytest -m "not real_assets"`` on this backend, for at most ``budget_s``."""
   if budget_s < 30:
@@ -259,7 +316,7 @@ def tests_part(budget_s: float) -> dict:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, the test suite)")
-  p.add_argument("--parts", default="base,cost,projection,tests")
+  p.add_argument("--parts", default="base,cost,projection,index,tests")
   p.add_argument("--budget_s", type=float, default=450.0, help="the whole check's time budget")
   p.add_argument("--json", default=None, help="default: benchmarks/results/accelerator.json")
   args = p.parse_args(argv)
@@ -285,6 +342,8 @@ def main(argv=None) -> dict:
     result["cost"] = cost_part(args.smoke)
   if "projection" in parts:
     result["projection"] = projection_part(args.smoke)
+  if "index" in parts:
+    result["index"] = index_part(args.smoke, reps)
   if "tests" in parts:
     result["tests"] = tests_part(args.budget_s - (time.perf_counter() - t0))
   result["seconds"] = time.perf_counter() - t0
@@ -370,6 +429,21 @@ def markdown(r: dict) -> str:
         f"| {x['n']} | {x['t']} | {f('gather')} | {f('dense')} | {f('grouped')} | "
         f"{x['auto_projection']} | {x['fastest']} | {'yes' if x['auto_is_fastest'] else 'NO'} |"
       )
+  if r.get("index"):
+    lines += [
+      "",
+      "The arrow index's search, one decode step of one module (I = 1,536, probe 8, "
+      "k = 20), by how it reads the probed blocks (ms); `auto` should pick the fastest:",
+      "",
+      "| N | B | clusters x width | gather | loop | auto picks | fastest | auto right |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+      f"| {x['n']} | {x['batch']} | {x['clusters']} x {x['width']} | {x['ms']['gather']:.2f} "
+      f"| {x['ms']['loop']:.2f} | {x['auto']} | {x['fastest']} | "
+      f"{'yes' if x['auto_is_fastest'] else 'NO'} |"
+      for x in r["index"]
+    ]
   if r.get("tests"):
     t = r["tests"]
     if "skipped" in t:

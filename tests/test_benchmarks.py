@@ -52,6 +52,11 @@ def test_accelerator_check_smoke(tmp_path):
   assert all(x["decode_tokens_per_s"] > 0 and x["prefill_tokens_per_s"] > 0 for x in r["base"])
   assert [x["n"] for x in r["cost"]] == [8] and r["cost"][0]["lag"]["ratio"] > 0
   assert r["projection"][0]["fastest"] in ("gather", "dense", "grouped")
+  assert [(x["n"], x["batch"], x["auto"]) for x in r["index"]] == [
+    (200, 1, "loop"),
+    (200, 2, "loop"),
+  ]
+  assert all(x["ms"]["gather"] > 0 and x["ms"]["loop"] > 0 for x in r["index"])
 
 
 def test_load_monitor_sees_other_processes_and_not_its_own():
