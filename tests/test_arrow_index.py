@@ -146,7 +146,7 @@ def test_a_library_router_with_the_index_equals_exact_lag_when_it_probes_everyth
   monkeypatch.setattr(ai, "search", counting)
   calls.clear()
   run(indexed, RouterSpec("lag", k=3, index_probe=5))
-  assert not calls  # 14 tokens x 5 clusters of 7 > 23 arrows: the exact scan
+  assert not calls  # 7 tokens a request x 5 clusters of 7 > 23 arrows: the exact scan
   one = jnp.asarray(tokens[:1, :1])
   hook = RoutedAdapters((routed(indexed, 1, RouterSpec("lag", k=3, index_probe=1)),))
   logits, _ = model(one, lora=hook)

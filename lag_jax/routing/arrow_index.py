@@ -233,10 +233,12 @@ def _balanced_assign(affinity: np.ndarray, cap: int, first: int = 8) -> np.ndarr
 
 
 def pays_off(index: ArrowIndex, tokens: int, probe: int, n: int) -> bool:
-  """Whether probing reads fewer arrows than the exact scan: ``tokens`` (B * T) times
-  ``probe`` clusters of W members against N. A prefill of many tokens gathers each
-  token's clusters separately, which can cost more than one dense scan (and memory
-  [B, T, probe, W, I]); there the exact scan is used, which is never less accurate."""
+  """Whether probing reads fewer arrows than the exact scan: a request's ``tokens`` (T
+  of this call) times ``probe`` clusters of W members against N. Decode steps (T = 1)
+  probe; a prefill of many tokens reads each token's clusters separately, which costs
+  more than one dense scan, and scans exactly (never less accurate). Per request, not
+  per batch: which tokens a request routes through the index does not depend on the
+  requests batched with it."""
   J, W = index.members.shape[-2:]
   return tokens * min(probe, J) * W < n
 

@@ -350,7 +350,7 @@ def lag_decision(
     from lag_jax.routing.arrow_index import pays_off, search
 
     # Decode probes; a long prefill scans exactly (cheaper there, and exact).
-    if not pays_off(index, x.shape[0] * x.shape[1], probe, pl.n):
+    if not pays_off(index, x.shape[1], probe, pl.n):
       index = None
   if index is not None:
 

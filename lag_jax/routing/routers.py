@@ -98,8 +98,9 @@ class RouterSpec:
       scans every arrow (exact); P > 0 scans only the members of the P clusters of the
       library's arrow index whose centroids score highest (sublinear in N;
       ``AdapterLibrary.with_index``; probing every cluster is the exact filter). Where
-      probing would read more arrows than the exact scan (a long prefill: B * T *
-      probe * W >= N), the exact scan runs instead.
+      probing would read more arrows than the exact scan (a prefill of T tokens with
+      T * probe * W >= N; counted per request, so batching does not change it), the
+      exact scan runs instead: decode steps probe.
   """
 
   name: str = "lag"
