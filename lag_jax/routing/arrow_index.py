@@ -45,7 +45,9 @@ class ArrowIndex:
 
   centroids: jax.Array  # [J, I]
   members: jax.Array  # [J, W] int32, -1 padding
-  member_arrows: jax.Array  # [J, W, I] float32, bfloat16 or int8
+  # [J, W, I] float32, int8, or uint16: bfloat16 arrows held as their bit patterns
+  # (XLA:CPU converts a bfloat16 array read in a loop to float32 whole, at every call).
+  member_arrows: jax.Array
   member_scales: jax.Array | None = None  # [J, W] float32 with int8 arrows
 
   @property
@@ -196,8 +198,8 @@ def quantize(arrows: np.ndarray, dtype: str):
   """(stored arrows, per-arrow scales or None) of float32 arrows [..., I]."""
   if dtype == "float32":
     return arrows, None
-  if dtype == "bfloat16":
-    return arrows.astype(jnp.bfloat16), None
+  if dtype == "bfloat16":  # stored as bit patterns, read back by _decode
+    return np.asarray(arrows.astype(jnp.bfloat16)).view(np.uint16), None
   if dtype == "int8":
     scale = np.abs(arrows).max(axis=-1) / 127.0
     q = np.round(arrows / np.maximum(scale, 1e-30)[..., None])
@@ -243,11 +245,18 @@ def pays_off(index: ArrowIndex, tokens: int, probe: int, n: int) -> bool:
   return tokens * min(probe, J) * W < n
 
 
+def _decode(arrows: jax.Array, dtype) -> jax.Array:
+  """Stored arrows (float32, int8, or bfloat16 bit patterns in uint16) as ``dtype``."""
+  if arrows.dtype == jnp.uint16:
+    arrows = jax.lax.bitcast_convert_type(arrows, jnp.bfloat16)
+  return arrows.astype(dtype)
+
+
 def _block_scores(blocks: jax.Array, x: jax.Array, top_c: jax.Array, method: str):
   """[B, T, P, W] float32 arrow . x over each token's probed blocks ([J, W, I])."""
   if method == "gather":
     return jnp.einsum(
-      "btpwi,bti->btpw", blocks[top_c].astype(x.dtype), x, preferred_element_type=jnp.float32
+      "btpwi,bti->btpw", _decode(blocks[top_c], x.dtype), x, preferred_element_type=jnp.float32
     )
   B, T, P = top_c.shape
   J, W, I = blocks.shape
@@ -256,7 +265,8 @@ def _block_scores(blocks: jax.Array, x: jax.Array, top_c: jax.Array, method: str
 
   def body(j, out):
     block = jax.lax.dynamic_index_in_dim(blocks, which[j], 0, keepdims=False)  # [W, I]
-    return out.at[j].set(jnp.dot(block.astype(x.dtype), xs[j], preferred_element_type=jnp.float32))
+    score = jnp.dot(_decode(block, x.dtype), xs[j], preferred_element_type=jnp.float32)
+    return out.at[j].set(score)
 
   out = jax.lax.fori_loop(0, B * T * P, body, jnp.zeros((B * T * P, W), jnp.float32))
   return out.reshape(B, T, P, W)
