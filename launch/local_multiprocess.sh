@@ -11,8 +11,10 @@
 #   JAX_COORDINATOR_ADDRESS=localhost:PORT JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i \
 #       python -m lag_jax.run --config=CONFIG [FLAGS...]
 # Process 0 prints to this terminal, the others to LOG_DIR/process_<i>.log (default a
-# fresh temp folder). PYTHON picks the interpreter, PORT the coordinator's port. If one process fails the others are stopped; the exit status is
-# the first failure's.
+# fresh temp folder). PYTHON picks the interpreter, PORT the coordinator's port. If one
+# process fails, the others get GRACE seconds (default 30) to end on their own (they
+# usually fail the same way, and their logs should say so) before they are stopped; the
+# exit status is the first failure's.
 set -euo pipefail
 usage="usage: launch/local_multiprocess.sh NUM_PROCESSES CONFIG[:ARG] [FLAGS...]"
 num="${1:?${usage}}"
@@ -63,6 +65,18 @@ while ((remaining > 0)); do
   else
     status=$?
     echo "a process failed (exit ${status}); stopping the others" >&2
+    # The others may still be starting up (a bad flag fails in every process, process 0
+    # first): let them finish writing their logs before they are stopped.
+    for ((t = 0; t < ${GRACE:-30}; t++)); do
+      alive=0
+      for pid in "${pids[@]}"; do
+        if kill -0 "${pid}" 2>/dev/null; then alive=1; fi
+      done
+      ((alive)) || break
+      sleep 1
+    done
+    cleanup
+    wait || true
     for ((i = 1; i < num; i++)); do
       echo "--- process ${i} (tail of ${log_dir}/process_${i}.log) ---" >&2
       tail -n 30 "${log_dir}/process_${i}.log" >&2 || true
