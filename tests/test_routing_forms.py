@@ -203,3 +203,21 @@ def test_every_router_on_every_form_matches_the_brute_force(form, removal, tmp_p
       _check(got, want_of(5, 6, state), where, "decode")
       choices += int((np.asarray(got[1]) >= 0).sum())
   assert choices > B  # most rows choose something: the comparison is not vacuous
+
+
+def test_arrows_read_in_place_from_the_stack_equal_the_scanned_slice():
+  """core.stacked_arrow_dots (each layer's arrows read in chunks from the [L, I, N]
+  stack, the CPU path of a library held whole) equals the dot with the sliced layer."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from lag_jax.routing.core import stacked_arrow_dots
+
+  rng = np.random.default_rng(0)
+  arrows = rng.standard_normal((3, 96, 37)).astype(np.float32)  # I = 96: chunks of 96, 32
+  x = rng.standard_normal((2, 4, 96)).astype(np.float32)
+  for rows in (192, 32, 7):  # 7: the largest divisor of 96 below it, 6
+    for layer in range(3):
+      got = stacked_arrow_dots(jnp.asarray(x), jnp.asarray(arrows), jnp.int32(layer), rows)
+      want = np.einsum("bti,in->btn", x, arrows[layer])
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

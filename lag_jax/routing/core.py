@@ -151,6 +151,9 @@ class Resident:
     valid: [N] bool, False for adapters that are all zero here.
     shared: [I, Q] input directions that routing ignores, or None.
     index: the arrows' ArrowIndex (routing/arrow_index.py), or None.
+    arrow_layer: [] int32 or None. With it, ``arrows`` is the library's whole stack
+      [L, I, N] and this the layer: the scores read that layer in place, in chunks
+      (XLA:CPU copies a layer-scanned slice before a dot, three passes over the bytes).
   """
 
   a: jax.Array
@@ -159,6 +162,7 @@ class Resident:
   valid: jax.Array
   shared: jax.Array | None = None
   index: object | None = None
+  arrow_layer: jax.Array | None = None
 
   @classmethod
   def of(cls, weights, module: str, layer=None) -> Resident:
@@ -256,7 +260,13 @@ class OnDevice:
 
   def route(self, specs, router_index, x, w, module, mask, fixed_ids, caches, **kw):
     del caches
-    return route_module(specs, router_index, x, Resident.of(w, module), mask, fixed_ids, **kw)
+    stacked = kw.pop("stacked_arrows", None)
+    if stacked is None:
+      pl = Resident.of(w, module)
+    else:  # the layer's arrows read in place from the stack (hook.RoutedLibrary.per_layer)
+      pl = Resident.of(w.replace(arrows={**w.arrows, module: stacked}), module)
+      pl = dataclasses.replace(pl, arrow_layer=kw["layer"])
+    return route_module(specs, router_index, x, pl, mask, fixed_ids, **kw)
 
   def __repr__(self):
     return "ON_DEVICE"
@@ -291,10 +301,31 @@ class Decision:
 
 def arrow_scores(x, pl, allowed) -> jax.Array:
   """|arrow_i . x| for the held adapters: [B, T, n] (float32), -inf where not allowed."""
-  s = jnp.abs(
-    jnp.einsum("bti,in->btn", x, pl.arrows.astype(x.dtype), preferred_element_type=jnp.float32)
-  )
+  if pl.arrow_layer is not None:
+    s = jnp.abs(stacked_arrow_dots(x, pl.arrows, pl.arrow_layer))
+  else:
+    s = jnp.abs(
+      jnp.einsum("bti,in->btn", x, pl.arrows.astype(x.dtype), preferred_element_type=jnp.float32)
+    )
   return jnp.where(allowed[:, None, :], s, _NEG)
+
+
+def stacked_arrow_dots(x, arrows, layer, rows: int = 192) -> jax.Array:
+  """x . arrows[layer] ([B, T, I] . [I, N] -> [B, T, N] float32) read in place from the
+  stack [L, I, N]: a loop over chunks of at most ``rows`` input rows, each sliced and
+  contracted while it is in cache, instead of one copy of the layer's [I, N]."""
+  L, I, N = arrows.shape
+  ci = max(d for d in range(1, min(rows, I) + 1) if I % d == 0)
+  B, T = x.shape[:2]
+
+  def body(c, acc):
+    block = jax.lax.dynamic_slice(arrows, (layer, c * ci, 0), (1, ci, N))[0]
+    xc = jax.lax.dynamic_slice_in_dim(x, c * ci, ci, axis=2)
+    return acc + jnp.einsum(
+      "bti,in->btn", xc, block.astype(x.dtype), preferred_element_type=jnp.float32
+    )
+
+  return jax.lax.fori_loop(0, I // ci, body, jnp.zeros((B, T, N), jnp.float32))
 
 
 def _project_tokens(pl, xs, cand, need, projection: str):

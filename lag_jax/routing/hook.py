@@ -98,10 +98,20 @@ class RoutedLibrary:
     paper's path scans the weights alone); request-level routers and offloaded
     libraries (whose caches are keyed by layer) do."""
     layer = None
-    if self.request_level or self.caches is not None:
+    weights = self.weights
+    if self.request_level or self.caches is not None or self.arrows_in_place:
       L = next(iter(self.weights.valid.values())).shape[0]
       layer = jnp.arange(L, dtype=jnp.int32)
-    return (self.weights, layer, self.state)
+    if self.arrows_in_place:  # route() reads each layer's arrows from the stack
+      weights = weights.replace(arrows={})
+    return (weights, layer, self.state)
+
+  @property
+  def arrows_in_place(self) -> bool:
+    """Whether each layer's arrows are read in place from the library's stack rather
+    than scanned (XLA:CPU copies a scanned slice before its dot; TPU / GPU fuse it):
+    a library held whole on this CPU device."""
+    return self.form is ON_DEVICE and self.sharding is None and jax.default_backend() == "cpu"
 
   def at_layer(self, layer):
     """``per_layer()``'s inputs of one layer (to route a module outside the decoder)."""
@@ -130,6 +140,9 @@ class RoutedLibrary:
         "weights": state.weights[module],
       }
     C, _ = request.state_dims(self.routers, self.mask.shape[1])
+    extra = {}
+    if module not in w.arrows:  # arrows_in_place: the stack, read at this layer
+      extra["stacked_arrows"] = self.weights.arrows[module]
     return self.form.route(
       self.routers,
       self.router_index,
@@ -143,6 +156,7 @@ class RoutedLibrary:
       span=span,
       state=module_state,
       C=C,
+      **extra,
     )
 
   def pad_batch(self, batch: int) -> RoutedLibrary:
