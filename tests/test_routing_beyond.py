@@ -596,10 +596,20 @@ def test_spans_from_character_offsets():
 
 def test_lag_path_is_unchanged():
   """A library whose routers are all per-token takes the paper's path: the layer scan
-  carries only its weights, exactly as before."""
+  carries its weights and no request-level state. (On CPU a library held whole leaves its
+  arrows out of the scan and passes the layer index instead, so that route() reads each
+  layer's arrows in place from the stack.)"""
   lib = routed(library(), 2, (RouterSpec("lag", k=3), RouterSpec("arrow")), router_index=[0, 1])
   w, layer, state = lib.per_layer()
-  assert not lib.request_level and w is lib.weights and layer is None and state is None
+  assert not lib.request_level and state is None
+  if lib.arrows_in_place:
+    assert jax.default_backend() == "cpu"
+    assert w.arrows == {} and lib.weights.arrows  # left out of the scan, kept in the library
+    for field in ("a", "b", "valid", "shared", "index"):
+      assert getattr(w, field) is getattr(lib.weights, field), field
+    np.testing.assert_array_equal(layer, np.arange(lib.weights.valid["gate_proj"].shape[0]))
+  else:
+    assert w is lib.weights and layer is None
   assert RoutedAdapters((lib,)).request_passes == 0
   assert RouterSpec("lag", k=3, vote_top_m=2).request_level is False  # vote options unused
 
