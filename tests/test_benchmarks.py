@@ -38,6 +38,43 @@ def test_routing_report_renders_from_json(tmp_path):
   assert section == want
 
 
+def test_routing_report_merges_remeasured_rows(tmp_path):
+  """--merge_from replaces the rows of the same (shape, B, N), keeps the others, and the
+  report names the command that re-measured them."""
+  import json
+
+  from benchmarks.routing.__main__ import main
+
+  results = json.loads((ROOT / "benchmarks" / "results" / "routing.json").read_text())
+  first = results["decode"][0]
+  new_row = json.loads(json.dumps(first))
+  new_row["variants"]["lag"]["ratio"] = 123.0
+  extra = {**json.loads(json.dumps(first)), "n": 77}
+  json_path, new_path = tmp_path / "routing.json", tmp_path / "new.json"
+  json_path.write_text(json.dumps(results))
+  new_path.write_text(
+    json.dumps(
+      {
+        "command": "python -m benchmarks.routing --x",
+        "machine": results["machine"],
+        "decode": [new_row, extra],
+      }
+    )
+  )
+  md = tmp_path / "B.md"
+  main(
+    ["--render", f"--json={json_path}", f"--merge_from={new_path}", f"--markdown={md}", "--plot="]
+  )
+  merged = json.loads(json_path.read_text())
+  assert len(merged["decode"]) == len(results["decode"]) + 1
+  assert merged["decode"][0]["variants"]["lag"]["ratio"] == 123.0
+  assert merged["decode"][1:-1] == results["decode"][1:] and merged["decode"][-1]["n"] == 77
+  assert "python -m benchmarks.routing --x" in md.read_text() and "123.00" in md.read_text()
+  with pytest.raises(SystemExit, match="no decode / profile rows"):
+    new_path.write_text(json.dumps({"command": "x", "machine": results["machine"]}))
+    main(["--render", f"--json={json_path}", f"--merge_from={new_path}", "--markdown=", "--plot="])
+
+
 def test_accelerator_check_smoke(tmp_path):
   """The accelerator check's code runs end to end at tiny sizes on CPU, so that the
   one-command check is ready whenever a GPU or TPU is lent."""

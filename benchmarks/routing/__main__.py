@@ -36,6 +36,13 @@ def parse_args(argv):
     action="store_true",
     help="only rewrite the markdown section and the plot from the existing --json file",
   )
+  p.add_argument(
+    "--merge_from",
+    default="",
+    help="with --render: first replace the decode / profile rows of --json by those of "
+    "this results file (a re-measurement of some rows, e.g. on a quiet machine); the "
+    "report names the command that measured them",
+  )
   p.add_argument("--shapes", default="smollm2,llama3b")
   p.add_argument("--ns", default="10,100,1000,10000", help="knowledge library sizes")
   p.add_argument("--batches", default="1,16")
@@ -136,11 +143,44 @@ def parse_args(argv):
   return args
 
 
+ROW_KEYS = ("shape", "batch", "n")
+MERGED_PARTS = ("decode", "profile")
+
+
+def merge_rows(results: dict, new: dict, source: str) -> None:
+  """Replace ``results``' decode / profile rows by ``new``'s rows of the same (shape,
+  batch, n) (appending the others), and record where they came from."""
+  parts = [p for p in MERGED_PARTS if new.get(p)]
+  if not parts:
+    raise SystemExit(f"--merge_from {source}: no {' / '.join(MERGED_PARTS)} rows to merge")
+  for part in parts:
+    rows = results.setdefault(part, [])
+    for row in new[part]:
+      key = tuple(row.get(k) for k in ROW_KEYS)
+      at = [i for i, r in enumerate(rows) if tuple(r.get(k) for k in ROW_KEYS) == key]
+      if at:
+        rows[at[0]] = row
+      else:
+        rows.append(row)
+  results.setdefault("remeasured", []).append(
+    {
+      "parts": parts,
+      "rows": sorted({f"{r['shape']} B={r['batch']} N={r['n']}" for p in parts for r in new[p]}),
+      "command": new["command"],
+      "machine": new["machine"],
+      "total_s": new.get("total_s"),
+    }
+  )
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.render:
     with open(args.json) as f:
       results = json.load(f)
+    if args.merge_from:
+      with open(args.merge_from) as f:
+        merge_rows(results, json.load(f), args.merge_from)
     results["analysis"] = analysis(results)
     write_json(args, results)
     if args.plot:

@@ -106,6 +106,17 @@ def _fmt_bytes(x: float) -> str:
   return f"{x / 1e6:.2f} MB" if x >= 1e6 else f"{x / 1e3:.1f} KB"
 
 
+def _load_range(results: dict, m: dict) -> str:
+  """', 1-min load a-b' over the re-measured decode rows' before / after samples."""
+  loads = [
+    x
+    for r in results.get("decode", [])
+    if f"{r['shape']} B={r.get('batch')} N={r['n']}" in m["rows"]
+    for x in r.get("load_avg", [])
+  ]
+  return f", 1-min load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
+
+
 def markdown(results: dict) -> str:
   m = results["machine"]
   lines = [
@@ -124,6 +135,19 @@ def markdown(results: dict) -> str:
     "```",
     "",
   ]
+  for m in results.get("remeasured", []):
+    lines += [
+      f"Re-measured apart ({', '.join(m['parts'])}: {', '.join(m['rows'])}), "
+      f"{(m.get('total_s') or 0) / 60:.0f} min, copy bandwidth "
+      f"{m['machine']['copy_bandwidth_gbs']:.1f} GB/s, float32 matmul "
+      f"{m['machine']['matmul_gflops']:.0f} GFLOP/s{_load_range(results, m)}; these rows "
+      f"replace the run above's:",
+      "",
+      "```",
+      m["command"],
+      "```",
+      "",
+    ]
   dec = [r for r in results.get("decode", []) if "variants" in r]
   if dec:
     k = dec[0]["k"]
@@ -450,9 +474,13 @@ def analysis(results: dict) -> list[str]:
       f"- LAG's measured ratio is within 1.15x of the bytes cost model in {ok} of {len(qs)} "
       f"rows (measured / model {min(q for _, q in qs):.2f} to {worst_q:.2f}; worst "
       f"{worst_r['shape']} B={worst_r['batch']} N={worst_r['n']}); with the fastest "
-      f"samples, in {ok_min} of {len(dec)}. On the 3B slice LAG tracks the model (the base "
-      f"step is itself slow there, see the layer-slice table); on SmolLM2 it does not, "
-      f"for the reasons below. A static single LoRA measures "
+      f"samples, in {ok_min} of {len(dec)}. "
+      + "; ".join(
+        f"{shape}: {sum(q <= 1.15 for r, q in qs if r['shape'] == shape)} of "
+        f"{sum(r['shape'] == shape for r, _ in qs)}"
+        for shape in dict.fromkeys(r["shape"] for r in dec)
+      )
+      + " (the misses, if any, are explained below). A static single LoRA measures "
       f"{min(min_ratio(r, 'single') for r in dec):.2f}-"
       f"{max(min_ratio(r, 'single') for r in dec):.2f}x base (fastest samples): at batch 1 "
       f"the program with a static LoRA runs a few percent faster than the one without any "
