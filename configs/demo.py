@@ -120,6 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # generation beyond the main table's, which keeps the demo under 15 minutes.
   c.k_sweep = "1,4,16"
   c.spectr_max_n = 1000
+  # Keep each finished method's run in the workdir; a rerun resumes (eval/method_runs.py).
+  c.reuse_method_runs = True
   # Route the knowledge library with shared input directions removed from its
   # signatures: none | mean:S | top:S (lag_jax/routing/shared.py).
   c.shared_removal = "none"

@@ -94,6 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.k = 20
   c.k_sweep = "1,2,5,10,20,50"
   c.spectr_max_n = 1000
+  # Keep each finished method's run in the workdir; a rerun resumes (eval/method_runs.py).
+  c.reuse_method_runs = True
   c.shared_removal = "none"  # none | mean:S | top:S (lag_jax/routing/shared.py)
   c.methods = ""
   c.max_new_tokens = 32

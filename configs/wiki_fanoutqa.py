@@ -38,6 +38,8 @@ def get_config(arg: str | None = None):
   c.k = 20
   c.k_sweep = "1,2,5,10,20,50"
   c.spectr_max_n = 1000
+  # Keep each finished method's run in the workdir; a rerun resumes (eval/method_runs.py).
+  c.reuse_method_runs = True
   c.extra_methods = ""  # the standard methods (request-level ones: --config.methods)
   if arg == "tiny":
     c.fanoutqa.library_size = 6

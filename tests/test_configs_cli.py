@@ -197,5 +197,34 @@ def test_build_once_then_evaluate_nested_libraries(tmp_path):
   assert report["num_knowledge_adapters"] == 3
   # Every question on the first 3 people, tuning half: 3 tasks x (2 of 3) questions.
   assert report["num_examples"] == 6
+  # Each finished method was kept: the same run again reuses them (an interrupted
+  # evaluation resumes), and a kept run that cannot be read back is run again.
+  runs = sorted((tmp_path / "method_runs").glob("*.json"))
+  assert len(runs) == 3  # Oracle, Vote(k=2) and the k sweep's LAG(k=1)
+  runs[0].write_text(runs[0].read_text()[:100])  # truncated
+  proc = run_cli(
+    *base,
+    "--config.synthetic.library_size=3",
+    "--config.synthetic.questions_per_task=0",
+    "--config.methods=Oracle,Vote(k=2)",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr.count("reusing the finished run") == 2, proc.stderr[-3000:]
+  assert proc.stderr.count("not a finished run of") == 1, proc.stderr[-3000:]
+  again = json.loads((tmp_path / "results.json").read_text())
+  assert sum(r["reused"] for r in again["method_runs"].values()) == 2
+  assert not any(r["reused"] for r in report["method_runs"].values())
+  assert again["predictions"] == report["predictions"]
+
+  def table(r):  # the scores and routing, not the timings
+    return json.dumps(
+      {
+        m: {k: v for k, v in row.items() if k not in ("seconds", "timing", "decode_ms_per_step")}
+        for m, row in r["methods"].items()
+      },
+      sort_keys=True,
+    )
+
+  assert table(again) == table(report)
   proc = run_cli(*base, "--config.synthetic.library_size=7")
   assert proc.returncode != 0 and "synthetic.library_size" in proc.stderr

@@ -20,7 +20,7 @@ from absl import logging
 
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.errors import ConfigError
-from lag_jax.eval import harness, injection
+from lag_jax.eval import harness, injection, method_runs
 from lag_jax.files import write_json_atomic
 from lag_jax.jobs import common
 from lag_jax.routing.shared import parse_mode, remove_shared
@@ -386,7 +386,41 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rag_max_chars=config.rag_max_chars,
     knowledge_removed=knowledge_removed,
   )
-  results = [harness.run_method(setting, m, examples, gold, task_ids, retrieved) for m in methods]
+  # Each finished method is kept in the workdir (eval/method_runs.py): a rerun of an
+  # interrupted evaluation resumes where it stopped.
+  reuse = config.get("reuse_method_runs", True)
+  run_context = {
+    "checkpoint": config.checkpoint,
+    "knowledge": list(knowledge.names),
+    "task": list(task_lib.names) if task_lib else None,
+    "knowledge_training": config.knowledge_training.to_dict(),
+    "task_training": config.task_training.to_dict() if config.use_task_library else None,
+    "recipe": repr(recipe),
+    "shared_removal": config.shared_removal,
+    "index_probe": max(probes, default=0),
+    "gold": gold,
+    "task_ids": task_ids,
+    "retrieved": retrieved,
+    "max_new_tokens": config.max_new_tokens,
+    "batch_size": config.batch_size,
+    "rag_max_chars": config.rag_max_chars,
+  }
+
+  kept_runs = {}  # method -> its file under the workdir, and whether this run reused it
+
+  def run_method(m):
+    key = method_runs.run_key(m, examples, run_context)
+    r = method_runs.load(workdir, key, m.name) if reuse else None
+    kept_runs[m.name] = {"key": key, "reused": r is not None}
+    if r is None:
+      r = harness.run_method(setting, m, examples, gold, task_ids, retrieved)
+      method_runs.save(workdir, key, r)
+    return r
+
+  results = []
+  for i, m in enumerate(methods):
+    results.append(run_method(m))
+    logging.info("method %d of %d done: %s", i + 1, len(methods), m.name)
   sweep = []
   for k in common.int_list("k_sweep", config.k_sweep):
     m = harness.Method(f"LAG(k={k})", "lag", "lag", k=k)
@@ -395,7 +429,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     same = "Arrow" if k == 1 else "SpectR" if k >= len(knowledge) else m.name
     r = next((r for r in results if r.method in (m.name, same)), None)
     if r is None:
-      r = harness.run_method(setting, m, examples, gold, task_ids, retrieved)
+      r = run_method(m)
     elif r.method != m.name:
       r = dataclasses.replace(r, method=m.name)
     sweep.append((k, r))
@@ -432,6 +466,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       **dataclasses.asdict(data_report),
     },
     "total_seconds": time.perf_counter() - t_start,
+    # Methods read back from an earlier, interrupted run of the same evaluation.
+    "method_runs": kept_runs,
     "methods": table,
     "k_sweep": {str(k): sweep_table.get(r.method) for k, r in sweep},
     "knowledge_injection": injection.knowledge_injection(per_question),
