@@ -136,16 +136,18 @@ RESOLVE_SPECS = (
   RouterSpec("fixed"),
   RouterSpec("request_lag", k=2, gate=0.1),  # votes first: ungated, tallied
   RouterSpec("lag", k=1, gate=0.3, gate_fallback="none"),
+  RouterSpec("vote", k=3, vote_score="margin"),
+  RouterSpec("vote", k=1, vote_score="margin"),  # k = 1: the arrow scores' margin
 )
 
 
-@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4, 5, 6, 7], [6, 2, 0, 7, 1, 3, 4, 5]])
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [6, 2, 0, 9, 7, 1, 8, 3, 4, 5]])
 def test_resolving_pass_matches_reference(rows):
   """The first pass: votes over the span, request_lag's pooled candidates and the
   per-token decisions of every router, rows with their own masks."""
-  B, T = 8, 6
+  B, T = len(rows), 6
   xs, mask, span = inputs(B, T, seed=1)
-  fixed = np.array([0, 1, 2, 3, 4, 6, 5, 1])
+  fixed = np.array([0, 1, 2, 3, 4, 6, 5, 1, 2, 3])
   K, _ = request.state_dims(RESOLVE_SPECS, N)
   for module, x in xs.items():
     for layer in range(L):

@@ -59,6 +59,7 @@ SPECS = (
   RouterSpec("lag", k=3, projection="grouped"),
   RouterSpec("vote", k=3),
   RouterSpec("vote", k=2, vote_score="score", vote_top_m=2),
+  RouterSpec("vote", k=3, vote_score="margin"),
   RouterSpec("request_lag", k=3),
   RouterSpec("lag", k=3, gate=0.3),  # falls back to the vote winner
   RouterSpec("request_lag", k=3, gate=0.3, gate_fallback="none"),

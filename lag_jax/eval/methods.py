@@ -85,6 +85,7 @@ SPANS = ("question", "user", "prompt")
 BEYOND = {
   "Vote": ("vote", (), ()),
   "Vote-score": ("vote", (("vote_score", "score"),), ()),
+  "Vote-margin": ("vote", (("vote_score", "margin"),), ()),
   "Vote-layer": ("vote", (("vote_scope", "module"),), ()),
   "Vote-top2": ("vote", (("vote_top_m", 2),), ()),
   "Vote-user": ("vote", (), (("span", "user"),)),

@@ -547,15 +547,18 @@ def pooled_candidates(pl, x, allowed, span, k: int):
 
 
 def tally(spec, d: Decision, span, layer, n: int):
-  """One layer and module's votes [B, N] over the span: a count of the decisions, or
-  the sum of each token's normalised rerank scores over its candidates. Every place
+  """One layer and module's votes [B, N] over the span: a count of the decisions, the
+  decisions weighted by their relative margins, or the sum of each token's normalised
+  rerank scores over its candidates. Every place
   computes the same votes from the same (global) decisions."""
   B = d.sel.shape[0]
   w = span * d.ok.astype(span.dtype)  # [B, T]
   if spec.vote_layers is not None:
     w = w * jnp.isin(layer, jnp.asarray(spec.vote_layers, jnp.int32)).astype(w.dtype)
   rows = jnp.arange(B)[:, None]
-  if spec.vote_score == "count":
+  if spec.vote_score in ("count", "margin"):
+    if spec.vote_score == "margin":
+      w = w * d.margin.astype(w.dtype)
     return jnp.zeros((B, n), jnp.float32).at[rows, jnp.clip(d.sel, 0, n - 1)].add(w)
   norms = jnp.sqrt(jnp.maximum(d.n2, 0.0)) * (d.n2 >= 0)  # [B, T, C]
   share = norms / jnp.maximum(jnp.sum(norms, axis=-1, keepdims=True), 1e-30)
@@ -595,7 +598,8 @@ def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C: 
     return (*apply_hard(pl, d), None, None)
   # vote's first pass, request_lag, gated lag.
   first_pass = resolving and spec.votes  # votes need the ungated decisions
-  want_margin = spec.gate > 0 and not first_pass
+  # Gates read the margin on the second pass; margin-weighted votes on the first.
+  want_margin = (spec.gate > 0 and not first_pass) or (first_pass and spec.vote_score == "margin")
   cand_out = None
   if name == "request_lag":
     k = min(spec.k, pl.size)

@@ -52,7 +52,7 @@ ROUTERS = (
 )
 REQUEST_ROUTERS = ("vote", "request_lag")
 VOTE_SCOPES = ("all", "module")
-VOTE_SCORES = ("count", "score")
+VOTE_SCORES = ("count", "score", "margin")
 GATE_FALLBACKS = ("vote", "none")
 PROJECTIONS = ("auto", "gather", "dense", "grouped")
 
@@ -80,9 +80,12 @@ class RouterSpec:
     vote_scope: ``vote`` (and the vote fallback of gated routers): the winner of all
       layers' and modules' decisions together (``all``), or one winner per layer and
       module (``module``).
-    vote_score: ``count`` the per-token decisions (majority; ties to the lower id) or
+    vote_score: ``count`` the per-token decisions (majority; ties to the lower id),
       sum each token's normalised rerank ``score``s ||A*_c x|| / sum_c' ||A*_c' x||
-      over its candidates.
+      over its candidates, or weight each decision by its relative ``margin``
+      (best - second) / best over the candidates' norms (the gate's margin): a token
+      that several adapters explain alike (a first name many people share) counts
+      little, one that singles out an adapter counts fully.
     vote_top_m: apply the m adapters with the most votes, mixed by their share of
       the m's votes (1: the winner alone, one LoRA per token).
     vote_layers: the layers whose decisions count in the vote (None: all); with

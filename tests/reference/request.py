@@ -8,8 +8,9 @@ One layer and module at a time; a request's tokens x [T, I]; ``lib`` the N RefAd
   lag_token        the paper's LAG decision: top min(k, N) by |arrow . x|, the largest
                    ||V^T x|| among them; its margin (best - second) / best over the
                    candidates' norms, or over the arrow scores when min(k, N) = 1
-  votes            over the span's tokens: +1 for each decision (count), or + each
-                   candidate's norm / the sum of the token's candidates' norms (score)
+  votes            over the span's tokens: +1 for each decision (count), + its margin
+                   (margin), or + each candidate's norm / the sum of the token's
+                   candidates' norms (score)
   top_m            the m adapters with the most votes, weights = their vote shares
   pooled_cand      request_lag's filter: the top k by the mean |arrow . x| over the span
   rerank_token     SpectR among a request's candidates; margin as lag's (1 with one)
@@ -67,6 +68,9 @@ def add_votes(votes, decision, score: str, weight: float = 1.0):
     return
   if score == "count":
     votes[decision["sel"]] += weight
+    return
+  if score == "margin":
+    votes[decision["sel"]] += weight * decision["margin"]
     return
   total = sum(decision["norms"].values())
   for i, n in decision["norms"].items():
