@@ -35,6 +35,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.synthetic.num_entities = 1000
   c.synthetic.seed = 0
   c.synthetic.tasks = ("qa", "slot", "fact")
+  # all: requests drawn from every question; tune / test: only the questions of that
+  # half of the evaluate job's draw of questions_per_task per task (configs/n1000.py),
+  # so that routers are chosen on the tuning half alone.
+  c.synthetic.split = "all"
+  c.synthetic.questions_per_task = 200
 
   c.sizes = "16,64,250,1000"  # nested libraries: the first N people
   c.max_requests = 150  # per size, spread evenly over the N people and the tasks

@@ -43,3 +43,22 @@ def test_zero_means_every_question_on_the_people(world):
 def test_bad_split_names_the_field(world):
   with pytest.raises(ConfigError, match="synthetic.split"):
     sample_questions({"qa": world.tasks["qa"]}, [], 0, "dev", seed=0)
+
+
+def test_routing_scale_requests_come_from_one_half():
+  """routing_scale with synthetic.split draws its requests from that half of the evaluate
+  job's questions only: routers chosen on the tuning half never see a test question."""
+  from lag_jax.data.synthetic import make_world
+  from lag_jax.jobs.evaluate import sample_questions
+  from lag_jax.jobs.routing_scale import pick_requests
+
+  world = make_world(20, seed=0)
+  examples = [ex for t in ("qa", "slot", "fact") for ex in world.tasks[t]]
+  names = [ex.provenance[0] for ex in world.tasks["qa"]][:10]
+  tune = pick_requests(examples, names, 0, 0, (200, "tune"))
+  test = pick_requests(examples, names, 0, 0, (200, "test"))
+  assert tune and test and not {ex.id for ex in tune} & {ex.id for ex in test}
+  want = sample_questions(world.tasks, names, 200, "tune", 0)
+  assert sorted(ex.id for ex in tune) == sorted(ex.id for ex in want)
+  assert len(pick_requests(examples, names, 0, 0)) == len(tune) + len(test)
+  assert len(pick_requests(examples, names, 5, 0, (200, "tune"))) == 5

@@ -49,9 +49,19 @@ def method(name: str, k: int) -> harness.Method:
   return dataclasses.replace(m, name=name, task="none")
 
 
-def pick_requests(examples, names: list[str], limit: int, seed: int):
+def pick_requests(examples, names: list[str], limit: int, seed: int, split=None):
   """Up to ``limit`` examples about the people ``names``, spread evenly over them
-  (seeded), in a fixed order."""
+  (seeded), in a fixed order. ``split``: None (any question) or (questions_per_task,
+  'tune' | 'test'): only the questions the evaluate job draws for that half over the
+  same people (jobs/evaluate.py ``sample_questions``), so that routers chosen here are
+  chosen on the tuning half alone."""
+  if split is not None:
+    from lag_jax.jobs.evaluate import sample_questions
+
+    by_task: dict = {}
+    for ex in examples:
+      by_task.setdefault(ex.task, []).append(ex)
+    examples = sample_questions(by_task, names, split[0], split[1], seed)
   wanted = set(names)
   pool = [ex for ex in examples if ex.provenance[0] in wanted]
   if limit and len(pool) > limit:
@@ -59,6 +69,17 @@ def pick_requests(examples, names: list[str], limit: int, seed: int):
     keep = np.sort(rng.choice(len(pool), limit, replace=False))
     pool = [pool[i] for i in keep]
   return pool
+
+
+def _split(config):
+  """(questions_per_task, half) when requests come from one half of the evaluate job's
+  draw (config ``synthetic.split`` 'tune' / 'test'), else None."""
+  split = config.synthetic.get("split", "all")
+  if split == "all":
+    return None
+  if split not in ("tune", "test"):
+    raise ValueError(f"config field 'synthetic.split'={split!r}: choose all, tune or test")
+  return (config.synthetic.get("questions_per_task", 0), split)
 
 
 def _routing_setting(model, tokenizer, library, batch_size: int) -> harness.Setting:
@@ -102,7 +123,9 @@ def _analyse(config, world, full, examples, model, tokenizer, workdir) -> dict:
     lib = full.subset(range(n))
     if spec != "none":
       lib = remove_shared(lib, spec)[0]
-    reqs = pick_requests(examples, list(lib.names), config.max_requests, config.synthetic.seed)
+    reqs = pick_requests(
+      examples, list(lib.names), config.max_requests, config.synthetic.seed, _split(config)
+    )
     gold = [lib.names.index(ex.provenance[0]) for ex in reqs]
     setting = _routing_setting(model, tokenizer, lib, config.batch_size)
     r = harness.run_method(setting, method(name, config.k), reqs, gold, None, None, True)
@@ -211,7 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("Keeping %d measured rows from %s", len(rows), previous)
   for n in sizes:
     lib = full.subset(range(n))
-    reqs = pick_requests(examples, list(lib.names), config.max_requests, c.seed)
+    reqs = pick_requests(examples, list(lib.names), config.max_requests, c.seed, _split(config))
     gold = [lib.names.index(ex.provenance[0]) for ex in reqs]
     runs = [(name, config.k, name) for name in routers]
     if n in sweep_sizes:
