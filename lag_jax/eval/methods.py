@@ -128,7 +128,7 @@ def beyond_methods(k: int = 20, retrieval: bool = True) -> list[Method]:
 def method_from_name(name: str, k: int = 20) -> Method:
   """A request-level method from its name: ``Base`` or ``Base(opt=v;opt=v)`` with Base
   a BEYOND key and options k, span, task_span (question | user | prompt), score
-  (count | score), scope (all | module), m, gate, fallback (vote | none), layers and
+  (count | score | margin), scope (all | module), m, gate, fallback (vote | none), layers and
   vote_layers ('0-9+20-29', or 'edges': the first and last third), probe (clusters
   of the arrow index scanned; LAG+index), removal (the
   knowledge library's shared-direction removal: none | mean:Q | top:Q); e.g.
