@@ -18,7 +18,7 @@ from benchmarks.common import (
   write_json,
 )
 from benchmarks.routing.parts import RUN_ORDER, _child_part
-from benchmarks.routing.report import analysis, markdown, plot
+from benchmarks.routing.report import analysis, markdown, plot, row_label
 from benchmarks.routing.setup import BEGIN, END, ROOT
 from benchmarks.sections import write_section
 
@@ -165,7 +165,7 @@ def merge_rows(results: dict, new: dict, source: str) -> None:
   results.setdefault("remeasured", []).append(
     {
       "parts": parts,
-      "rows": sorted({f"{r['shape']} B={r['batch']} N={r['n']}" for p in parts for r in new[p]}),
+      "rows": sorted({row_label(r) for p in parts for r in new[p]}),
       "command": new["command"],
       "machine": new["machine"],
       "total_s": new.get("total_s"),

@@ -106,13 +106,15 @@ def _fmt_bytes(x: float) -> str:
   return f"{x / 1e6:.2f} MB" if x >= 1e6 else f"{x / 1e3:.1f} KB"
 
 
+def row_label(r: dict) -> str:
+  """A decode / profile row's name: 'shape B=b N=n' (how re-measured rows are listed)."""
+  return f"{r['shape']} B={r.get('batch')} N={r['n']}"
+
+
 def _load_range(results: dict, m: dict) -> str:
   """', 1-min load a-b' over the re-measured decode rows' before / after samples."""
   loads = [
-    x
-    for r in results.get("decode", [])
-    if f"{r['shape']} B={r.get('batch')} N={r['n']}" in m["rows"]
-    for x in r.get("load_avg", [])
+    x for r in results.get("decode", []) if row_label(r) in m["rows"] for x in r.get("load_avg", [])
   ]
   return f", 1-min load {min(loads):.1f}-{max(loads):.1f}" if loads else ""
 

@@ -406,7 +406,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "rag_max_chars": config.rag_max_chars,
   }
 
-  kept_runs = {}  # method -> its file under the workdir, and whether this run reused it
+  kept_runs = {}  # method -> its key (method_runs/<key>.json), and whether it was reused
 
   def run_method(m):
     key = method_runs.run_key(m, examples, run_context)

@@ -73,13 +73,10 @@ def pick_requests(examples, names: list[str], limit: int, seed: int, split=None)
 
 def _split(config):
   """(questions_per_task, half) when requests come from one half of the evaluate job's
-  draw (config ``synthetic.split`` 'tune' / 'test'), else None."""
+  draw (config ``synthetic.split`` 'tune' / 'test'; ``sample_questions`` rejects any
+  other value), else None."""
   split = config.synthetic.get("split", "all")
-  if split == "all":
-    return None
-  if split not in ("tune", "test"):
-    raise ValueError(f"config field 'synthetic.split'={split!r}: choose all, tune or test")
-  return (config.synthetic.get("questions_per_task", 0), split)
+  return None if split == "all" else (config.synthetic.get("questions_per_task", 0), split)
 
 
 def _routing_setting(model, tokenizer, library, batch_size: int) -> harness.Setting:
