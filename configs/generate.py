@@ -59,9 +59,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the chat template) or 'prompt' (all of it).
   c.span = "user"
   c.vote_scope = "all"  # all | module (one winner per layer and module)
-  c.vote_score = "count"  # count | score (normalised rerank scores)
+  c.vote_score = "count"  # count | score (normalised rerank scores) | margin
   c.vote_top_m = 1  # apply the m most voted adapters, mixed by vote share
   c.vote_layers = ""  # layers whose decisions count, e.g. '0-9+20-29'; '': all
+  c.vote_modules = ""  # modules whose decisions count, e.g. 'down_proj'; '': all
+  c.vote_finalists = 0  # vote in two rounds: a second vote among the first's F best
   c.gate = 0.0  # lag / request_lag: margin below which a token falls back (0: off)
   c.gate_fallback = "vote"  # vote | none
   c.route_layers = ""  # lag / request_lag: layers that route per token; '': all

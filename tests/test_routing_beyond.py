@@ -285,8 +285,8 @@ def test_resolve_state_matches_reference(scope):
 class RequestReferenceHook:
   """Routes every module with ref_route_request (float64 numpy, via pure_callback).
 
-  Resolving (state None) it records each request's votes and candidates per layer and
-  module in ``self.stats``; ``self.tie`` / ``self.gate_gap`` keep the closest calls."""
+  Resolving (state None, or a two-round vote's finalists) it records each request's
+  votes and candidates per layer and module in ``self.stats``; ``self.tie`` / ``self.gate_gap`` keep the closest calls."""
 
   def __init__(self, specs, router_index, mask, span, state=None):
     self.specs, self.router_index, self.mask, self.span = specs, router_index, mask, span
@@ -327,7 +327,7 @@ class RequestReferenceHook:
       )
       self.tie = min([self.tie] + [r["tie"] for r in rows])
       self.gate_gap = min([self.gate_gap] + [r["gate_gap"] for r in rows])
-      if st is None:
+      if st is None or "finalists" in st:  # a resolving pass (either round of a vote)
         self.stats[(name, layer)] = rows
       return (
         np.stack([r["delta"] for r in rows]).astype(np.float32),

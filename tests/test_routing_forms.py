@@ -6,7 +6,8 @@ force of tests/reference (ids exact, deltas 1e-4).
 Each case routes one batch whose rows use every router at once (``router_index``), at
 two modules and both layers, through the hook's entry (``RoutedLibrary.route``) as the
 decoder calls it: a resolving prefill (votes, request_lag's candidates), the state
-resolved from it, a prefill and a decode step with that state.
+resolved from it, a two-round vote's second round (its finalists' votes; the other rows
+apply their state), the final state, a prefill and a decode step with that state.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ SPECS = (
   RouterSpec("lag", k=3, gate=0.3),  # falls back to the vote winner
   RouterSpec("request_lag", k=3, gate=0.3, gate_fallback="none"),
   RouterSpec("lag", k=2, layers=(1,)),  # layer 0 uses the vote winner
+  RouterSpec("vote", k=3, vote_score="margin", vote_finalists=3),  # two rounds
+  RouterSpec("vote", k=2, vote_score="score", vote_finalists=2, vote_top_m=2),
 )
 B = len(SPECS)  # one row per router
 FIXED = np.where(np.arange(B) == 1, 5, -1)  # adapter 5: nothing at layer 0
@@ -115,18 +118,47 @@ def _references(removal, module, layer):
   return ref_shared_module(ADAPTERS, CFG, module, layer, w)
 
 
-def _ref_state(want):
+def _ref_state(want, previous=None):
   """Each row's request-level state from the reference's resolving pass (as
-  request.resolve_state defines it, for one layer and module)."""
+  request.resolve_state defines it, for one layer and module): after the first pass
+  with the two-round votes' finalists; after their second round (``previous``: the
+  first state) with their winners, every other row as before."""
   K, M = request.state_dims(SPECS, N)
+  F = request.finalist_width(SPECS, N)
+  if previous is not None:
+    out = {key: previous[key].copy() for key in ("cand", "ids", "weights")}
+    for b, spec in enumerate(SPECS):
+      if spec.two_rounds:
+        out["ids"][b], out["weights"][b] = rr.top_m(want[b]["votes"], spec.vote_top_m, M)
+    return out
   cand = np.full((B, K), -1)
   ids, weights = np.full((B, M), -1), np.zeros((B, M))
+  finalists = np.full((B, F), -1)
   for b, spec in enumerate(SPECS):
     if want[b]["cand"] is not None:
       cand[b, : len(want[b]["cand"])] = want[b]["cand"]
     if spec.votes:
       ids[b], weights[b] = rr.top_m(want[b]["votes"], min(spec.vote_top_m, N), M)
-  return {"cand": cand, "ids": ids, "weights": weights}
+    if spec.two_rounds:
+      finalists[b] = rr.top_m(want[b]["votes"], spec.vote_finalists, F)[0]
+  return {"cand": cand, "ids": ids, "weights": weights, "finalists": finalists}
+
+
+def _with_state(base, resolved, module):
+  """``base`` with one layer and module's resolved state broadcast over the layers."""
+  fields = {
+    key: getattr(resolved, key)
+    for key in ("cand", "ids", "weights", "finalists")
+    if getattr(resolved, key) is not None
+  }
+  return base.replace(
+    state=RequestState(
+      **{
+        key: {module: jnp.broadcast_to(v[module], (L, *v[module].shape[1:]))}
+        for key, v in fields.items()
+      }
+    )
+  )
 
 
 def _check(got, want, where, phase):
@@ -163,7 +195,7 @@ def test_every_router_on_every_form_matches_the_brute_force(form, removal, tmp_p
             refs,
             mask[b],
             layer,
-            span[b, t0:t1] if state is None else None,
+            span[b, t0:t1] if state is None or "finalists" in state else None,
             None if state is None else {k: v[b] for k, v in state.items()},
             FIXED[b],
           )
@@ -187,17 +219,34 @@ def test_every_router_on_every_form_matches_the_brute_force(form, removal, tmp_p
         {module: {k: v[None] for k, v in stats.items()}},
         stats["votes"].shape[1],
       )
+      for key in ("cand", "ids", "finalists"):
+        np.testing.assert_array_equal(np.asarray(getattr(resolved, key)[module][0]), state[key])
+      # 2. The two-round votes' second round: their votes among their finalists; the
+      # other rows apply their state.
+      round2 = _with_state(base, resolved, module)
+      assert round2.resolving
+      got = _route(round2, jnp.asarray(x[:, :5]), jnp.int32(layer), module=module)
+      want = want_of(0, 5, state)
+      _check(got, want, where, "second round")
+      stats = jax.tree.map(np.asarray, got[2])
+      for b, spec in enumerate(SPECS):
+        if spec.two_rounds:
+          np.testing.assert_allclose(stats["votes"][b, :N], want[b]["votes"], atol=1e-5)
+          assert set(np.flatnonzero(want[b]["votes"])) <= set(state["finalists"][b])
+      resolved = request.resolve_state(
+        SPECS,
+        router_index,
+        {module: {k: v[None] for k, v in stats.items()}},
+        stats["votes"].shape[1],
+        previous=resolved,
+      )
+      state = _ref_state(want, previous=state)
+      assert resolved.finalists is None
       for key in ("cand", "ids"):
         np.testing.assert_array_equal(np.asarray(getattr(resolved, key)[module][0]), state[key])
-      # 2. Prefill and a decode step with the state (as generate's later passes).
-      lib_state = base.replace(
-        state=RequestState(
-          **{
-            key: {module: jnp.broadcast_to(getattr(resolved, key)[module], (L, *v.shape[1:]))}
-            for key, v in ((k, getattr(resolved, k)[module]) for k in ("cand", "ids", "weights"))
-          }
-        )
-      )
+      # 3. Prefill and a decode step with the final state (as generate's later passes).
+      lib_state = _with_state(base, resolved, module)
+      assert not lib_state.resolving
       got = _route(lib_state, jnp.asarray(x[:, :5]), jnp.int32(layer), module=module)
       _check(got, want_of(0, 5, state), where, "prefill")
       got = _route(lib_state, jnp.asarray(x[:, 5:]), jnp.int32(layer), module=module)

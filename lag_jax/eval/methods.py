@@ -88,6 +88,8 @@ BEYOND = {
   "Vote-margin": ("vote", (("vote_score", "margin"),), ()),
   "Vote-layer": ("vote", (("vote_scope", "module"),), ()),
   "Vote-top2": ("vote", (("vote_top_m", 2),), ()),
+  # Two rounds: the first vote's 2 leading adapters, then a vote between them alone.
+  "Vote-final2": ("vote", (("vote_finalists", 2),), ()),
   "Vote-user": ("vote", (), (("span", "user"),)),
   "Vote-prompt": ("vote", (), (("span", "prompt"), ("task_span", "prompt"))),
   "ReqLAG": ("request_lag", (), ()),
@@ -111,6 +113,8 @@ _OPTION_FIELDS = {
   "scope": "vote_scope",
   "m": "vote_top_m",
   "vote_layers": "vote_layers",
+  "vote_modules": "vote_modules",
+  "finalists": "vote_finalists",
   "gate": "gate",
   "fallback": "gate_fallback",
   "layers": "layers",
@@ -129,7 +133,10 @@ def method_from_name(name: str, k: int = 20) -> Method:
   """A request-level method from its name: ``Base`` or ``Base(opt=v;opt=v)`` with Base
   a BEYOND key and options k, span, task_span (question | user | prompt), score
   (count | score | margin), scope (all | module), m, gate, fallback (vote | none), layers and
-  vote_layers ('0-9+20-29', or 'edges': the first and last third), probe (clusters
+  vote_layers ('0-9+20-29', or 'edges': the first and last third), vote_modules
+  (the knowledge library's modules whose decisions count, e.g. 'down_proj' or
+  'gate_proj+down_proj'), finalists (a vote in two rounds: the first's F leading
+  adapters, then a vote among them), probe (clusters
   of the arrow index scanned; LAG+index), removal (the
   knowledge library's shared-direction removal: none | mean:Q | top:Q); e.g.
   ``LAG+gate(k=4;gate=0.2;fallback=none)`` or
@@ -167,16 +174,19 @@ def method_from_name(name: str, k: int = 20) -> Method:
       raise ValueError(f"method {name!r}: {key} {kw[key]!r} is not one of {SPANS}")
   opts = tuple(sorted(options.items()))
   kw = {"knowledge": router, "task": router, **kw}
-  # The arrow index is the knowledge library's (the task library has a few adapters).
-  task_opts = tuple((f, v) for f, v in opts if f != "index_probe")
+  # The arrow index is the knowledge library's (the task library has a few adapters);
+  # vote_modules name the knowledge library's modules (the task library's differ).
+  task_opts = tuple((f, v) for f, v in opts if f not in ("index_probe", "vote_modules"))
   method = Method(name, knowledge_options=opts, task_options=task_opts, **kw)
   router_spec(router, method.k, opts, 3)  # checks the options now
   return method
 
 
 def _option_value(field: str, value: str):
-  if field in ("vote_top_m", "index_probe"):
+  if field in ("vote_top_m", "index_probe", "vote_finalists"):
     return int(value)
+  if field == "vote_modules":
+    return tuple(m.strip() for m in value.split("+") if m.strip())
   if field == "gate":
     return float(value)
   if field in ("layers", "vote_layers"):

@@ -128,8 +128,8 @@ class GenerationOutput:
       new token comes from prefill, so this is at most max_new_tokens - 1.
     batch_size: the padded batch the model ran on (a power of two).
     prefill_passes: prefills run over the prompts: 2 when a request-level router
-      votes first (``RoutedAdapters.request_passes``), else 1; ``prefill_s`` covers
-      all of them.
+      votes first, 3 for a two-round vote (``RoutedAdapters.request_passes``), else 1;
+      ``prefill_s`` covers all of them.
     logits: with ``return_logits``, per sequence [len(tokens[b]), V] float32: the
       logits each new token was chosen from; else None.
     routing: with ``return_routing``, the hook's telemetry pytree (for
@@ -459,16 +459,18 @@ def generate(
   )
   if passes:
     # Request-level routing: this prefill computes each request's state (votes,
-    # request_lag's candidates); with votes (passes == 2) only that is kept, and a
-    # second prefill applies it, so that the cache holds what decode continues.
+    # request_lag's candidates); with votes (passes >= 2) only that is kept, and a
+    # last prefill applies it, so that the cache holds what decode continues. A
+    # two-round vote (passes == 3) resolves twice: its finalists, then its winners.
     last = passes == 1
-    state, request_state = prefill(
-      lora=lora,
-      record_logits=return_logits and last,
-      record_routing=return_routing and last,
-      resolve=True,
-    )
-    lora = lora.with_request_state(request_state)
+    for _ in range(max(passes - 1, 1)):
+      state, request_state = prefill(
+        lora=lora,
+        record_logits=return_logits and last,
+        record_routing=return_routing and last,
+        resolve=True,
+      )
+      lora = lora.with_request_state(request_state)
   if passes != 1:
     state = prefill(
       lora=lora, record_logits=return_logits, record_routing=return_routing, resolve=False

@@ -384,6 +384,8 @@ _SPEC_FIELDS = {
   "vote_score": "vote_score",
   "vote_top_m": "vote_top_m",
   "vote_layers": "vote_layers",
+  "vote_modules": "vote_modules",
+  "vote_finalists": "vote_finalists",
   "gate": "gate",
   "gate_fallback": "gate_fallback",
   "layers": "route_layers",
@@ -399,6 +401,7 @@ def _router_spec(config, router: str, field: str = "router") -> RouterSpec:
     ConfigError: RouterSpec refuses a value; names the config field that holds it.
   """
   gated = router in ("lag", "request_lag")
+  modules = tuple(m.strip() for m in config.get("vote_modules", "").split("+") if m.strip())
   kwargs = dict(
     k=config.k,
     temperature=config.temperature,
@@ -407,6 +410,9 @@ def _router_spec(config, router: str, field: str = "router") -> RouterSpec:
     vote_score=config.vote_score,
     vote_top_m=config.vote_top_m,
     vote_layers=_layer_list(config.vote_layers, "vote_layers"),
+    vote_modules=modules or None,
+    # Two rounds are a vote's: a task router of another kind is unaffected.
+    vote_finalists=config.get("vote_finalists", 0) if router == "vote" else 0,
     gate=config.gate if gated else 0.0,
     gate_fallback=config.gate_fallback,
     layers=_layer_list(config.route_layers, "route_layers") if gated else None,

@@ -62,7 +62,9 @@ class RequestLevelHook(AdapterHook, Protocol):
      *resolving* prefill the telemetry carries the request-level quantities, and
      ``split_aux(aux)`` splits it into (the usual telemetry, the state);
   3. ``with_request_state(state)``: the hook that applies that state in the next
-     prefill (when ``request_passes`` is 2) and in every decode step.
+     prefill (when ``request_passes`` is 2) and in every decode step. With 3, every
+     prefill but the last resolves (each from the state the one before fixed: a
+     two-round vote), and the last applies.
   """
 
   @property

@@ -592,6 +592,14 @@ def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C: 
     return (*route_spectr(pl, x, xr, allowed), None, None)
   resolving = state is None
   if name == "vote" and not resolving:
+    if spec.two_rounds and "finalists" in state:
+      # A two-round vote's second round: every token decides among the request's
+      # finalists alone (SpectR over them), and those decisions are tallied.
+      F = min(spec.vote_finalists, pl.size)
+      d = rerank_decision(
+        pl, x, xr, allowed, state["finalists"][:, :F], spec.vote_score == "margin"
+      )
+      return (*apply_hard(pl, d), tally(spec, d, span, layer, pl.size), None)
     return (*apply_mixture(pl, x, allowed, state["ids"], state["weights"]), None, None)
   if not spec.request_level:  # the paper's LAG
     d = lag_decision(pl, x, xr, allowed, spec.k, spec.projection, probe=spec.index_probe)
@@ -647,7 +655,9 @@ def route_module(
     layer: [] int32, the layer index (request-level routers only).
     span: [B, T] bool, each request's pooled prompt tokens while resolving (None: all).
     state: this layer and module's dict(cand [B, C], ids [B, M], weights [B, M]) once
-      the request-level state is known; None before (resolving) or without one.
+      the request-level state is known; None before (resolving) or without one. With
+      finalists [B, F] too it is the second round of a two-round vote (resolving
+      again: its rows vote among their finalists, the others apply their state).
     C: the width of request_lag's candidates in the state.
   Returns:
     delta [B, T, O] (in x's dtype), chosen [B, T] int32 (-1: none), and while resolving
@@ -656,7 +666,7 @@ def route_module(
   """
   B, T = x.shape[:2]
   request_level = any(s.request_level for s in specs)
-  resolving = request_level and state is None
+  resolving = request_level and (state is None or "finalists" in state)
   if resolving:
     span = jnp.ones((B, T), jnp.float32) if span is None else span.astype(jnp.float32)
   allowed = mask & pl.valid[None, :]

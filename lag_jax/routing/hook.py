@@ -80,16 +80,22 @@ class RoutedLibrary:
 
   @property
   def resolving(self) -> bool:
-    """Request-level routers whose state is not computed yet."""
-    return self.request_level and self.state is None
+    """Request-level routers whose state is not computed yet, or not final (a
+    two-round vote between its rounds)."""
+    return self.request_level and (self.state is None or self.state.finalists is not None)
 
   @property
   def request_passes(self) -> int:
-    """Prefills ``generate`` runs: 2 with a voting router to resolve, 1 with other
-    request-level routers to resolve (their state comes from the prefill itself), else 0
-    (nothing to resolve: the usual single prefill)."""
+    """Prefills ``generate`` runs: 3 with a two-round vote to resolve (first round,
+    second round, then the one that applies), 2 with a voting router to resolve, 1
+    with other request-level routers to resolve (their state comes from the prefill
+    itself), else 0 (nothing to resolve: the usual single prefill)."""
     if not self.resolving:
       return 0
+    if self.state is not None:  # between the rounds of a two-round vote
+      return 2
+    if any(s.two_rounds for s in self.routers):
+      return 3
     return 2 if any(s.votes for s in self.routers) else 1
 
   def per_layer(self):
@@ -139,6 +145,8 @@ class RoutedLibrary:
         "ids": state.ids[module],
         "weights": state.weights[module],
       }
+      if state.finalists is not None:  # a two-round vote's second round
+        module_state["finalists"] = state.finalists[module]
     C, _ = request.state_dims(self.routers, self.mask.shape[1])
     extra = {}
     if module not in w.arrows:  # arrows_in_place: the stack, read at this layer
@@ -280,6 +288,12 @@ def _check_layers(weights, routers) -> None:
       value = getattr(s, field)
       if value is not None and value[-1] >= L:
         raise ValueError(f"router {s.name!r}: {field} {value} outside the library's {L} layers")
+    missing = sorted(set(s.vote_modules or ()) - set(weights.valid))
+    if missing:
+      raise ValueError(
+        f"router {s.name!r}: vote_modules {missing} are not modules of the library "
+        f"(it holds {sorted(weights.valid)})"
+      )
 
 
 def _pack_span(span, batch: int) -> np.ndarray:
@@ -326,7 +340,8 @@ class RoutedAdapters:
   @property
   def request_passes(self) -> int:
     """0: route as usual; 1: the prefill also computes the request-level state the
-    decode uses; 2: a first prefill computes it (votes), a second applies it."""
+    decode uses; 2: a first prefill computes it (votes), a second applies it; 3: a
+    two-round vote's rounds, then the prefill that applies them."""
     return max((lib.request_passes for lib in self.libraries), default=0)
 
   def for_prompts(self, prompt_mask) -> RoutedAdapters:
@@ -348,7 +363,9 @@ class RoutedAdapters:
           out.append(e)
       telemetry[module] = tuple(out)
     states = tuple(
-      request.resolve_state(lib.routers, lib.router_index, stats[i], lib.mask.shape[1])
+      request.resolve_state(
+        lib.routers, lib.router_index, stats[i], lib.mask.shape[1], previous=lib.state
+      )
       if lib.resolving
       else None
       for i, lib in enumerate(self.libraries)

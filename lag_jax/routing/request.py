@@ -15,7 +15,10 @@ the batch this is one prefill (request_lag's candidates come from that same pref
 with one, the first prefill only votes (every voting row routes per token with its
 router ungated) and a second prefill applies the result, so the KV cache holds keys
 and values computed with the winners. Rows that do not use a request-level router
-route the same way in both passes.
+route the same way in both passes. A vote in two rounds (``vote_finalists``) adds a
+prefill between them: the first keeps each request's finalists (``finalists``), the
+second votes among them alone (the library is resolving again), the last applies the
+winners.
 """
 
 from __future__ import annotations
@@ -40,11 +43,15 @@ class RequestState:
     ids: [L, B, M] int32, the vote's adapters (most votes first; -1: none), M the
       largest vote_top_m of the batch's voting routers (1 if none).
     weights: [L, B, M] float32, their vote shares (sum 1 over a request's ids).
+    finalists: [L, B, F] int32 between the rounds of a two-round vote: the first
+      round's F leading adapters (-1: none; F the largest vote_finalists of the batch),
+      among which the next prefill votes; None once every vote is final.
   """
 
   cand: dict[str, jax.Array]
   ids: dict[str, jax.Array]
   weights: dict[str, jax.Array]
+  finalists: dict[str, jax.Array] | None = None
 
   def pad_batch(self, extra: int) -> RequestState:
     def pad(x, value):
@@ -54,6 +61,9 @@ class RequestState:
       cand={m: pad(v, -1) for m, v in self.cand.items()},
       ids={m: pad(v, -1) for m, v in self.ids.items()},
       weights={m: pad(v, 0.0) for m, v in self.weights.items()},
+      finalists=None
+      if self.finalists is None
+      else {m: pad(v, -1) for m, v in self.finalists.items()},
     )
 
 
@@ -62,6 +72,11 @@ def state_dims(specs: Sequence[RouterSpec], n: int) -> tuple[int, int]:
   C = max([min(s.k, n) for s in specs if s.name == "request_lag"], default=1)
   M = max([min(s.vote_top_m, n) for s in specs if s.votes], default=1)
   return C, M
+
+
+def finalist_width(specs: Sequence[RouterSpec], n: int) -> int:
+  """F: the widest two-round vote's finalists for N = n (0: no two-round vote)."""
+  return max([min(s.vote_finalists, n) for s in specs if s.two_rounds], default=0)
 
 
 def top_m(votes, m: int, width: int):
@@ -95,30 +110,55 @@ def route_batch_request(
 
 
 def resolve_state(
-  specs: tuple[RouterSpec, ...], router_index, stats: dict[str, dict], n: int
+  specs: tuple[RouterSpec, ...],
+  router_index,
+  stats: dict[str, dict],
+  n: int,
+  previous: RequestState | None = None,
 ) -> RequestState:
   """The RequestState from a resolving pass's stacked quantities (module ->
   dict(votes [L, B, N], cand [L, B, C])): each voting row's winner(s) by its router's
-  vote_scope / vote_top_m, and request_lag's candidates as they were."""
+  vote_scope / vote_top_m / vote_modules, and request_lag's candidates as they were.
+
+  A two-round vote's first pass (``previous`` None) gives its rows' F leading
+  adapters as ``finalists``; its second pass (``previous`` holds them) gives their
+  winners among those, and every other row keeps ``previous``'s state.
+  """
   C, M = state_dims(specs, n)
+  F = finalist_width(specs, n)
+  second = previous is not None and previous.finalists is not None
   modules = tuple(stats)
   any_stat = stats[modules[0]]["votes"]
   L, B = any_stat.shape[:2]
-  ids = {m: jnp.full((L, B, M), -1, jnp.int32) for m in modules}
-  weights = {m: jnp.zeros((L, B, M), jnp.float32) for m in modules}
+  if second:
+    ids, weights = dict(previous.ids), dict(previous.weights)
+  else:
+    ids = {m: jnp.full((L, B, M), -1, jnp.int32) for m in modules}
+    weights = {m: jnp.zeros((L, B, M), jnp.float32) for m in modules}
+  finalists = None if second or not F else {m: jnp.full((L, B, F), -1, jnp.int32) for m in modules}
   for i, spec in enumerate(specs):
-    if not spec.votes:
+    if not spec.votes or (second and not spec.two_rounds):
       continue
-    m_top = min(spec.vote_top_m, n)
     pick = (router_index == i)[None, :, None]
-    if spec.vote_scope == "all":
-      total = sum(jnp.sum(stats[m]["votes"], axis=0) for m in modules)  # [B, N]
-      v_ids, v_w = top_m(total, m_top, M)
-      per_module = {m: (v_ids[None], v_w[None]) for m in modules}
-    else:
-      per_module = {m: top_m(stats[m]["votes"], m_top, M) for m in modules}
-    for m in modules:
-      v_ids, v_w = per_module[m]
-      ids[m] = jnp.where(pick, jnp.broadcast_to(v_ids, (L, B, M)), ids[m])
-      weights[m] = jnp.where(pick, jnp.broadcast_to(v_w, (L, B, M)), weights[m])
-  return RequestState(cand={m: stats[m]["cand"] for m in modules}, ids=ids, weights=weights)
+    counted = [m for m in modules if spec.vote_modules is None or m in spec.vote_modules]
+    # The first round of a two-round vote keeps its finalists (their order: most
+    # votes first) and, until the second round decides, their top m as winners.
+    widths = [(min(spec.vote_top_m, n), M, ids, weights)]
+    if spec.two_rounds and not second:
+      widths.append((min(spec.vote_finalists, n), F, finalists, None))
+    for m_top, width, out_ids, out_w in widths:
+      if spec.vote_scope == "all":
+        total = sum(jnp.sum(stats[m]["votes"], axis=0) for m in counted)  # [B, N]
+        if not counted:
+          total = jnp.zeros((B, n), jnp.float32)
+        v_ids, v_w = top_m(total, m_top, width)
+        per_module = {m: (v_ids[None], v_w[None]) for m in modules}
+      else:
+        per_module = {m: top_m(stats[m]["votes"] * (m in counted), m_top, width) for m in modules}
+      for m in modules:
+        v_ids, v_w = per_module[m]
+        out_ids[m] = jnp.where(pick, jnp.broadcast_to(v_ids, (L, B, width)), out_ids[m])
+        if out_w is not None:
+          out_w[m] = jnp.where(pick, jnp.broadcast_to(v_w, (L, B, width)), out_w[m])
+  cand = previous.cand if second else {m: stats[m]["cand"] for m in modules}
+  return RequestState(cand=cand, ids=ids, weights=weights, finalists=finalists)

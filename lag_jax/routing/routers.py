@@ -19,7 +19,9 @@ Beyond the paper (request-level state, ``lag_jax.routing.request``; they run thr
 ``RoutedAdapters``, not ``route``):
 
   vote           per-token LAG over a prompt span, then the winning adapter (or the
-                 top m, mixed by vote share) for every position of the request
+                 top m, mixed by vote share) for every position of the request; with
+                 ``vote_finalists`` F >= 2 in two rounds: the first vote's F leading
+                 adapters, then a second vote among those F alone (SpectR per token)
   request_lag    the Arrow filter applied once per request (per layer and module) to
                  scores pooled over a prompt span, SpectR per token among those k
   lag / request_lag with ``gate`` or ``layers``: confidence gating, a per-token
@@ -90,6 +92,15 @@ class RouterSpec:
       the m's votes (1: the winner alone, one LoRA per token).
     vote_layers: the layers whose decisions count in the vote (None: all); with
       vote_scope 'module' the other layers get no votes, hence no adapter.
+    vote_modules: the modules whose decisions count in the vote (None: all the
+      library holds); with vote_scope 'module' the others get no adapter.
+    vote_finalists: ``vote`` in two rounds when F >= 2: the first vote (per-token LAG,
+      as above) keeps its F leading adapters; a second prefill then decides every span
+      token among those F alone (the largest ||A* x||, no Arrow filter) and tallies
+      those decisions with the same vote_score, layers and modules; its winner(s)
+      apply. A token that both finalists explain alike (a first name two people
+      share) then weighs little with vote_score 'margin' or 'score', and the tokens
+      that tell them apart decide. 0 or 1: one round.
     gate: ``lag`` / ``request_lag``: where the relative margin (best - second) / best
       of the scores that decided a token (the candidates' ||A* x||; the Arrow scores
       when there is one candidate) is below this, the token falls back (0: off).
@@ -114,6 +125,8 @@ class RouterSpec:
   vote_score: str = "count"
   vote_top_m: int = 1
   vote_layers: tuple[int, ...] | None = None
+  vote_modules: tuple[str, ...] | None = None
+  vote_finalists: int = 0
   gate: float = 0.0
   gate_fallback: str = "vote"
   layers: tuple[int, ...] | None = None
@@ -144,6 +157,22 @@ class RouterSpec:
       raise ValueError(f"router {self.name!r}: index_probe must be >= 0, got {self.index_probe}")
     if self.vote_top_m < 1:
       raise ValueError(f"router {self.name!r}: vote_top_m must be >= 1, got {self.vote_top_m}")
+    if self.vote_finalists < 0:
+      raise ValueError(
+        f"router {self.name!r}: vote_finalists must be >= 0, got {self.vote_finalists}"
+      )
+    if self.vote_finalists > 1 and self.name != "vote":
+      raise ValueError(f"router {self.name!r}: vote_finalists applies to 'vote' only")
+    if self.vote_finalists > 1 and self.vote_top_m > self.vote_finalists:
+      raise ValueError(
+        f"router {self.name!r}: vote_top_m {self.vote_top_m} exceeds vote_finalists "
+        f"{self.vote_finalists} (the winners come from the finalists)"
+      )
+    if self.vote_modules is not None:
+      modules = tuple(sorted({str(m) for m in self.vote_modules}))
+      if not modules:
+        raise ValueError(f"router {self.name!r}: vote_modules names no module")
+      object.__setattr__(self, "vote_modules", modules)
     if not 0.0 <= self.gate < 1.0:
       raise ValueError(f"router {self.name!r}: gate must be in [0, 1), got {self.gate}")
     for field in ("vote_layers", "layers"):
@@ -166,6 +195,11 @@ class RouterSpec:
     """Needs a vote over the prompt (a first pass): ``vote``, or gated with a vote
     fallback."""
     return self.name == "vote" or (self.gated and self.gate_fallback == "vote")
+
+  @property
+  def two_rounds(self) -> bool:
+    """A vote in two rounds (``vote_finalists`` >= 2): a third prefill."""
+    return self.name == "vote" and self.vote_finalists > 1
 
   @property
   def request_level(self) -> bool:

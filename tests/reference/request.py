@@ -14,6 +14,9 @@ One layer and module at a time; a request's tokens x [T, I]; ``lib`` the N RefAd
   top_m            the m adapters with the most votes, weights = their vote shares
   pooled_cand      request_lag's filter: the top k by the mean |arrow . x| over the span
   rerank_token     SpectR among a request's candidates; margin as lag's (1 with one)
+  second round     a two-round vote's (vote_finalists F >= 2) second resolving pass:
+                   every span token's rerank_token among the request's first F
+                   finalists, tallied as ``votes``; each token takes its decision
   mixture          sum_m w_m s_m B_m A_m x
 """
 
@@ -113,8 +116,9 @@ def ref_route_request(spec, xs, lib, allowed, layer, span, state, fixed_id=-1):
   """One request (xs [T, I]) through ``spec`` as lag_jax.routing.request defines it.
 
   state: None while resolving, else dict(cand [K], ids [M], weights [M]) of this layer
-  and module. Returns dict(delta [T, O], chosen [T], votes [N] or None, cand or None,
-  tie: the smallest gap that decided something, gate_gap: the smallest |margin - gate|).
+  and module, with finalists [F] between a two-round vote's rounds. Returns
+  dict(delta [T, O], chosen [T], votes [N] or None, cand or None, tie: the smallest
+  gap that decided something, gate_gap: the smallest |margin - gate|).
   """
   T = len(xs)
   out = dict(
@@ -131,6 +135,20 @@ def ref_route_request(spec, xs, lib, allowed, layer, span, state, fixed_id=-1):
     return out
   resolving = state is None
   counted = spec.vote_layers is None or layer in spec.vote_layers
+  if spec.name == "vote" and not resolving and spec.two_rounds and "finalists" in state:
+    finalists = [int(c) for c in state["finalists"][: min(spec.vote_finalists, len(lib))]]
+    votes = np.zeros(len(lib))
+    for t in range(T):
+      dec = rerank_token(xs[t], lib, allowed, finalists)
+      out["tie"] = min(out["tie"], dec["tie"])
+      if span[t] and counted:
+        add_votes(votes, dec, spec.vote_score)
+      sel = dec["sel"]
+      out["chosen"][t] = sel
+      if sel >= 0:
+        out["delta"][t] = lib[sel].delta(xs[t])
+    out["votes"] = votes
+    return out
   if spec.name == "vote" and not resolving:
     for t in range(T):
       out["delta"][t], out["chosen"][t] = mixture(
