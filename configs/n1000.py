@@ -57,7 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     "Vote(k=4),Vote-score(k=4),ReqLAG(k=4),"
     # The same with shared input directions removed (lag_jax/routing/shared.py).
     "Vote(k=4;removal=top:4),Vote-score(k=4;removal=top:4),"
-    "Vote-score(k=4;removal=top:16),ReqLAG(k=4;removal=top:4),"
+    "Vote-score(k=4;removal=top:16),Vote-score(k=4;removal=mean:4),ReqLAG(k=4;removal=top:4),"
+    # Votes in two rounds (the first vote's 2 leading adapters, then a vote between
+    # them alone): the best routers on the partial library at N = 250 (RESULTS.md).
+    "Vote-final2(k=4;score=score;removal=mean:4),Vote-final2(k=4;score=margin;removal=mean:4),"
     # The paper's LAG through the sublinear arrow index (routing/arrow_index.py).
     "LAG+index(k=20;probe=8)"
   )

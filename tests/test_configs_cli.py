@@ -189,7 +189,7 @@ def test_build_once_then_evaluate_nested_libraries(tmp_path):
     *base,
     "--config.synthetic.library_size=3",
     "--config.synthetic.questions_per_task=0",
-    "--config.methods=Oracle,Vote(k=2)",
+    "--config.methods=Oracle,Vote(k=2),Vote-final2(k=2;score=score)",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "all 6 adapters are built and current" in proc.stdout
@@ -200,19 +200,21 @@ def test_build_once_then_evaluate_nested_libraries(tmp_path):
   # Each finished method was kept: the same run again reuses them (an interrupted
   # evaluation resumes), and a kept run that cannot be read back is run again.
   runs = sorted((tmp_path / "method_runs").glob("*.json"))
-  assert len(runs) == 3  # Oracle, Vote(k=2) and the k sweep's LAG(k=1)
+  assert len(runs) == 4  # Oracle, the two votes and the k sweep's LAG(k=1)
+  # A two-round vote (both libraries: knowledge and task) runs three prefills.
+  assert report["methods"]["Vote-final2(k=2;score=score)"]["timing"]["prefill_passes"] == 3
   runs[0].write_text(runs[0].read_text()[:100])  # truncated
   proc = run_cli(
     *base,
     "--config.synthetic.library_size=3",
     "--config.synthetic.questions_per_task=0",
-    "--config.methods=Oracle,Vote(k=2)",
+    "--config.methods=Oracle,Vote(k=2),Vote-final2(k=2;score=score)",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stderr.count("reusing the finished run") == 2, proc.stderr[-3000:]
+  assert proc.stderr.count("reusing the finished run") == 3, proc.stderr[-3000:]
   assert proc.stderr.count("not a finished run of") == 1, proc.stderr[-3000:]
   again = json.loads((tmp_path / "results.json").read_text())
-  assert sum(r["reused"] for r in again["method_runs"].values()) == 2
+  assert sum(r["reused"] for r in again["method_runs"].values()) == 3
   assert not any(r["reused"] for r in report["method_runs"].values())
   assert again["predictions"] == report["predictions"]
 

@@ -286,7 +286,8 @@ class RequestReferenceHook:
   """Routes every module with ref_route_request (float64 numpy, via pure_callback).
 
   Resolving (state None, or a two-round vote's finalists) it records each request's
-  votes and candidates per layer and module in ``self.stats``; ``self.tie`` / ``self.gate_gap`` keep the closest calls."""
+  votes and candidates per layer and module in ``self.stats``; ``self.tie`` /
+  ``self.gate_gap`` keep the closest calls."""
 
   def __init__(self, specs, router_index, mask, span, state=None):
     self.specs, self.router_index, self.mask, self.span = specs, router_index, mask, span
