@@ -148,9 +148,8 @@ def resolve_state(
       widths.append((min(spec.vote_finalists, n), F, finalists, None))
     for m_top, width, out_ids, out_w in widths:
       if spec.vote_scope == "all":
-        total = sum(jnp.sum(stats[m]["votes"], axis=0) for m in counted)  # [B, N]
-        if not counted:
-          total = jnp.zeros((B, n), jnp.float32)
+        zero = jnp.zeros((B, n), jnp.float32)
+        total = sum((jnp.sum(stats[m]["votes"], axis=0) for m in counted), zero)  # [B, N]
         v_ids, v_w = top_m(total, m_top, width)
         per_module = {m: (v_ids[None], v_w[None]) for m in modules}
       else:
