@@ -49,6 +49,11 @@ def router_table(k: int) -> dict:
     f"request_lag+gate(k={k})": (RouterSpec("request_lag", k=k, gate=0.1), "none"),
     f"lag(k={k}) [shared top:4]": (RouterSpec("lag", k=k), "top:4"),
     f"vote(k={k}) [shared top:4]": (RouterSpec("vote", k=k), "top:4"),
+    # A vote in two rounds: a third prefill (the finalists' round), the same decode.
+    f"vote-final2-score(k={k}) [shared mean:4]": (
+      RouterSpec("vote", k=k, vote_score="score", vote_finalists=2),
+      "mean:4",
+    ),
   }
 
 
