@@ -61,6 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.analysis_sizes = ""
   c.analysis_router = "LAG"
   c.analysis_removal = "none"
+  # The arrow index against the exact filter at these sizes (index_effect.json / .md):
+  # LAG(k=index_k) exact and through the index at each probe, decisions compared.
+  c.index_sizes = ""
+  c.index_probes = "4,8"
+  c.index_k = 20
 
   # Document-only training data, as the demo's (configs/demo.py), without the
   # base-model rewrites: generating them for 1,000 pages is the hour-long part.
@@ -94,6 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.k_sweep_routers = "Vote"
     c.k_sweep_sizes = "6"
     c.analysis_sizes = "6"
+    c.index_sizes = "6"
+    c.index_probes = "1,64"  # 64: every cluster, the exact filter
     c.k = 2
     c.knowledge_training.max_seq_len = 64
   elif arg:

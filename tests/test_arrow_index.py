@@ -126,7 +126,8 @@ def test_a_library_router_with_the_index_equals_exact_lag_when_it_probes_everyth
   """RouterSpec(index_probe=J) through the model equals exact LAG (the same logits)
   when the index path runs (forced here: probing everything never pays off, so the
   router would scan exactly anyway); a decode-sized probe takes the index path by
-  itself; without an index it is an error."""
+  itself, and index_prefill makes the prompt's tokens probe too; without an index it
+  is an error."""
   from flax import nnx
 
   from lag_jax.model.transformer import MLP_MODULES, CausalLM
@@ -169,6 +170,13 @@ def test_a_library_router_with_the_index_equals_exact_lag_when_it_probes_everyth
   calls.clear()
   run(indexed, RouterSpec("lag", k=3, index_probe=5))
   assert not calls  # 7 tokens a request x 5 clusters of 7 > 23 arrows: the exact scan
+  # index_prefill: the prompt's tokens probe too (here every cluster: exact LAG).
+  everywhere, _ = run(indexed, RouterSpec("lag", k=3, index_probe=5, index_prefill=True))
+  assert calls
+  np.testing.assert_allclose(everywhere, exact, rtol=1e-5, atol=1e-5)
+  calls.clear()
+  with pytest.raises(ValueError, match="index_prefill needs index_probe"):
+    RouterSpec("lag", index_prefill=True)
   one = jnp.asarray(tokens[:1, :1])
   hook = RoutedAdapters((routed(indexed, 1, RouterSpec("lag", k=3, index_probe=1)),))
   logits, _ = model(one, lora=hook)

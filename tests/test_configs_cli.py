@@ -101,6 +101,13 @@ def test_routing_scale_measures_a_library_as_it_stands(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   first = json.loads((tmp_path / "scale.json").read_text())
   assert first["sizes"] == [3]
+  # The arrow index against exact LAG (index_sizes 6, probes 1 and 64): probing every
+  # cluster decides every token as the exact filter does.
+  index = json.loads((tmp_path / "index_effect.json").read_text())["sizes"]["6"]
+  assert set(index["rows"]) == {"exact", "probe 1", "probe 64"}
+  assert index["rows"]["probe 64"]["agreement"]["all"] == 1.0
+  assert 0 <= index["rows"]["probe 1"]["agreement"]["entity"] <= 1
+  assert "decisions = exact LAG" in (tmp_path / "index_effect.md").read_text()
   proc = run_cli(*base, "--config.build=False", "--config.sizes=3,6", "--config.k_sweep_sizes=")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Keeping" in proc.stderr

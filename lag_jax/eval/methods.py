@@ -119,6 +119,7 @@ _OPTION_FIELDS = {
   "fallback": "gate_fallback",
   "layers": "layers",
   "probe": "index_probe",
+  "index_prefill": "index_prefill",
 }
 
 
@@ -137,7 +138,8 @@ def method_from_name(name: str, k: int = 20) -> Method:
   (the knowledge library's modules whose decisions count, e.g. 'down_proj' or
   'gate_proj+down_proj'), finalists (a vote in two rounds: the first's F leading
   adapters, then a vote among them), probe (clusters
-  of the arrow index scanned; LAG+index), removal (the
+  of the arrow index scanned; LAG+index), index_prefill (1: probe at the prompt's
+  tokens too), removal (the
   knowledge library's shared-direction removal: none | mean:Q | top:Q); e.g.
   ``LAG+gate(k=4;gate=0.2;fallback=none)`` or
   ``Vote-score(k=4;removal=top:4)``. Options are separated by ';' since method
@@ -176,7 +178,8 @@ def method_from_name(name: str, k: int = 20) -> Method:
   kw = {"knowledge": router, "task": router, **kw}
   # The arrow index is the knowledge library's (the task library has a few adapters);
   # vote_modules name the knowledge library's modules (the task library's differ).
-  task_opts = tuple((f, v) for f, v in opts if f not in ("index_probe", "vote_modules"))
+  knowledge_only = ("index_probe", "index_prefill", "vote_modules")
+  task_opts = tuple((f, v) for f, v in opts if f not in knowledge_only)
   method = Method(name, knowledge_options=opts, task_options=task_opts, **kw)
   router_spec(router, method.k, opts, 3)  # checks the options now
   return method
@@ -185,6 +188,10 @@ def method_from_name(name: str, k: int = 20) -> Method:
 def _option_value(field: str, value: str):
   if field in ("vote_top_m", "index_probe", "vote_finalists"):
     return int(value)
+  if field == "index_prefill":
+    if value not in ("0", "1"):
+      raise ValueError(f"option index_prefill: expected 0 or 1, got {value!r}")
+    return value == "1"
   if field == "vote_modules":
     return tuple(m.strip() for m in value.split("+") if m.strip())
   if field == "gate":

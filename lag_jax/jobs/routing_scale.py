@@ -10,11 +10,14 @@ router also runs on the library with shared directions removed (``shared_removal
 generated token per request: the routing is measured, not the answers.
 
 Writes scale.json, scale.md, scale.png (accuracy against N) and scale_k.png (against k,
-where a k sweep ran) in the workdir.
+where a k sweep ran) in the workdir; with ``analysis_sizes`` the vote taken apart
+(analysis.*), with ``index_sizes`` the arrow index's decisions against exact LAG
+(index_effect.*).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -26,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from lag_jax.checkpoints.safetensors_loader import load_model
-from lag_jax.eval import harness
+from lag_jax.eval import harness, routing_analysis
 from lag_jax.jobs import common, evaluate
 from lag_jax.jobs.evaluate import _train_config
 from lag_jax.routing.library import AdapterLibrary
@@ -96,8 +99,6 @@ def _analyse(config, world, full, examples, model, tokenizer, workdir) -> dict:
   """The vote taken apart (lag_jax/eval/routing_analysis.py) at ``analysis_sizes``:
   per-token choices of ``analysis_router`` over the same requests as the table,
   with ``analysis_removal``; writes analysis.json, analysis.md and analysis_<N>.png."""
-  from lag_jax.eval import routing_analysis
-
   sizes = [int(v) for v in common.split_list(config.get("analysis_sizes", ""))]
   if not sizes:
     return {}
@@ -140,6 +141,99 @@ def _analyse(config, world, full, examples, model, tokenizer, workdir) -> dict:
   with open(tmp, "w") as f:
     f.write("\n".join(md))
   os.replace(tmp, os.path.join(workdir, "analysis.md"))
+  return out
+
+
+def decision_agreement(exact: list[dict], other: list[dict]) -> dict:
+  """The share of per-token decisions two routers make alike over the same requests
+  (``run_method(..., keep_routing=True).routing_ids``: per request, token types [T] and
+  module -> chosen ids [L, T]): every prompt token, layer and module; entity tokens
+  only; and per module (every token)."""
+  same = collections.Counter()
+  total = collections.Counter()
+  for a, b in zip(exact, other, strict=True):
+    entity = np.asarray(a["types"]) == routing_analysis.ENTITY
+    for m, ids in a["ids"].items():
+      eq = np.asarray(ids) == np.asarray(b["ids"][m])  # [L, T]
+      for key, sel in (("all", slice(None)), ("entity", entity), (m, slice(None))):
+        same[key] += int(eq[:, sel].sum())
+        total[key] += int(eq[:, sel].size)
+  return {key: same[key] / max(total[key], 1) for key in total}
+
+
+def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
+  """The arrow index on this library's arrows and the requests' real module inputs
+  (lag_jax/routing/arrow_index.py): LAG at ``index_k`` with the exact Arrow filter, and
+  through the index at each of ``index_probes`` with ``index_prefill`` (the prompt's
+  tokens probe too, so that there are many decisions to compare), over the same
+  requests. Reports the share of decisions that agree with exact LAG (every prompt
+  token, layer and module: differences compound over the layers, as in use) and each
+  one's routing accuracy. The clusters are sized for the largest probe, as the
+  evaluate job's. Writes index_effect.json and index_effect.md."""
+  sizes = common.int_list("index_sizes", config.get("index_sizes", ""))
+  probes = common.int_list("index_probes", config.get("index_probes", ""))
+  if not sizes or not probes:
+    return {}
+  k = config.get("index_k", 20)
+  out, lines = {}, []
+  for n in sizes:
+    if not 2 <= n <= len(full):
+      raise ValueError(f"config field 'index_sizes': {n} is not in [2, {len(full)}]")
+    t0 = time.perf_counter()
+    lib = full.subset(range(n)).with_index(probe=max(probes))
+    t_index = time.perf_counter() - t0
+    J, W = next(iter(lib.weights.index.values())).members.shape[-2:]
+    reqs = pick_requests(
+      examples, list(lib.names), config.max_requests, config.synthetic.seed, _split(config)
+    )
+    gold = [lib.names.index(ex.provenance[0]) for ex in reqs]
+    setting = _routing_setting(model, tokenizer, lib, config.batch_size)
+
+    def row(r):
+      req = r.request_routing
+      return {
+        "request_acc": req["correct"] / max(req["total"], 1),
+        "entity_token_acc": harness.routing_accuracy(r.routing, "entity")[0],
+        "seconds": r.seconds,
+      }
+
+    exact = harness.run_method(setting, method("LAG", k), reqs, gold, None, None, True)
+    rows = {"exact": {**row(exact), "arrows_read": n}}
+    for p in probes:
+      name = f"LAG+index(k={k};probe={p};index_prefill=1)"
+      r = harness.run_method(setting, method(name, k), reqs, gold, None, None, True)
+      agree = decision_agreement(exact.routing_ids, r.routing_ids)
+      rows[f"probe {p}"] = {**row(r), "arrows_read": J + min(p, J) * W, "agreement": agree}
+      logging.info(
+        "index N=%d probe %d: %.4f of decisions agree with exact LAG (entity tokens %.4f)",
+        n,
+        p,
+        agree["all"],
+        agree["entity"],
+      )
+    out[n] = {"clusters": J, "width": W, "index_seconds": t_index, "requests": len(reqs)}
+    out[n]["rows"] = rows
+    lines += [
+      f"N = {n}, k = {k}, {len(reqs)} requests, J = {J} clusters of <= {W} arrows "
+      f"(built in {t_index:.1f} s)",
+      "",
+      "| Arrow filter | arrows read per token | decisions = exact LAG | entity tokens = exact "
+      "| request acc. | entity-token acc. |",
+      "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in rows.items():
+      agree = r.get("agreement", {"all": 1.0, "entity": 1.0})
+      lines.append(
+        f"| {label} | {r['arrows_read']} | {100 * agree['all']:.2f}% | "
+        f"{100 * agree['entity']:.2f}% | {100 * r['request_acc']:.1f} | "
+        f"{100 * r['entity_token_acc']:.1f} |"
+      )
+    lines.append("")
+  common.write_json_atomic(os.path.join(workdir, "index_effect.json"), {"k": k, "sizes": out})
+  tmp = os.path.join(workdir, ".index_effect.md.tmp")
+  with open(tmp, "w") as f:
+    f.write("\n".join(lines))
+  os.replace(tmp, os.path.join(workdir, "index_effect.md"))
   return out
 
 
@@ -277,6 +371,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
 
   analyses = _analyse(config, world, full, examples, model, tokenizer, workdir)
+  index_effect = _index_effect(config, full, examples, model, tokenizer, workdir)
 
   measured = sorted({int(n) for row in rows.values() for n in row})
   report = {
@@ -290,6 +385,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "shared_leading_eigenvalue": removed,
     "routers": rows,
     "analysis_sizes": sorted(analyses),
+    "index_sizes": sorted(index_effect),
   }
   common.write_json_atomic(os.path.join(workdir, "scale.json"), report)
   markdown = markdown_table(report)

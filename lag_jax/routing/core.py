@@ -363,12 +363,22 @@ def _rerank(pl, x, xr, cand, ok_c, project, want_margin: bool) -> Decision:
 
 
 def lag_decision(
-  pl, x, xr, allowed, k: int, projection: str, want_margin=False, probe: int = 0
+  pl,
+  x,
+  xr,
+  allowed,
+  k: int,
+  projection: str,
+  want_margin=False,
+  probe: int = 0,
+  probe_always: bool = False,
 ) -> Decision:
   """The paper's LAG: Arrow filter to k candidates, SpectR rerank among them.
 
   ``probe`` > 0: the Arrow filter scans only the arrows of the ``probe`` best clusters
-  of the library's arrow index (routing/arrow_index.py; all of them: the exact filter).
+  of the library's arrow index (routing/arrow_index.py; all of them: the exact filter),
+  where that reads fewer arrows than the exact scan, or everywhere with
+  ``probe_always``.
   """
   index = None
   if probe:
@@ -381,7 +391,7 @@ def lag_decision(
     from lag_jax.routing.arrow_index import pays_off, search
 
     # Decode probes; a long prefill scans exactly (cheaper there, and exact).
-    if not pays_off(index, x.shape[1], probe, pl.n):
+    if not probe_always and not pays_off(index, x.shape[1], probe, pl.n):
       index = None
   if index is not None:
 
@@ -602,7 +612,16 @@ def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C: 
       return (*apply_hard(pl, d), tally(spec, d, span, layer, pl.size), None)
     return (*apply_mixture(pl, x, allowed, state["ids"], state["weights"]), None, None)
   if not spec.request_level:  # the paper's LAG
-    d = lag_decision(pl, x, xr, allowed, spec.k, spec.projection, probe=spec.index_probe)
+    d = lag_decision(
+      pl,
+      x,
+      xr,
+      allowed,
+      spec.k,
+      spec.projection,
+      probe=spec.index_probe,
+      probe_always=spec.index_prefill,
+    )
     return (*apply_hard(pl, d), None, None)
   # vote's first pass, request_lag, gated lag.
   first_pass = resolving and spec.votes  # votes need the ungated decisions
@@ -619,7 +638,15 @@ def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C: 
     d = rerank_decision(pl, x, xr, allowed, req_cand, want_margin)
   else:
     d = lag_decision(
-      pl, x, xr, allowed, spec.k, spec.projection, want_margin, probe=spec.index_probe
+      pl,
+      x,
+      xr,
+      allowed,
+      spec.k,
+      spec.projection,
+      want_margin,
+      probe=spec.index_probe,
+      probe_always=spec.index_prefill,
     )
   delta, chosen = apply_hard(pl, d)
   if first_pass:

@@ -115,6 +115,9 @@ class RouterSpec:
       probing would read more arrows than the exact scan (a prefill of T tokens with
       T * probe * W >= N; counted per request, so batching does not change it), the
       exact scan runs instead: decode steps probe.
+    index_prefill: with index_probe, probe at every token, prompts included, even
+      where the exact scan would read fewer arrows (the same filter at prefill and
+      decode; it measures the index's decisions on the prompt's tokens).
   """
 
   name: str = "lag"
@@ -131,6 +134,7 @@ class RouterSpec:
   gate_fallback: str = "vote"
   layers: tuple[int, ...] | None = None
   index_probe: int = 0
+  index_prefill: bool = False
 
   def __post_init__(self):
     if self.name not in ROUTERS:
@@ -155,6 +159,8 @@ class RouterSpec:
         )
     if self.index_probe < 0:
       raise ValueError(f"router {self.name!r}: index_probe must be >= 0, got {self.index_probe}")
+    if self.index_prefill and not self.index_probe:
+      raise ValueError(f"router {self.name!r}: index_prefill needs index_probe > 0")
     if self.vote_top_m < 1:
       raise ValueError(f"router {self.name!r}: vote_top_m must be >= 1, got {self.vote_top_m}")
     if self.vote_finalists < 0:
