@@ -106,6 +106,8 @@ def test_routing_scale_measures_a_library_as_it_stands(tmp_path):
   index = json.loads((tmp_path / "index_effect.json").read_text())["sizes"]["6"]
   assert set(index["rows"]) == {"exact", "probe 1", "probe 64"}
   assert index["rows"]["probe 64"]["agreement"]["all"] == 1.0
+  assert index["rows"]["probe 64"]["recall"] == index["rows"]["probe 64"]["top1"] == 1.0
+  assert index["rows"]["probe 1"]["recall"] < 1.0  # 1 of 6 clusters misses some
   assert 0 <= index["rows"]["probe 1"]["agreement"]["entity"] <= 1
   assert "decisions = exact LAG" in (tmp_path / "index_effect.md").read_text()
   proc = run_cli(*base, "--config.build=False", "--config.sizes=3,6", "--config.k_sweep_sizes=")

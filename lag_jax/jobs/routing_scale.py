@@ -24,6 +24,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -161,9 +162,88 @@ def decision_agreement(exact: list[dict], other: list[dict]) -> dict:
   return {key: same[key] / max(total[key], 1) for key in total}
 
 
+@jax.tree_util.register_pytree_node_class
+class _InputRecorder:
+  """An AdapterHook that adds nothing and returns each module's input as telemetry
+  (stacked by the decoder to [L, B, T, I] per module)."""
+
+  def __init__(self, modules, num_layers: int, out_dims: dict):
+    self.modules, self.num_layers, self.out_dims = tuple(modules), num_layers, out_dims
+
+  def tree_flatten(self):
+    return (), (self.modules, self.num_layers, self.out_dims)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*aux)
+
+  def per_layer(self):
+    return jnp.arange(self.num_layers)
+
+  def delta(self, layer, name, x):
+    if name not in self.modules:
+      return None, None
+    return jnp.zeros((*x.shape[:2], self.out_dims[name]), x.dtype), (x,)
+
+
+def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int) -> dict:
+  """Top-k recall of the arrow index against the exact scan on the same module inputs
+  (the base model's, over the requests' prompts: no decision feeds the next layer), per
+  probe: the mean share of each token's exact top-k the index finds, the share of
+  tokens whose top-1 it finds, and the recall per layer (mean over modules)."""
+  from lag_jax.eval.prompts import render_prompt
+  from lag_jax.routing import arrow_index
+  from lag_jax.testing.libraries import forward
+
+  modules = lib.modules
+  L = model.config.num_hidden_layers
+  shapes = model.config.module_shapes()
+  hook = _InputRecorder(modules, L, {m: shapes[m][0] for m in modules})
+  n = len(lib)
+  k = min(k, n)
+  found = {p: np.zeros(L) for p in probes}
+  first = {p: 0 for p in probes}
+  tokens_seen = 0
+  for start in range(0, len(reqs), batch_size):
+    ids = [
+      tokenizer.backend.encode(render_prompt(tokenizer, ex)[0], add_special_tokens=False).ids
+      for ex in reqs[start : start + batch_size]
+    ]
+    T = max(map(len, ids))
+    batch = np.zeros((len(ids), T), np.int32)
+    real = np.zeros((len(ids), T), bool)
+    for i, row in enumerate(ids):
+      batch[i, : len(row)], real[i, : len(row)] = row, True
+    _, _, aux = forward(model, batch, hook)
+    tokens_seen += int(real.sum())
+    for m in modules:
+      xs = np.asarray(aux[m][0])  # [L, B, T, I]
+      for layer in range(L):
+        x = jnp.asarray(xs[layer][real][None])  # [1, M, I]
+        scores = jnp.abs(x[0] @ lib.weights.arrows[m][layer].astype(x.dtype))  # [M, N]
+        exact = np.asarray(jax.lax.top_k(scores, k)[1])
+        index = jax.tree.map(lambda v, layer=layer: v[layer], lib.weights.index[m])
+        allowed = jnp.ones((1, n), bool)
+        for p in probes:
+          got = np.asarray(arrow_index.search(index, x, allowed, k, p)[1][0])
+          hit = (exact[:, :, None] == got[:, None, :]).any(-1)  # [M, k]
+          found[p][layer] += hit.sum() / k
+          first[p] += int(hit[:, 0].sum())
+  per = tokens_seen * len(modules)
+  return {
+    p: {
+      "recall": float(found[p].sum() / (per * L)),
+      "top1": first[p] / (per * L),
+      "recall_by_layer": [round(float(v / per), 4) for v in found[p]],
+    }
+    for p in probes
+  }
+
+
 def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
   """The arrow index on this library's arrows and the requests' real module inputs
-  (lag_jax/routing/arrow_index.py): LAG at ``index_k`` with the exact Arrow filter, and
+  (lag_jax/routing/arrow_index.py): top-k recall against the exact scan on the same
+  inputs (``index_recall``); then LAG at ``index_k`` with the exact Arrow filter, and
   through the index at each of ``index_probes`` with ``index_prefill`` (the prompt's
   tokens probe too, so that there are many decisions to compare), over the same
   requests. Reports the share of decisions that agree with exact LAG (every prompt
@@ -197,13 +277,19 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
         "seconds": r.seconds,
       }
 
+    recall = index_recall(model, tokenizer, lib, reqs, probes, k, config.batch_size)
     exact = harness.run_method(setting, method("LAG", k), reqs, gold, None, None, True)
-    rows = {"exact": {**row(exact), "arrows_read": n}}
+    rows = {"exact": {**row(exact), "arrows_read": n, "recall": 1.0, "top1": 1.0}}
     for p in probes:
       name = f"LAG+index(k={k};probe={p};index_prefill=1)"
       r = harness.run_method(setting, method(name, k), reqs, gold, None, None, True)
       agree = decision_agreement(exact.routing_ids, r.routing_ids)
-      rows[f"probe {p}"] = {**row(r), "arrows_read": J + min(p, J) * W, "agreement": agree}
+      rows[f"probe {p}"] = {
+        **row(r),
+        "arrows_read": J + min(p, J) * W,
+        "agreement": agree,
+        **recall[p],
+      }
       logging.info(
         "index N=%d probe %d: %.4f of decisions agree with exact LAG (entity tokens %.4f)",
         n,
@@ -217,14 +303,15 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
       f"N = {n}, k = {k}, {len(reqs)} requests, J = {J} clusters of <= {W} arrows "
       f"(built in {t_index:.1f} s)",
       "",
-      "| Arrow filter | arrows read per token | decisions = exact LAG | entity tokens = exact "
-      "| request acc. | entity-token acc. |",
-      "|---|---:|---:|---:|---:|---:|",
+      "| Arrow filter | arrows read per token | top-k recall | top-1 found "
+      "| decisions = exact LAG | entity tokens = exact | request acc. | entity-token acc. |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in rows.items():
       agree = r.get("agreement", {"all": 1.0, "entity": 1.0})
       lines.append(
-        f"| {label} | {r['arrows_read']} | {100 * agree['all']:.2f}% | "
+        f"| {label} | {r['arrows_read']} | {100 * r['recall']:.1f}% | {100 * r['top1']:.1f}% "
+        f"| {100 * agree['all']:.2f}% | "
         f"{100 * agree['entity']:.2f}% | {100 * r['request_acc']:.1f} | "
         f"{100 * r['entity_token_acc']:.1f} |"
       )
