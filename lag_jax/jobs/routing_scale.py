@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -186,6 +187,12 @@ class _InputRecorder:
     return jnp.zeros((*x.shape[:2], self.out_dims[name]), x.dtype), (x,)
 
 
+@functools.partial(jax.jit, static_argnames="k")
+def _exact_top(x, arrows, k: int):
+  """The exact Arrow filter's top-k ids: x [M, I], arrows [I, N] -> [M, k]."""
+  return jax.lax.top_k(jnp.abs(x @ arrows.astype(x.dtype)), k)[1]
+
+
 def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int) -> dict:
   """Top-k recall of the arrow index against the exact scan on the same module inputs
   (the base model's, over the requests' prompts: no decision feeds the next layer), per
@@ -201,6 +208,9 @@ def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int) -
   hook = _InputRecorder(modules, L, {m: shapes[m][0] for m in modules})
   n = len(lib)
   k = min(k, n)
+  # One compiled search per probe and batch shape (the search's loops would otherwise
+  # be traced again at every call).
+  search = jax.jit(arrow_index.search, static_argnames=("k", "probe", "method"))
   found = {p: np.zeros(L) for p in probes}
   first = {p: 0 for p in probes}
   tokens_seen = 0
@@ -220,12 +230,11 @@ def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int) -
       xs = np.asarray(aux[m][0])  # [L, B, T, I]
       for layer in range(L):
         x = jnp.asarray(xs[layer][real][None])  # [1, M, I]
-        scores = jnp.abs(x[0] @ lib.weights.arrows[m][layer].astype(x.dtype))  # [M, N]
-        exact = np.asarray(jax.lax.top_k(scores, k)[1])
+        exact = np.asarray(_exact_top(x[0], lib.weights.arrows[m][layer], k))  # [M, k]
         index = jax.tree.map(lambda v, layer=layer: v[layer], lib.weights.index[m])
         allowed = jnp.ones((1, n), bool)
         for p in probes:
-          got = np.asarray(arrow_index.search(index, x, allowed, k, p)[1][0])
+          got = np.asarray(search(index, x, allowed, k=k, probe=p)[1][0])
           hit = (exact[:, :, None] == got[:, None, :]).any(-1)  # [M, k]
           found[p][layer] += hit.sum() / k
           first[p] += int(hit[:, 0].sum())
