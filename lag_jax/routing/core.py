@@ -582,6 +582,21 @@ def tally(spec, d: Decision, span, layer, n: int):
 # --- One layer and module, a batch of requests ------------------------------------------
 
 
+def spec_lag_decision(spec, pl, x, xr, allowed, want_margin: bool = False) -> Decision:
+  """``lag_decision`` with a router's k, projection and arrow-index settings."""
+  return lag_decision(
+    pl,
+    x,
+    xr,
+    allowed,
+    spec.k,
+    spec.projection,
+    want_margin,
+    probe=spec.index_probe,
+    probe_always=spec.index_prefill,
+  )
+
+
 def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C: int):
   """One router over the batch: (delta share, chosen, votes [B, N] or None, request
   candidates [B, C] or None). ``state`` is this layer and module's request-level state
@@ -612,17 +627,7 @@ def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C: 
       return (*apply_hard(pl, d), tally(spec, d, span, layer, pl.size), None)
     return (*apply_mixture(pl, x, allowed, state["ids"], state["weights"]), None, None)
   if not spec.request_level:  # the paper's LAG
-    d = lag_decision(
-      pl,
-      x,
-      xr,
-      allowed,
-      spec.k,
-      spec.projection,
-      probe=spec.index_probe,
-      probe_always=spec.index_prefill,
-    )
-    return (*apply_hard(pl, d), None, None)
+    return (*apply_hard(pl, spec_lag_decision(spec, pl, x, xr, allowed)), None, None)
   # vote's first pass, request_lag, gated lag.
   first_pass = resolving and spec.votes  # votes need the ungated decisions
   # Gates read the margin on the second pass; margin-weighted votes on the first.
@@ -637,17 +642,7 @@ def route_one(spec, pl, x, xr, allowed, mask, fixed_ids, layer, span, state, C: 
       req_cand = state["cand"][:, :k]
     d = rerank_decision(pl, x, xr, allowed, req_cand, want_margin)
   else:
-    d = lag_decision(
-      pl,
-      x,
-      xr,
-      allowed,
-      spec.k,
-      spec.projection,
-      want_margin,
-      probe=spec.index_probe,
-      probe_always=spec.index_prefill,
-    )
+    d = spec_lag_decision(spec, pl, x, xr, allowed, want_margin)
   delta, chosen = apply_hard(pl, d)
   if first_pass:
     return delta, chosen, tally(spec, d, span, layer, pl.size), cand_out
