@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.eval import harness, routing_analysis
@@ -187,6 +188,14 @@ class _InputRecorder:
     return jnp.zeros((*x.shape[:2], self.out_dims[name]), x.dtype), (x,)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _module_inputs(graphdef, state, tokens, hook):
+  """The recorder's telemetry (module -> ([L, B, T, I],)) of one cache-free forward
+  pass; hidden states, not logits: nothing reads the vocabulary-wide head here."""
+  model = nnx.merge(graphdef, state)
+  return model(tokens, lora=hook, return_hidden=True, return_aux=True)[2]
+
+
 @functools.partial(jax.jit, static_argnames="k")
 def _exact_top(x, arrows, k: int):
   """The exact Arrow filter's top-k ids: x [M, I], arrows [I, N] -> [M, k]."""
@@ -200,8 +209,8 @@ def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int) -
   tokens whose top-1 it finds, and the recall per layer (mean over modules)."""
   from lag_jax.eval.prompts import render_prompt
   from lag_jax.routing import arrow_index
-  from lag_jax.testing.libraries import forward
 
+  graphdef, state = nnx.split(model)
   modules = lib.modules
   L = model.config.num_hidden_layers
   shapes = model.config.module_shapes()
@@ -224,7 +233,7 @@ def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int) -
     real = np.zeros((len(ids), T), bool)
     for i, row in enumerate(ids):
       batch[i, : len(row)], real[i, : len(row)] = row, True
-    _, _, aux = forward(model, batch, hook)
+    aux = _module_inputs(graphdef, state, jnp.asarray(batch), hook)
     tokens_seen += int(real.sum())
     for m in modules:
       xs = np.asarray(aux[m][0])  # [L, B, T, I]
