@@ -324,16 +324,27 @@ def markdown(res: dict) -> str:
     for r in res["rows"]
   )
   if res.get("dtype") == "bfloat16":
-    units = ", ".join(res.get("bf16_units") or []) or "none (AVX2 only: no AMX, no AVX512-BF16)"
-    lines += [
-      "",
-      f"This CPU's bfloat16 matmul units: {units}. Without them both sides compute "
-      "bfloat16 in software: large bfloat16 matmuls favour XLA:CPU (the training section's "
-      "matmul rates), which is where a prefill lead comes from, while XLA:CPU's bfloat16 "
-      "matrix-vector dot (decode at batch 1) is slower than its float32 one. On a host with "
-      "AMX, torch's bfloat16 matmuls run several times faster than XLA:CPU's. Neither says "
-      "much about a TPU, where bfloat16 is native.",
-    ]
+    units = res.get("bf16_units") or []
+    if units:
+      note = (
+        f"This CPU has bfloat16 matmul units ({', '.join(units)}). torch's oneDNN "
+        "matmuls use them; jaxlib 0.10's XLA:CPU runs bfloat16 matmuls no faster than "
+        "float32 ones (the training section gives each host's matmul rates), so where large "
+        "bfloat16 matmuls dominate (prefill, larger batches) torch leads: the comparison "
+        "measures XLA:CPU's code generation for these units, not the model code. Neither "
+        "says much about a TPU, where bfloat16 is native."
+      )
+    else:
+      note = (
+        "This CPU's bfloat16 matmul units: none (AVX2 only: no AMX, no AVX512-BF16). "
+        "Without them both sides compute bfloat16 in software: large bfloat16 matmuls "
+        "favour XLA:CPU (the training section's matmul rates), which is where a prefill "
+        "lead comes from, while XLA:CPU's bfloat16 matrix-vector dot (decode at batch 1) "
+        "is slower than its float32 one. On a host with AMX, torch's bfloat16 matmuls run "
+        "several times faster than XLA:CPU's. Neither says much about a TPU, where "
+        "bfloat16 is native."
+      )
+    lines += ["", note]
   lines += [
     "",
     "Our decode runs the layers "

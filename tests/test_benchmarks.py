@@ -38,6 +38,23 @@ def test_routing_report_renders_from_json(tmp_path):
   assert section == want
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_generate_report_renders_from_json(dtype):
+  """The committed generate JSON renders to BENCHMARKS.md's section; the bfloat16 note
+  follows the host's matrix units (none: software bfloat16 on both sides)."""
+  from benchmarks.generate import markdown, markers
+
+  name = "generate.json" if dtype == "float32" else f"generate_{dtype}.json"
+  res = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+  begin, end = markers(dtype)
+  committed = (ROOT / "BENCHMARKS.md").read_text()
+  want = committed[committed.index(begin) : committed.index(end) + len(end)]
+  assert markdown(res).strip() == want.strip()
+  if dtype == "bfloat16":
+    assert "torch's oneDNN matmuls use them" in markdown({**res, "bf16_units": ["amx_bf16"]})
+    assert "no AMX, no AVX512-BF16" in markdown({**res, "bf16_units": []})
+
+
 def test_routing_report_merges_remeasured_rows(tmp_path):
   """--merge_from replaces the rows of the same (shape, B, N), keeps the others, and the
   report names the command that re-measured them."""
