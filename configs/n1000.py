@@ -10,6 +10,8 @@ Then evaluate on the tuning half (every choice is made there) and report the tes
   python -m lag_jax.run --config=configs/n1000.py:tune --workdir=$HOME/lag_n1000/tune
   python -m lag_jax.run --config=configs/n1000.py:test --workdir=$HOME/lag_n1000/test
 
+The whole experiment in one resumable command (build, both halves, the curve sizes,
+routing analysis at N = 1,000, results copied to results/n1000): launch/n1000.sh.
 Both read the libraries from ``library_root`` ($HOME/lag_n1000 by default). The curve
 over N is one experiment: the same library's first N adapters, with questions on those
 N people (--config.synthetic.library_size=16, 64 or 250, each into its own workdir),

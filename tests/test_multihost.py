@@ -284,3 +284,55 @@ def _shell_words(text: str) -> list[str]:
   import shlex
 
   return shlex.split(text)
+
+
+def test_n1000_launch_runs_each_step_once_in_order(tmp_path):
+  """launch/n1000.sh: build -> tune -> test -> the curve sizes -> routing analysis, each
+  step once (a rerun after an interruption skips finished steps), results copied out,
+  and a second copy refused while one holds the lock. `python` is a recorder here: each
+  step's own job is tested by its config's tiny variant."""
+  import fcntl
+
+  bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"
+  bin_dir.mkdir()
+  fake = bin_dir / "python"
+  fake.write_text(
+    "#!/usr/bin/env bash\n"
+    f'echo "$*" >> {log}\n'
+    'for a in "$@"; do case $a in --workdir=*|--out=*) d=${a#*=};; esac; done\n'
+    'mkdir -p "$d" && for f in results.json results.md scale.json scale.md scale.png; do '
+    'echo x > "$d/$f"; done\n'
+  )
+  fake.chmod(0o755)
+  env = {
+    **os.environ,
+    "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    "ROOT": str(tmp_path / "root"),
+    "OUT": str(tmp_path / "out"),
+  }
+  script = os.path.join(ROOT, "launch", "n1000.sh")
+
+  def run():
+    return subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+
+  def steps():
+    calls = log.read_text().splitlines() if log.exists() else []
+    return [
+      c.split("--workdir=")[1].split()[0].rsplit("/", 1)[1] if "--workdir=" in c else "curve"
+      for c in calls
+    ]
+
+  assert run().returncode == 0
+  order = ["build", "tune", "test", "test_n250", "test_n64", "test_n16", "scale_tune", "curve"]
+  assert steps() == order
+  assert (tmp_path / "out" / "test" / "results.json").exists()
+  assert (tmp_path / "out" / "scale_tune" / "scale.png").exists()
+  (tmp_path / "root" / "tune.done").unlink()
+  assert run().returncode == 0
+  assert steps() == [*order, "tune", "curve"]  # only the unfinished step, then the gather
+  with open(tmp_path / "root" / ".lock", "w") as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    proc = run()
+  assert proc.returncode == 1 and "another run holds" in proc.stderr
+  wall = (tmp_path / "root" / "wall.log").read_text()
+  assert "start build" in wall and "done all" in wall

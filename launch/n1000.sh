@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The N = 1,000 experiment end to end (issue 14), resumable: build the 1,000-person
+# library, evaluate the tuning and test halves, the same test at N = 250 / 64 / 16 drawn
+# from the same library, gather the curve over N, and analyse routing at N = 1,000 on
+# the tuning half. Hours on 2 CPU cores (the build alone ~4.4-9.4 h, by host).
+#
+#   nohup launch/n1000.sh > /dev/null 2>&1 &         # ROOT=$HOME/lag_n1000, OUT=results/n1000
+#   ROOT=/data/lag_n1000 OUT=/tmp/n1000 launch/n1000.sh
+#
+# Every step runs at low priority (nice 19) and is itself resumable (finished adapters and
+# finished methods are kept), so rerunning this script after any interruption goes on
+# where it stopped; $ROOT/<step>.done marks finished steps, $ROOT/<step>.log is each
+# step's log, and $ROOT/wall.log has one line per step start, finish or failure (with
+# the pauses you add by hand, it gives the total wall time). Two copies never run at
+# once ($ROOT/.lock).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="${ROOT:-$HOME/lag_n1000}"
+OUT="${OUT:-results/n1000}"
+mkdir -p "$ROOT"
+exec 9> "$ROOT/.lock"
+flock -n 9 || { echo "launch/n1000.sh: another run holds $ROOT/.lock" >&2; exit 1; }
+
+stamp() { echo "$(date -u +%FT%TZ) $*" >> "$ROOT/wall.log"; }
+
+step() {  # step NAME ARGS...: python -m lag_jax.run ARGS, once
+  local name=$1
+  shift
+  [ -e "$ROOT/$name.done" ] && return 0
+  stamp "start $name"
+  if ! nice -n 19 python -m lag_jax.run "$@" > "$ROOT/$name.log" 2>&1; then
+    stamp "FAIL $name (see $ROOT/$name.log)"
+    exit 1
+  fi
+  touch "$ROOT/$name.done"
+  stamp "done $name"
+}
+
+cfg=configs/n1000.py
+step build --config=$cfg:build --workdir="$ROOT/build" --config.library_root="$ROOT"
+step tune --config=$cfg:tune --workdir="$ROOT/tune" --config.library_root="$ROOT"
+step test --config=$cfg:test --workdir="$ROOT/test" --config.library_root="$ROOT"
+for n in 250 64 16; do  # the curve over N: the same library's first n adapters
+  step "test_n$n" --config=$cfg:test --workdir="$ROOT/test_n$n" --config.library_root="$ROOT" \
+    --config.synthetic.library_size=$n --config.k_sweep=
+done
+
+# Routing at N = 1,000 on the tuning half: per-request and per-token accuracy, the
+# analysis of what misleads the vote, and the arrow index's effect on the same inputs.
+step scale_tune --config=configs/synthetic_scale.py --workdir="$ROOT/scale_tune" \
+  --config.library_root="$ROOT" --config.build=False --config.synthetic.split=tune \
+  --config.sizes=1000 --config.analysis_sizes=1000 --config.k_sweep_sizes= \
+  --config.index_sizes=1000 --config.index_probes=8,16,32 \
+  "--config.routers=LAG,Arrow,Vote,Vote-score,ReqLAG,Vote-final2(score=score),Vote-final2(score=margin),Vote(vote_modules=down_proj)" \
+  "--config.shared_routers=Vote,Vote-score,Vote-final2(score=score),Vote-final2(score=margin)"
+
+mkdir -p "$OUT/tune" "$OUT/test" "$OUT/scale_tune"
+for half in tune test; do
+  cp "$ROOT/$half/results.json" "$ROOT/$half/results.md" "$OUT/$half/"
+done
+cp "$ROOT"/scale_tune/*.json "$ROOT"/scale_tune/*.md "$ROOT"/scale_tune/*.png "$OUT/scale_tune/"
+python -m lag_jax.eval.curve --run=16:"$ROOT/test_n16" --run=64:"$ROOT/test_n64" \
+  --run=250:"$ROOT/test_n250" --run=1000:"$ROOT/test" --out="$OUT/curve"
+stamp "done all (results in $OUT)"
