@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # LAG(k=index_k) exact and through the index at each probe, decisions compared.
   c.index_sizes = ""
   c.index_probes = "4,8"
+  c.index_sketches = ""  # DIMS:POOL,... the arrow sketch's recall beside the index's
   c.index_k = 20
 
   # Document-only training data, as the demo's (configs/demo.py), without the
@@ -101,6 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.analysis_sizes = "6"
     c.index_sizes = "6"
     c.index_probes = "1,64"  # 64: every cluster, the exact filter
+    c.index_sketches = "1:20"  # a pool beyond the 6 adapters: the exact top-k
     c.k = 2
     c.knowledge_training.max_seq_len = 64
   elif arg:

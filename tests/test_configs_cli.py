@@ -104,7 +104,9 @@ def test_routing_scale_measures_a_library_as_it_stands(tmp_path):
   # The arrow index against exact LAG (index_sizes 6, probes 1 and 64): probing every
   # cluster decides every token as the exact filter does.
   index = json.loads((tmp_path / "index_effect.json").read_text())["sizes"]["6"]
-  assert set(index["rows"]) == {"exact", "probe 1", "probe 64"}
+  assert set(index["rows"]) == {"exact", "probe 1", "probe 64", "sketch 1:20"}
+  # The arrow sketch with a pool beyond the library rescores every adapter: exact.
+  assert index["rows"]["sketch 1:20"]["recall"] == index["rows"]["sketch 1:20"]["top1"] == 1.0
   assert index["rows"]["probe 64"]["agreement"]["all"] == 1.0
   assert index["rows"]["probe 64"]["recall"] == index["rows"]["probe 64"]["top1"] == 1.0
   assert index["rows"]["probe 1"]["recall"] < 1.0  # 1 of 6 clusters misses some

@@ -35,6 +35,7 @@ from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.eval import harness, routing_analysis
 from lag_jax.jobs import common, evaluate
 from lag_jax.jobs.evaluate import _train_config
+from lag_jax.routing import arrow_sketch
 from lag_jax.routing.library import AdapterLibrary
 from lag_jax.routing.shared import parse_mode, remove_shared
 from lag_jax.text.tokenizer import Tokenizer
@@ -202,13 +203,14 @@ def _exact_top(x, arrows, k: int):
   return jax.lax.top_k(jnp.abs(x @ arrows.astype(x.dtype)), k)[1]
 
 
-def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int) -> dict:
+def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int, sketches=()) -> dict:
   """Top-k recall of the arrow index against the exact scan on the same module inputs
   (the base model's, over the requests' prompts: no decision feeds the next layer), per
   probe: the mean share of each token's exact top-k the index finds, the share of
-  tokens whose top-1 it finds, and the recall per layer (mean over modules)."""
+  tokens whose top-1 it finds, and the recall per layer (mean over modules). The same
+  for each (dims, pool) of ``sketches`` (routing/arrow_sketch.py), keyed "sketch D:P"."""
   from lag_jax.eval.prompts import render_prompt
-  from lag_jax.routing import arrow_index
+  from lag_jax.routing import arrow_index, arrow_sketch
 
   graphdef, state = nnx.split(model)
   modules = lib.modules
@@ -220,8 +222,11 @@ def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int) -
   # One compiled search per probe and batch shape (the search's loops would otherwise
   # be traced again at every call).
   search = jax.jit(arrow_index.search, static_argnames=("k", "probe", "method"))
-  found = {p: np.zeros(L) for p in probes}
-  first = {p: 0 for p in probes}
+  sketch_search = jax.jit(arrow_sketch.search, static_argnames=("k", "pool"))
+  built = {d: arrow_sketch.sketch_layers(lib.weights.arrows, d) for d in {d for d, _ in sketches}}
+  keys = [*probes, *(f"sketch {d}:{p}" for d, p in sketches)]
+  found = {p: np.zeros(L) for p in keys}
+  first = {p: 0 for p in keys}
   tokens_seen = 0
   for start in range(0, len(reqs), batch_size):
     ids = [
@@ -242,9 +247,13 @@ def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int) -
         exact = np.asarray(_exact_top(x[0], lib.weights.arrows[m][layer], k))  # [M, k]
         index = jax.tree.map(lambda v, layer=layer: v[layer], lib.weights.index[m])
         allowed = jnp.ones((1, n), bool)
-        for p in probes:
-          got = np.asarray(search(index, x, allowed, k=k, probe=p)[1][0])
-          hit = (exact[:, :, None] == got[:, None, :]).any(-1)  # [M, k]
+        got = {p: search(index, x, allowed, k=k, probe=p)[1][0] for p in probes}
+        for d, pool in sketches:
+          sk = jax.tree.map(lambda v, layer=layer: v[layer], built[d][m])
+          arrows = lib.weights.arrows[m][layer]
+          got[f"sketch {d}:{pool}"] = sketch_search(sk, arrows, x, allowed, k=k, pool=pool)[1][0]
+        for p, ids_p in got.items():
+          hit = (exact[:, :, None] == np.asarray(ids_p)[:, None, :]).any(-1)  # [M, k]
           found[p][layer] += hit.sum() / k
           first[p] += int(hit[:, 0].sum())
   per = tokens_seen * len(modules)
@@ -254,7 +263,7 @@ def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int) -
       "top1": first[p] / (per * L),
       "recall_by_layer": [round(float(v / per), 4) for v in found[p]],
     }
-    for p in probes
+    for p in keys
   }
 
 
@@ -270,6 +279,15 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
   evaluate job's. Writes index_effect.json and index_effect.md."""
   sizes = common.int_list("index_sizes", config.get("index_sizes", ""))
   probes = common.int_list("index_probes", config.get("index_probes", ""))
+  sketches = []  # (dims, pool): recall only (the sketch is not a router option yet)
+  for spec in common.split_list(config.get("index_sketches", "")):
+    d, _, pool = spec.partition(":")
+    if not (d.isdigit() and pool.isdigit() and int(d) >= 1 and int(pool) >= 1):
+      raise ValueError(f"config field 'index_sketches': {spec!r} is not DIMS:POOL")
+    sketches.append((int(d), int(pool)))
+  k = config.get("index_k", 20)
+  if any(pool < k for _, pool in sketches):
+    raise ValueError(f"config field 'index_sketches': every pool must be >= index_k ({k})")
   if not sizes or not probes:
     return {}
   k = config.get("index_k", 20)
@@ -295,7 +313,9 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
         "seconds": r.seconds,
       }
 
-    recall = index_recall(model, tokenizer, lib, reqs, probes, k, config.batch_size)
+    recall = index_recall(
+      model, tokenizer, lib, reqs, probes, k, config.batch_size, sketches=sketches
+    )
     exact = harness.run_method(setting, method("LAG", k), reqs, gold, None, None, True)
     rows = {"exact": {**row(exact), "arrows_read": n, "recall": 1.0, "top1": 1.0}}
     for p in probes:
@@ -315,6 +335,13 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
         agree["all"],
         agree["entity"],
       )
+    I = {m: lib.weights.arrows[m].shape[-2] for m in lib.modules}
+    for d, pool in sketches:
+      read = np.mean([arrow_sketch.numbers_read(n, i, d, pool) for i in I.values()])
+      rows[f"sketch {d}:{pool}"] = {
+        "arrows_read": round(float(read) * n),
+        **recall[f"sketch {d}:{pool}"],
+      }
     out[n] = {"clusters": J, "width": W, "index_seconds": t_index, "requests": len(reqs)}
     out[n]["rows"] = rows
     lines += [
@@ -326,13 +353,23 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
       "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in rows.items():
+      head = f"| {label} | {r['arrows_read']} | {100 * r['recall']:.1f}% | {100 * r['top1']:.1f}% "
+      if "request_acc" not in r:  # a sketch: recall on the recorded inputs only
+        lines.append(head + "| - | - | - | - |")
+        continue
       agree = r.get("agreement", {"all": 1.0, "entity": 1.0})
       lines.append(
-        f"| {label} | {r['arrows_read']} | {100 * r['recall']:.1f}% | {100 * r['top1']:.1f}% "
-        f"| {100 * agree['all']:.2f}% | "
+        head + f"| {100 * agree['all']:.2f}% | "
         f"{100 * agree['entity']:.2f}% | {100 * r['request_acc']:.1f} | "
         f"{100 * r['entity_token_acc']:.1f} |"
       )
+    if sketches:
+      lines += [
+        "",
+        "Sketch D:P (routing/arrow_sketch.py): the arrows' D leading directions scanned for "
+        "all N, a pool of P rescored exactly; its reads are numbers read / I (arrow "
+        "equivalents, mean over modules); recall on the recorded inputs only.",
+      ]
     lines.append("")
   common.write_json_atomic(os.path.join(workdir, "index_effect.json"), {"k": k, "sizes": out})
   tmp = os.path.join(workdir, ".index_effect.md.tmp")

@@ -1,0 +1,113 @@
+"""A low-rank sketch of the arrows: scan N scores in D dimensions, rescore a pool exactly.
+
+The exact Arrow filter reads all N arrows of I numbers per token and module. Adapters
+trained by one recipe on one base model share their arrows' leading directions (on the
+N = 1,000 knowledge library one direction holds 36-57% of the arrows' energy in the
+middle and last layers), and the arrow index's clusters (``arrow_index``), drawn along
+those shared directions, do not follow the small remainder that decides the ranking.
+The sketch instead keeps the arrows' D leading principal directions (the top left
+singular vectors of the [I, N] arrow matrix: uncentred, so +a and -a count alike, and
+computed from the library alone, no data) and, per token:
+
+  1. scores every adapter in the subspace: |(x U) (U^T arrows)|, N D numbers read;
+  2. keeps the ``pool`` best (P >= k);
+  3. rescores those P exactly (|arrow . x|, P I numbers read) and returns their top k.
+
+Reads I D + N D + P I numbers against N I (``numbers_read``): with D = 32, I = 576 and
+P = 80, 0.17 of the exact scan's bytes at N = 1,000 and 0.06 at N = 10^5 (D / I bounds
+it: the sketch is a constant-factor saving, unlike the index's probe of a few clusters).
+``pool`` = N (or D = the rank of the arrows) gives the exact top-k. Recall of the exact
+top-k on real arrows: BENCHMARKS.md ("Arrow filter") and ``routing_scale``'s index_effect
+(``index_sketches``).
+
+Shape letters as docs/method.md: B batch, T tokens, I input width, N adapters, D sketch
+dimensions, P pool.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class ArrowSketch:
+  """One layer and module's sketch (or stacked over layers with a leading L axis)."""
+
+  basis: jax.Array  # [I, D] orthonormal columns: the arrows' leading directions
+  sketch: jax.Array  # [D, N] = basis^T arrows
+
+  @property
+  def dims(self) -> int:
+    return self.basis.shape[-1]
+
+
+def build_sketch(arrows: np.ndarray, dims: int) -> ArrowSketch:
+  """The D = ``dims`` leading directions of arrows [I, N] (at most min(I, N))."""
+  a = np.asarray(arrows, np.float32)
+  if dims < 1:
+    raise ValueError(f"build_sketch: dims must be >= 1, got {dims}")
+  d = min(dims, *a.shape)
+  u = np.linalg.svd(a.astype(np.float64), full_matrices=False)[0][:, :d].astype(np.float32)
+  return ArrowSketch(basis=u, sketch=u.T @ a)
+
+
+def sketch_layers(arrows: dict, dims: int) -> dict:
+  """Per module, every layer's sketch stacked (leading L axis): arrows module -> [L, I, N]."""
+  out = {}
+  for m, a in arrows.items():
+    per = [build_sketch(layer, dims) for layer in np.asarray(a)]
+    out[m] = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per)
+  return out
+
+
+def search(
+  sketch: ArrowSketch, arrows: jax.Array, x: jax.Array, allowed: jax.Array, k: int, pool: int
+):
+  """The top-k exact arrow scores among each token's ``pool`` best sketch scores.
+
+  Args:
+    sketch: one layer and module's ArrowSketch.
+    arrows: [I, N] the same layer and module's arrows (the library's layout).
+    x: [B, T, I] the module's input.
+    allowed: [B, N] bool, the adapters each request may use.
+    k: candidates; pool: P >= k adapters rescored exactly per token.
+  Returns:
+    (vals [B, T, k] float32 |arrow . x|, -inf where fewer than k adapters are allowed;
+    ids [B, T, k] int32 adapter ids, -1 there), ordered as the exact scan's top-k
+    (score descending, then lower id first).
+  """
+  n = arrows.shape[-1]
+  if not k <= pool:
+    raise ValueError(f"arrow sketch: pool {pool} must be >= k {k}")
+  p = min(pool, n)
+  approx = jnp.abs(
+    jnp.einsum(
+      "btd,dn->btn",
+      jnp.einsum("bti,id->btd", x, sketch.basis.astype(x.dtype)),
+      sketch.sketch.astype(x.dtype),
+      preferred_element_type=jnp.float32,
+    )
+  )
+  approx = jnp.where(allowed[:, None, :], approx, -jnp.inf)
+  _, ids = jax.lax.top_k(approx, p)  # [B, T, P]
+  ok = jnp.take_along_axis(allowed[:, None, :], ids, axis=2)
+  rows = arrows.T[ids].astype(x.dtype)  # [B, T, P, I]: the pool's arrows
+  exact = jnp.abs(jnp.einsum("btpi,bti->btp", rows, x, preferred_element_type=jnp.float32))
+  exact = jnp.where(ok, exact, -jnp.inf)
+  vals, ids = jax.lax.sort((-exact, ids), dimension=-1, num_keys=2)  # score desc, id asc
+  vals, ids = -vals[..., :k], ids[..., :k]
+  if k > p:  # fewer adapters than k
+    pad = ((0, 0), (0, 0), (0, k - p))
+    vals = jnp.pad(vals, pad, constant_values=-jnp.inf)
+    ids = jnp.pad(ids, pad, constant_values=-1)
+  ids = jnp.where(jnp.isfinite(vals), ids, -1)
+  return vals, ids.astype(jnp.int32)
+
+
+def numbers_read(n: int, i: int, dims: int, pool: int) -> float:
+  """Numbers a token reads per module (the basis I D, the sketch N D, the pool's arrows
+  P I), as a share of the exact scan's N I."""
+  return (i * dims + n * dims + min(pool, n) * i) / (n * i)
