@@ -129,3 +129,68 @@ def test_layers_stack_and_numbers_read():
   s = sk.sketch_layers(arrows, 4)["up_proj"]
   assert s.basis.shape == (3, 16, 4) and s.sketch.shape == (3, 4, 30)
   assert sk.numbers_read(1000, 576, 32, 80) == pytest.approx((576 * 32 + 32000 + 80 * 576) / 576000)
+
+
+def test_a_library_router_with_the_sketch_equals_exact_lag_with_a_full_pool(monkeypatch):
+  """RouterSpec(index_sketch=D, index_probe=N) through the model equals exact LAG (the
+  same logits) with index_prefill; without it the prompt scans exactly and one-token
+  decode steps take the sketch; a small pool changes some decisions yet stays finite;
+  the wrong kind of index, or none, is an error."""
+  from flax import nnx
+
+  from lag_jax.model.transformer import MLP_MODULES, CausalLM
+  from lag_jax.routing.hook import RoutedAdapters, routed
+  from lag_jax.routing.library import AdapterLibrary
+  from lag_jax.routing.routers import RouterSpec
+  from lag_jax.testing import tiny_config
+  from lag_jax.testing.libraries import random_adapter
+
+  cfg = tiny_config()
+  adapters = [random_adapter(cfg, f"a{i}", 4, MLP_MODULES, seed=i) for i in range(23)]
+  lib = AdapterLibrary.from_adapters(adapters, cfg)
+  sketched = lib.with_sketch(3)
+  assert sketched.weights.index["up_proj"].basis.shape[-1] == 3
+  model = CausalLM(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
+
+  def run(library, spec, toks=tokens):
+    logits, _ = model(toks, lora=RoutedAdapters((routed(library, 2, spec),)))
+    return np.asarray(logits)
+
+  calls = []
+  real = sk.search
+
+  def counting(*args, **kw):
+    calls.append(args[2].shape)
+    return real(*args, **kw)
+
+  monkeypatch.setattr(sk, "search", counting)
+  exact = run(lib, RouterSpec("lag", k=3))
+  full = run(sketched, RouterSpec("lag", k=3, index_sketch=3, index_probe=23, index_prefill=True))
+  assert calls
+  np.testing.assert_allclose(full, exact, rtol=1e-5, atol=1e-5)
+  calls.clear()
+  prompt = run(sketched, RouterSpec("lag", k=3, index_sketch=3, index_probe=3))
+  assert not calls  # a 7-token prompt scans exactly
+  np.testing.assert_allclose(prompt, exact, rtol=1e-5, atol=1e-5)
+  one = tokens[:, :1]
+  small = run(sketched, RouterSpec("lag", k=3, index_sketch=3, index_probe=3), one)
+  assert calls and np.isfinite(small).all()  # a decode-sized call takes the sketch
+  with pytest.raises(ValueError, match="needs a library with an arrow sketch"):
+    run(lib.with_index(clusters=5), RouterSpec("lag", k=3, index_sketch=3, index_probe=5))
+  with pytest.raises(ValueError, match="needs a library with an arrow index"):
+    run(sketched, RouterSpec("lag", k=3, index_probe=5))
+  with pytest.raises(ValueError, match="must be >= k"):
+    RouterSpec("lag", k=4, index_sketch=3, index_probe=2)
+  with pytest.raises(ValueError, match="needs index_probe > 0"):
+    RouterSpec("lag", k=4, index_sketch=3)
+
+
+def test_lag_sketch_method_name():
+  from lag_jax.eval.methods import method_from_name
+
+  m = method_from_name("LAG+sketch(k=4;pool=40;sketch=16)")
+  assert dict(m.knowledge_options) == {"index_probe": 40, "index_sketch": 16}
+  assert dict(m.task_options) == {}  # the sketch is the knowledge library's
+  default = method_from_name("LAG+sketch(k=20)")
+  assert dict(default.knowledge_options) == {"index_probe": 80, "index_sketch": 32}

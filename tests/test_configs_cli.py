@@ -107,6 +107,7 @@ def test_routing_scale_measures_a_library_as_it_stands(tmp_path):
   assert set(index["rows"]) == {"exact", "probe 1", "probe 64", "sketch 1:20"}
   # The arrow sketch with a pool beyond the library rescores every adapter: exact.
   assert index["rows"]["sketch 1:20"]["recall"] == index["rows"]["sketch 1:20"]["top1"] == 1.0
+  assert index["rows"]["sketch 1:20"]["agreement"]["all"] == 1.0
   assert index["rows"]["probe 64"]["agreement"]["all"] == 1.0
   assert index["rows"]["probe 64"]["recall"] == index["rows"]["probe 64"]["top1"] == 1.0
   assert index["rows"]["probe 1"]["recall"] < 1.0  # 1 of 6 clusters misses some

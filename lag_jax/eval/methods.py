@@ -100,6 +100,9 @@ BEYOND = {
   # The Arrow filter through the library's arrow index (routing/arrow_index.py): the
   # probe=P best clusters of about sqrt(N) are scanned instead of every arrow.
   "LAG+index": ("lag", (("index_probe", 8),), ()),
+  # The Arrow filter through the arrows' low-rank sketch (routing/arrow_sketch.py):
+  # every adapter scored in sketch=D dimensions, the pool=P best rescored exactly.
+  "LAG+sketch": ("lag", (("index_probe", 80), ("index_sketch", 32)), ()),
   # With RAG (the BM25-top page in the prompt) or PRAG (its adapter) for knowledge and
   # the router for the task library, as the paper's R-LAG / P-LAG.
   "R-Vote": ("vote", (), (("knowledge", "none"), ("rag", True))),
@@ -119,6 +122,8 @@ _OPTION_FIELDS = {
   "fallback": "gate_fallback",
   "layers": "layers",
   "probe": "index_probe",
+  "pool": "index_probe",
+  "sketch": "index_sketch",
   "index_prefill": "index_prefill",
 }
 
@@ -138,7 +143,8 @@ def method_from_name(name: str, k: int = 20) -> Method:
   (the knowledge library's modules whose decisions count, e.g. 'down_proj' or
   'gate_proj+down_proj'), finalists (a vote in two rounds: the first's F leading
   adapters, then a vote among them), probe (clusters
-  of the arrow index scanned; LAG+index), index_prefill (1: probe at the prompt's
+  of the arrow index scanned; LAG+index), pool and sketch (LAG+sketch: the pool
+  rescored exactly, the sketch's dimensions), index_prefill (1: probe at the prompt's
   tokens too), removal (the
   knowledge library's shared-direction removal: none | mean:Q | top:Q); e.g.
   ``LAG+gate(k=4;gate=0.2;fallback=none)`` or
@@ -178,7 +184,7 @@ def method_from_name(name: str, k: int = 20) -> Method:
   kw = {"knowledge": router, "task": router, **kw}
   # The arrow index is the knowledge library's (the task library has a few adapters);
   # vote_modules name the knowledge library's modules (the task library's differ).
-  knowledge_only = ("index_probe", "index_prefill", "vote_modules")
+  knowledge_only = ("index_probe", "index_prefill", "index_sketch", "vote_modules")
   task_opts = tuple((f, v) for f, v in opts if f not in knowledge_only)
   method = Method(name, knowledge_options=opts, task_options=task_opts, **kw)
   router_spec(router, method.k, opts, 3)  # checks the options now
@@ -186,7 +192,7 @@ def method_from_name(name: str, k: int = 20) -> Method:
 
 
 def _option_value(field: str, value: str):
-  if field in ("vote_top_m", "index_probe", "vote_finalists"):
+  if field in ("vote_top_m", "index_probe", "index_sketch", "vote_finalists"):
     return int(value)
   if field == "index_prefill":
     if value not in ("0", "1"):

@@ -328,11 +328,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   knowledge, shared = remove_shared(knowledge, config.shared_removal)
   knowledge_removed[config.shared_removal] = knowledge
   probes = [dict(m.knowledge_options).get("index_probe") or 0 for m in methods]
+  # LAG+sketch methods: the dimensions of the arrow sketch they read.
+  sketch_dims = {
+    dict(m.knowledge_options).get("index_sketch") or 0
+    for m in methods
+    if dict(m.knowledge_options).get("index_probe")
+  }
+  if len(sketch_dims) > 1:
+    raise ValueError(
+      "config field 'methods': the methods through an arrow index ask for "
+      + ", ".join("the clustered index" if d == 0 else f"a sketch of {d}" for d in sketch_dims)
+      + "; a run holds one (run them in separate workdirs)"
+    )
   if max(probes, default=0):
-    # LAG+index methods scan the arrow index; exact methods never read it. Its clusters
-    # are sized for the largest probe asked for.
+    # LAG+index methods scan the arrow index (its clusters sized for the largest probe
+    # asked for), LAG+sketch ones the arrow sketch; exact methods never read either.
     t_index = time.perf_counter()
-    knowledge_removed = {k: v.with_index(probe=max(probes)) for k, v in knowledge_removed.items()}
+    (dims,) = sketch_dims
+    knowledge_removed = {
+      k: v.with_sketch(dims) if dims else v.with_index(probe=max(probes))
+      for k, v in knowledge_removed.items()
+    }
     knowledge = knowledge_removed[config.shared_removal]
     logging.info("Arrow index built in %.1fs", time.perf_counter() - t_index)
   if shared.count:
@@ -398,6 +414,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "recipe": repr(recipe),
     "shared_removal": config.shared_removal,
     "index_probe": max(probes, default=0),
+    "index_sketch": max(sketch_dims, default=0),
     "gold": gold,
     "task_ids": task_ids,
     "retrieved": retrieved,

@@ -372,31 +372,53 @@ def lag_decision(
   want_margin=False,
   probe: int = 0,
   probe_always: bool = False,
+  sketch: int = 0,
 ) -> Decision:
   """The paper's LAG: Arrow filter to k candidates, SpectR rerank among them.
 
   ``probe`` > 0: the Arrow filter scans only the arrows of the ``probe`` best clusters
   of the library's arrow index (routing/arrow_index.py; all of them: the exact filter),
   where that reads fewer arrows than the exact scan, or everywhere with
-  ``probe_always``.
+  ``probe_always``. With ``sketch`` > 0 the library carries an arrow sketch instead
+  (routing/arrow_sketch.py) and ``probe`` is its pool rescored exactly: used at decode
+  (one token), or everywhere with ``probe_always``.
   """
+  from lag_jax.routing import arrow_index, arrow_sketch
+
   index = None
   if probe:
     index = getattr(pl, "index", None)
-    if index is None:
+    kind = arrow_sketch.ArrowSketch if sketch else arrow_index.ArrowIndex
+    if not isinstance(index, kind):
       raise ValueError(
-        "index_probe > 0 needs a library with an arrow index (AdapterLibrary.with_index "
-        "or OffloadedLibrary.with_index); this library has none"
+        f"index_probe > 0{' with index_sketch' if sketch else ''} needs a library with "
+        + (
+          "an arrow sketch (AdapterLibrary.with_sketch)"
+          if sketch
+          else "an arrow index (AdapterLibrary.with_index or OffloadedLibrary.with_index)"
+        )
+        + f"; this library has {'none' if index is None else type(index).__name__}"
       )
-    from lag_jax.routing.arrow_index import pays_off, search
-
     # Decode probes; a long prefill scans exactly (cheaper there, and exact).
-    if not probe_always and not pays_off(index, x.shape[1], probe, pl.n):
+    if probe_always:
+      pass
+    elif sketch:
+      index = index if x.shape[1] == 1 else None
+    elif not arrow_index.pays_off(index, x.shape[1], probe, pl.n):
       index = None
-  if index is not None:
+  if index is not None and sketch:
+    arrows = pl.arrows
+    if pl.arrow_layer is not None:  # the whole stack: this layer's [I, N]
+      arrows = jax.lax.dynamic_index_in_dim(arrows, pl.arrow_layer, 0, keepdims=False)
 
     def top(c):
-      vals, ids = search(index, x, allowed, min(c, pl.n), probe)
+      vals, ids = arrow_sketch.search(index, arrows, x, allowed, min(c, pl.n), probe)
+      return vals, jnp.maximum(ids, 0)  # -1 (nothing found) is masked by vals = -inf
+
+  elif index is not None:
+
+    def top(c):
+      vals, ids = arrow_index.search(index, x, allowed, min(c, pl.n), probe)
       return vals, jnp.maximum(ids, 0)  # -1 (nothing found) is masked by vals = -inf
 
   else:
@@ -594,6 +616,7 @@ def spec_lag_decision(spec, pl, x, xr, allowed, want_margin: bool = False) -> De
     want_margin,
     probe=spec.index_probe,
     probe_always=spec.index_prefill,
+    sketch=spec.index_sketch,
   )
 
 

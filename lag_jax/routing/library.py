@@ -300,6 +300,15 @@ class AdapterLibrary(NamedAdapters):
     )
     return dataclasses.replace(self, weights=self.weights.replace(index=index))
 
+  def with_sketch(self, dims: int) -> AdapterLibrary:
+    """The library with an arrow sketch of ``dims`` dimensions per layer and module in
+    place of the arrow index (routing/arrow_sketch.py), for routers with
+    ``RouterSpec(index_sketch=dims, index_probe=pool)``. Derived, never saved."""
+    from lag_jax.routing.arrow_sketch import sketch_layers
+
+    sketch = sketch_layers({m: self.weights.arrows[m] for m in self.modules}, dims)
+    return dataclasses.replace(self, weights=self.weights.replace(index=sketch))
+
   def _padded(self, rank: int) -> AdapterLibrary:
     pad = rank - self.rank
     w = self.weights

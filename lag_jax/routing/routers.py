@@ -118,6 +118,11 @@ class RouterSpec:
     index_prefill: with index_probe, probe at every token, prompts included, even
       where the exact scan would read fewer arrows (the same filter at prefill and
       decode; it measures the index's decisions on the prompt's tokens).
+    index_sketch: D > 0: the library carries an arrow sketch of D dimensions instead
+      of the clustered index (``AdapterLibrary.with_sketch``, routing/arrow_sketch.py)
+      and index_probe is its pool: per token every adapter is scored in the arrows' D
+      leading directions and the index_probe best (>= k) are rescored exactly. Decode
+      steps use it; a prefill scans exactly unless index_prefill.
   """
 
   name: str = "lag"
@@ -135,6 +140,7 @@ class RouterSpec:
   layers: tuple[int, ...] | None = None
   index_probe: int = 0
   index_prefill: bool = False
+  index_sketch: int = 0
 
   def __post_init__(self):
     if self.name not in ROUTERS:
@@ -161,6 +167,16 @@ class RouterSpec:
       raise ValueError(f"router {self.name!r}: index_probe must be >= 0, got {self.index_probe}")
     if self.index_prefill and not self.index_probe:
       raise ValueError(f"router {self.name!r}: index_prefill needs index_probe > 0")
+    if self.index_sketch < 0 or (self.index_sketch and not self.index_probe):
+      raise ValueError(
+        f"router {self.name!r}: index_sketch {self.index_sketch} needs index_probe > 0 "
+        "(the pool rescored exactly)"
+      )
+    if self.index_sketch and self.index_probe < self.k:
+      raise ValueError(
+        f"router {self.name!r}: the sketch's pool (index_probe {self.index_probe}) must be "
+        f">= k ({self.k})"
+      )
     if self.vote_top_m < 1:
       raise ValueError(f"router {self.name!r}: vote_top_m must be >= 1, got {self.vote_top_m}")
     if self.vote_finalists < 0:
