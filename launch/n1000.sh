@@ -45,18 +45,24 @@ for n in 250 64 16; do  # the curve over N: the same library's first n adapters
     --config.synthetic.library_size=$n --config.k_sweep=
 done
 
+# LAG through the arrow sketch, end to end on the test half (one index kind per
+# evaluate run, so apart from the main run's LAG+index); its setting was chosen on the
+# tuning half's requests at N = 198 of the partial library (BENCHMARKS.md, "Arrow filter").
+step test_sketch --config=$cfg:test --workdir="$ROOT/test_sketch" --config.library_root="$ROOT" \
+  "--config.methods=LAG,LAG+sketch(k=20;pool=160;sketch=64)" --config.k_sweep=
+
 # Routing at N = 1,000 on the tuning half: per-request and per-token accuracy, the
 # analysis of what misleads the vote, and the arrow index's effect on the same inputs.
 step scale_tune --config=configs/synthetic_scale.py --workdir="$ROOT/scale_tune" \
   --config.library_root="$ROOT" --config.build=False --config.synthetic.split=tune \
   --config.sizes=1000 --config.analysis_sizes=1000 --config.k_sweep_sizes= \
   --config.index_sizes=1000 --config.index_probes=8,16,32 \
-  --config.index_sketches=16:80,32:40,32:80,32:160,64:80 \
+  --config.index_sketches=32:80,32:160,64:80,64:160,64:320 \
   "--config.routers=LAG,Arrow,Vote,Vote-score,ReqLAG,Vote-final2(score=score),Vote-final2(score=margin),Vote(vote_modules=down_proj)" \
   "--config.shared_routers=Vote,Vote-score,Vote-final2(score=score),Vote-final2(score=margin)"
 
-mkdir -p "$OUT/tune" "$OUT/test" "$OUT/scale_tune"
-for half in tune test; do
+mkdir -p "$OUT/tune" "$OUT/test" "$OUT/test_sketch" "$OUT/scale_tune"
+for half in tune test test_sketch; do
   cp "$ROOT/$half/results.json" "$ROOT/$half/results.md" "$OUT/$half/"
 done
 cp "$ROOT"/scale_tune/*.json "$ROOT"/scale_tune/*.md "$ROOT"/scale_tune/*.png "$OUT/scale_tune/"

@@ -51,13 +51,13 @@ def test_low_rank_arrows_are_exact_with_the_smallest_pool():
   """Arrows in a D-dimensional subspace: the sketch scores are the exact ones, so a pool
   of k already holds the exact top-k (up to rounding at near-ties: none here)."""
   rng = np.random.default_rng(1)
-  I, N, D, k = 32, 60, 5, 8
-  arrows = np.linalg.qr(rng.standard_normal((I, D)))[0] @ rng.standard_normal((D, N))
+  I, N, Z, k = 32, 60, 5, 8
+  arrows = np.linalg.qr(rng.standard_normal((I, Z)))[0] @ rng.standard_normal((Z, N))
   arrows = (arrows / np.linalg.norm(arrows, axis=0)).astype(np.float32)
   x = rng.standard_normal((1, 16, I)).astype(np.float32)
   allowed = np.ones((1, N), bool)
-  s = sk.build_sketch(arrows, D)
-  assert s.dims == D
+  s = sk.build_sketch(arrows, Z)
+  assert s.dims == Z
   _, ids = search(s, jnp.asarray(arrows), jnp.asarray(x), jnp.asarray(allowed), k=k, pool=k)
   np.testing.assert_array_equal(np.asarray(ids), exact_top(x, arrows, allowed, k)[1])
 
@@ -132,7 +132,7 @@ def test_layers_stack_and_numbers_read():
 
 
 def test_a_library_router_with_the_sketch_equals_exact_lag_with_a_full_pool(monkeypatch):
-  """RouterSpec(index_sketch=D, index_probe=N) through the model equals exact LAG (the
+  """RouterSpec(index_sketch=Z, index_probe=N) through the model equals exact LAG (the
   same logits) with index_prefill; without it the prompt scans exactly and one-token
   decode steps take the sketch; a small pool changes some decisions yet stays finite;
   the wrong kind of index, or none, is an error."""

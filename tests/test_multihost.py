@@ -323,7 +323,10 @@ def test_n1000_launch_runs_each_step_once_in_order(tmp_path):
     ]
 
   assert run().returncode == 0
-  order = ["build", "tune", "test", "test_n250", "test_n64", "test_n16", "scale_tune", "curve"]
+  order = [
+    *("build", "tune", "test", "test_n250", "test_n64", "test_n16", "test_sketch"),
+    *("scale_tune", "curve"),
+  ]
   assert steps() == order
   assert (tmp_path / "out" / "test" / "results.json").exists()
   assert (tmp_path / "out" / "scale_tune" / "scale.png").exists()

@@ -101,7 +101,7 @@ BEYOND = {
   # probe=P best clusters of about sqrt(N) are scanned instead of every arrow.
   "LAG+index": ("lag", (("index_probe", 8),), ()),
   # The Arrow filter through the arrows' low-rank sketch (routing/arrow_sketch.py):
-  # every adapter scored in sketch=D dimensions, the pool=P best rescored exactly.
+  # every adapter scored in sketch=Z dimensions, the pool=P best rescored exactly.
   "LAG+sketch": ("lag", (("index_probe", 80), ("index_sketch", 32)), ()),
   # With RAG (the BM25-top page in the prompt) or PRAG (its adapter) for knowledge and
   # the router for the task library, as the paper's R-LAG / P-LAG.

@@ -208,7 +208,7 @@ def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int, s
   (the base model's, over the requests' prompts: no decision feeds the next layer), per
   probe: the mean share of each token's exact top-k the index finds, the share of
   tokens whose top-1 it finds, and the recall per layer (mean over modules). The same
-  for each (dims, pool) of ``sketches`` (routing/arrow_sketch.py), keyed "sketch D:P"."""
+  for each (dims, pool) of ``sketches`` (routing/arrow_sketch.py), keyed "sketch Z:P"."""
   from lag_jax.eval.prompts import render_prompt
   from lag_jax.routing import arrow_index, arrow_sketch
 
@@ -351,7 +351,7 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
         **recall[f"sketch {d}:{pool}"],
       }
       logging.info(
-        "sketch N=%d D=%d pool %d: %.4f of decisions agree with exact LAG",
+        "sketch N=%d Z=%d pool %d: %.4f of decisions agree with exact LAG",
         n,
         d,
         pool,
@@ -378,7 +378,7 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
     if sketches:
       lines += [
         "",
-        "Sketch D:P (routing/arrow_sketch.py): the arrows' D leading directions scanned for "
+        "Sketch Z:P (routing/arrow_sketch.py): the arrows' Z leading directions scanned for "
         "all N, a pool of P rescored exactly; its reads are numbers read / I (arrow "
         "equivalents, mean over modules).",
       ]

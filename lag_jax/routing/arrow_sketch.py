@@ -1,26 +1,26 @@
-"""A low-rank sketch of the arrows: scan N scores in D dimensions, rescore a pool exactly.
+"""A low-rank sketch of the arrows: scan N scores in Z dimensions, rescore a pool exactly.
 
 The exact Arrow filter reads all N arrows of I numbers per token and module. Adapters
 trained by one recipe on one base model share their arrows' leading directions (on the
 N = 1,000 knowledge library one direction holds 36-57% of the arrows' energy in the
 middle and last layers), and the arrow index's clusters (``arrow_index``), drawn along
 those shared directions, do not follow the small remainder that decides the ranking.
-The sketch instead keeps the arrows' D leading principal directions (the top left
+The sketch instead keeps the arrows' Z leading principal directions (the top left
 singular vectors of the [I, N] arrow matrix: uncentred, so +a and -a count alike, and
 computed from the library alone, no data) and, per token:
 
-  1. scores every adapter in the subspace: |(x U) (U^T arrows)|, N D numbers read;
+  1. scores every adapter in the subspace: |(x U) (U^T arrows)|, N Z numbers read;
   2. keeps the ``pool`` best (P >= k);
   3. rescores those P exactly (|arrow . x|, P I numbers read) and returns their top k.
 
-Reads I D + N D + P I numbers against N I (``numbers_read``): with D = 32, I = 576 and
-P = 80, 0.17 of the exact scan's bytes at N = 1,000 and 0.06 at N = 10^5 (D / I bounds
+Reads I Z + N Z + P I numbers against N I (``numbers_read``): with Z = 32, I = 576 and
+P = 80, 0.17 of the exact scan's bytes at N = 1,000 and 0.06 at N = 10^5 (Z / I bounds
 it: the sketch is a constant-factor saving, unlike the index's probe of a few clusters).
-``pool`` = N (or D = the rank of the arrows) gives the exact top-k. Recall of the exact
+``pool`` = N (or Z = the rank of the arrows) gives the exact top-k. Recall of the exact
 top-k on real arrows: BENCHMARKS.md ("Arrow filter") and ``routing_scale``'s index_effect
 (``index_sketches``).
 
-Shape letters as docs/method.md: B batch, T tokens, I input width, N adapters, D sketch
+Shape letters as docs/method.md: B batch, T tokens, I input width, N adapters, Z sketch
 dimensions, P pool.
 """
 
@@ -36,8 +36,8 @@ from flax import struct
 class ArrowSketch:
   """One layer and module's sketch (or stacked over layers with a leading L axis)."""
 
-  basis: jax.Array  # [I, D] orthonormal columns: the arrows' leading directions
-  sketch: jax.Array  # [D, N] = basis^T arrows
+  basis: jax.Array  # [I, Z] orthonormal columns: the arrows' leading directions
+  sketch: jax.Array  # [Z, N] = basis^T arrows
 
   @property
   def dims(self) -> int:
@@ -45,7 +45,7 @@ class ArrowSketch:
 
 
 def build_sketch(arrows: np.ndarray, dims: int) -> ArrowSketch:
-  """The D = ``dims`` leading directions of arrows [I, N] (at most min(I, N))."""
+  """The Z = ``dims`` leading directions of arrows [I, N] (at most min(I, N))."""
   a = np.asarray(arrows, np.float32)
   if dims < 1:
     raise ValueError(f"build_sketch: dims must be >= 1, got {dims}")
@@ -108,6 +108,6 @@ def search(
 
 
 def numbers_read(n: int, i: int, dims: int, pool: int) -> float:
-  """Numbers a token reads per module (the basis I D, the sketch N D, the pool's arrows
+  """Numbers a token reads per module (the basis I Z, the sketch N Z, the pool's arrows
   P I), as a share of the exact scan's N I."""
   return (i * dims + n * dims + min(pool, n) * i) / (n * i)

@@ -118,9 +118,9 @@ class RouterSpec:
     index_prefill: with index_probe, probe at every token, prompts included, even
       where the exact scan would read fewer arrows (the same filter at prefill and
       decode; it measures the index's decisions on the prompt's tokens).
-    index_sketch: D > 0: the library carries an arrow sketch of D dimensions instead
+    index_sketch: Z > 0: the library carries an arrow sketch of Z dimensions instead
       of the clustered index (``AdapterLibrary.with_sketch``, routing/arrow_sketch.py)
-      and index_probe is its pool: per token every adapter is scored in the arrows' D
+      and index_probe is its pool: per token every adapter is scored in the arrows' Z
       leading directions and the index_probe best (>= k) are rescored exactly. Decode
       steps use it; a prefill scans exactly unless index_prefill.
   """
