@@ -100,25 +100,12 @@ def test_fewer_allowed_than_k_and_bad_settings():
   arrows = unit_columns(rng, 8, 5)
   x = rng.standard_normal((1, 1, 8)).astype(np.float32)
   allowed = np.array([[True, False, True, False, False]])
-  vals, ids = search(
-    sk.build_sketch(arrows, 2),
-    jnp.asarray(arrows),
-    jnp.asarray(x),
-    jnp.asarray(allowed),
-    k=4,
-    pool=4,
-  )
+  args = (sk.build_sketch(arrows, 2), jnp.asarray(arrows), jnp.asarray(x), jnp.asarray(allowed))
+  vals, ids = search(*args, k=4, pool=4)
   assert sorted(np.asarray(ids)[0, 0, :2]) == [0, 2] and list(np.asarray(ids)[0, 0, 2:]) == [-1, -1]
   assert np.isinf(np.asarray(vals)[0, 0, 2:]).all()
   with pytest.raises(ValueError, match="pool 3 must be >= k 4"):
-    sk.search(
-      sk.build_sketch(arrows, 2),
-      jnp.asarray(arrows),
-      jnp.asarray(x),
-      jnp.asarray(allowed),
-      k=4,
-      pool=3,
-    )
+    sk.search(*args, k=4, pool=3)
   with pytest.raises(ValueError, match="dims must be >= 1"):
     sk.build_sketch(arrows, 0)
 
