@@ -185,3 +185,13 @@ def test_offload_benchmark_runs_small_with_the_arrow_index(tmp_path):
   assert {("offloaded_index", "hit"), ("offloaded_index", "miss"), ("offloaded", "hit")} <= got
   assert b["check"]["ids_equal"] and res["index"]["probe"] == 2
   assert "arrow index" in (out / "o.md").read_text() and (out / "o.png").stat().st_size > 0
+
+
+def test_arrow_sketch_benchmark_runs_small(tmp_path):
+  from benchmarks.arrow_sketch import main
+
+  out = tmp_path / "sketch.json"
+  r = main(["--ns=200,400", "--sketches=4:20", "--reps=1", f"--json={out}"])
+  assert [row["n"] for row in r["rows"]] == [200, 400]
+  assert all(row["exact_ms"] > 0 and row["4:20"] > 0 for row in r["rows"])
+  assert json.loads(out.read_text())["rows"] == r["rows"]
