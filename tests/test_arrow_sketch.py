@@ -181,3 +181,17 @@ def test_lag_sketch_method_name():
   assert dict(m.task_options) == {}  # the sketch is the knowledge library's
   default = method_from_name("LAG+sketch(k=20)")
   assert dict(default.knowledge_options) == {"index_probe": 80, "index_sketch": 32}
+
+
+def test_stacked_arrows_with_a_layer_equal_the_layer_slice():
+  """search(..., layer=l) on the [L, I, N] stack (the decoder's in-place form) returns
+  what it returns on the layer's own [I, N]."""
+  rng = np.random.default_rng(5)
+  stack = np.stack([unit_columns(rng, 16, 30) for _ in range(3)])  # [L, I, N]
+  x = jnp.asarray(rng.standard_normal((2, 1, 16)).astype(np.float32))
+  allowed = jnp.ones((2, 30), bool)
+  s = sk.build_sketch(stack[1], 4)
+  flat = search(s, jnp.asarray(stack[1]), x, allowed, k=5, pool=12)
+  stacked = search(s, jnp.asarray(stack), x, allowed, k=5, pool=12, layer=jnp.int32(1))
+  for a, b in zip(flat, stacked, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

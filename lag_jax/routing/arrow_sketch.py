@@ -64,16 +64,25 @@ def sketch_layers(arrows: dict, dims: int) -> dict:
 
 
 def search(
-  sketch: ArrowSketch, arrows: jax.Array, x: jax.Array, allowed: jax.Array, k: int, pool: int
+  sketch: ArrowSketch,
+  arrows: jax.Array,
+  x: jax.Array,
+  allowed: jax.Array,
+  k: int,
+  pool: int,
+  layer: jax.Array | None = None,
 ):
   """The top-k exact arrow scores among each token's ``pool`` best sketch scores.
 
   Args:
     sketch: one layer and module's ArrowSketch.
-    arrows: [I, N] the same layer and module's arrows (the library's layout).
+    arrows: [I, N] the same layer and module's arrows (the library's layout), or with
+      ``layer`` the whole stack [L, I, N]: the pool's rows are gathered from it in place
+      (no copy of the layer's [I, N]).
     x: [B, T, I] the module's input.
     allowed: [B, N] bool, the adapters each request may use.
     k: candidates; pool: P >= k adapters rescored exactly per token.
+    layer: [] int32, the layer of a stacked ``arrows``.
   Returns:
     (vals [B, T, k] float32 |arrow . x|, -inf where fewer than k adapters are allowed;
     ids [B, T, k] int32 adapter ids, -1 there), ordered as the exact scan's top-k
@@ -94,7 +103,8 @@ def search(
   approx = jnp.where(allowed[:, None, :], approx, -jnp.inf)
   _, ids = jax.lax.top_k(approx, p)  # [B, T, P]
   ok = jnp.take_along_axis(allowed[:, None, :], ids, axis=2)
-  rows = arrows.T[ids].astype(x.dtype)  # [B, T, P, I]: the pool's arrows
+  # [B, T, P, I]: the pool's arrows
+  rows = (arrows.T[ids] if layer is None else arrows[layer, :, ids]).astype(x.dtype)
   exact = jnp.abs(jnp.einsum("btpi,bti->btp", rows, x, preferred_element_type=jnp.float32))
   exact = jnp.where(ok, exact, -jnp.inf)
   vals, ids = jax.lax.sort((-exact, ids), dimension=-1, num_keys=2)  # score desc, id asc

@@ -400,25 +400,17 @@ def lag_decision(
         + f"; this library has {'none' if index is None else type(index).__name__}"
       )
     # Decode probes; a long prefill scans exactly (cheaper there, and exact).
-    if probe_always:
-      pass
-    elif sketch:
-      index = index if x.shape[1] == 1 else None
-    elif not arrow_index.pays_off(index, x.shape[1], probe, pl.n):
+    long = x.shape[1] > 1 if sketch else not arrow_index.pays_off(index, x.shape[1], probe, pl.n)
+    if long and not probe_always:
       index = None
-  if index is not None and sketch:
-    arrows = pl.arrows
-    if pl.arrow_layer is not None:  # the whole stack: this layer's [I, N]
-      arrows = jax.lax.dynamic_index_in_dim(arrows, pl.arrow_layer, 0, keepdims=False)
+  if index is not None:
 
     def top(c):
-      vals, ids = arrow_sketch.search(index, arrows, x, allowed, min(c, pl.n), probe)
-      return vals, jnp.maximum(ids, 0)  # -1 (nothing found) is masked by vals = -inf
-
-  elif index is not None:
-
-    def top(c):
-      vals, ids = arrow_index.search(index, x, allowed, min(c, pl.n), probe)
+      if sketch:  # the pool's rows read from the stack in place where it is one
+        args = (index, pl.arrows, x, allowed, min(c, pl.n), probe, pl.arrow_layer)
+        vals, ids = arrow_sketch.search(*args)
+      else:
+        vals, ids = arrow_index.search(index, x, allowed, min(c, pl.n), probe)
       return vals, jnp.maximum(ids, 0)  # -1 (nothing found) is masked by vals = -inf
 
   else:
