@@ -14,7 +14,6 @@ benchmarks/results/arrow_sketch.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -22,17 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import LoadMonitor, command_line, load_sentence, time_fn
+from benchmarks.arrow_index import _exact
+from benchmarks.common import LoadMonitor, command_line, load_sentence, time_fn, write_json
 from lag_jax.routing import arrow_sketch as sk
 
 WIDTHS = (576, 576, 1536)  # gate_proj, up_proj, down_proj inputs
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-@jax.jit
-def _exact(arrows, x, k_arr):
-  s = jnp.abs(jnp.einsum("bti,in->btn", x, arrows))
-  return jax.lax.top_k(s, k_arr.shape[0])
 
 
 _search = jax.jit(sk.search, static_argnames=("k", "pool"))
@@ -110,11 +104,7 @@ def main(argv=None) -> dict:
     lines.append("| " + " | ".join(cells) + " |")
   md = "\n".join(lines)
   print(md)
-  if args.json:
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json + ".tmp", "w") as f:
-      json.dump(result, f, indent=1)
-    os.replace(args.json + ".tmp", args.json)
+  write_json(args, result)
   return result
 
 

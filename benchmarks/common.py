@@ -146,12 +146,15 @@ def command_line(module: str) -> str:
 
 
 def write_json(args, results: dict) -> None:
+  """results to ``args.json`` (nothing when it is empty), through a temp file: an
+  interrupted write never leaves half a file where the last results were."""
   if not args.json:
     return
-  os.makedirs(os.path.dirname(args.json), exist_ok=True)
-  with open(args.json, "w") as f:
+  os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+  with open(args.json + ".tmp", "w") as f:
     json.dump(results, f, indent=1)
     f.write("\n")
+  os.replace(args.json + ".tmp", args.json)
 
 
 # --- a quiet machine ------------------------------------------------------------------

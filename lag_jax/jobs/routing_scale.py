@@ -203,12 +203,15 @@ def _exact_top(x, arrows, k: int):
   return jax.lax.top_k(jnp.abs(x @ arrows.astype(x.dtype)), k)[1]
 
 
-def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int, sketches=()) -> dict:
+def index_recall(
+  model, tokenizer, lib, reqs, probes, k: int, batch_size: int, sketches=None
+) -> dict:
   """Top-k recall of the arrow index against the exact scan on the same module inputs
   (the base model's, over the requests' prompts: no decision feeds the next layer), per
   probe: the mean share of each token's exact top-k the index finds, the share of
   tokens whose top-1 it finds, and the recall per layer (mean over modules). The same
-  for each (dims, pool) of ``sketches`` (routing/arrow_sketch.py), keyed "sketch Z:P"."""
+  for each of ``sketches``: label -> (module -> stacked ArrowSketch of this library's
+  arrows, pool) (routing/arrow_sketch.py)."""
   from lag_jax.eval.prompts import render_prompt
   from lag_jax.routing import arrow_index, arrow_sketch
 
@@ -223,8 +226,8 @@ def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int, s
   # be traced again at every call).
   search = jax.jit(arrow_index.search, static_argnames=("k", "probe", "method"))
   sketch_search = jax.jit(arrow_sketch.search, static_argnames=("k", "pool"))
-  built = {d: arrow_sketch.sketch_layers(lib.weights.arrows, d) for d in {d for d, _ in sketches}}
-  keys = [*probes, *(f"sketch {d}:{p}" for d, p in sketches)]
+  sketches = sketches or {}
+  keys = [*probes, *sketches]
   found = {p: np.zeros(L) for p in keys}
   first = {p: 0 for p in keys}
   tokens_seen = 0
@@ -248,10 +251,10 @@ def index_recall(model, tokenizer, lib, reqs, probes, k: int, batch_size: int, s
         index = jax.tree.map(lambda v, layer=layer: v[layer], lib.weights.index[m])
         allowed = jnp.ones((1, n), bool)
         got = {p: search(index, x, allowed, k=k, probe=p)[1][0] for p in probes}
-        for d, pool in sketches:
-          sk = jax.tree.map(lambda v, layer=layer: v[layer], built[d][m])
+        for label, (stacked, pool) in sketches.items():
+          sk = jax.tree.map(lambda v, layer=layer: v[layer], stacked[m])
           arrows = lib.weights.arrows[m][layer]
-          got[f"sketch {d}:{pool}"] = sketch_search(sk, arrows, x, allowed, k=k, pool=pool)[1][0]
+          got[label] = sketch_search(sk, arrows, x, allowed, k=k, pool=pool)[1][0]
         for p, ids_p in got.items():
           hit = (exact[:, :, None] == np.asarray(ids_p)[:, None, :]).any(-1)  # [M, k]
           found[p][layer] += hit.sum() / k
@@ -290,7 +293,6 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
     raise ValueError(f"config field 'index_sketches': every pool must be >= index_k ({k})")
   if not sizes or not probes:
     return {}
-  k = config.get("index_k", 20)
   out, lines = {}, []
   for n in sizes:
     if not 2 <= n <= len(full):
@@ -313,8 +315,20 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
         "seconds": r.seconds,
       }
 
+    # Each Z's sketch once, for the recall and for the decisions at every pool.
+    sketched = {
+      d: _routing_setting(model, tokenizer, full.subset(range(n)).with_sketch(d), config.batch_size)
+      for d in dict(sketches)
+    }
     recall = index_recall(
-      model, tokenizer, lib, reqs, probes, k, config.batch_size, sketches=sketches
+      model,
+      tokenizer,
+      lib,
+      reqs,
+      probes,
+      k,
+      config.batch_size,
+      sketches={f"sketch {d}:{p}": (sketched[d].knowledge.weights.index, p) for d, p in sketches},
     )
     exact = harness.run_method(setting, method("LAG", k), reqs, gold, None, None, True)
     rows = {"exact": {**row(exact), "arrows_read": n, "recall": 1.0, "top1": 1.0}}
@@ -338,11 +352,8 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
     I = {m: lib.weights.arrows[m].shape[-2] for m in lib.modules}
     for d, pool in sketches:
       read = np.mean([arrow_sketch.numbers_read(n, i, d, pool) for i in I.values()])
-      sketched = _routing_setting(
-        model, tokenizer, full.subset(range(n)).with_sketch(d), config.batch_size
-      )
       name = f"LAG+sketch(k={k};pool={pool};sketch={d};index_prefill=1)"
-      r = harness.run_method(sketched, method(name, k), reqs, gold, None, None, True)
+      r = harness.run_method(sketched[d], method(name, k), reqs, gold, None, None, True)
       agree = decision_agreement(exact.routing_ids, r.routing_ids)
       rows[f"sketch {d}:{pool}"] = {
         **row(r),
