@@ -62,6 +62,27 @@ def test_low_rank_arrows_are_exact_with_the_smallest_pool():
   np.testing.assert_array_equal(np.asarray(ids), exact_top(x, arrows, allowed, k)[1])
 
 
+def test_leading_directions_match_a_dense_svd_both_ways():
+  """N > I takes the Gram matrix's eigenvectors, N <= I the SVD: either way the basis
+  spans the dense SVD's Z leading left singular vectors (projectors compared; a clear
+  gap after the Z-th value, so the subspace is well defined), orthonormal, and the
+  sketch is basis^T arrows."""
+  rng = np.random.default_rng(7)
+  for I, N in ((20, 90), (40, 25)):
+    Z = 6
+    q1 = np.linalg.qr(rng.standard_normal((I, min(I, N))))[0]
+    q2 = np.linalg.qr(rng.standard_normal((N, min(I, N))))[0]
+    s_true = np.geomspace(10.0, 0.1, min(I, N))
+    s_true[Z:] *= 0.3  # the gap
+    arrows = (q1 * s_true @ q2.T).astype(np.float32)
+    got = sk.build_sketch(arrows, Z)
+    u = np.linalg.svd(arrows.astype(np.float64))[0][:, :Z]
+    b = np.asarray(got.basis, np.float64)
+    np.testing.assert_allclose(b.T @ b, np.eye(Z), atol=1e-6)
+    np.testing.assert_allclose(b @ b.T, u @ u.T, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got.sketch), b.T @ arrows, rtol=1e-5, atol=1e-5)
+
+
 def test_recall_grows_with_the_pool_and_dims():
   """On full-rank arrows a small sketch misses some of the top-k; a larger pool or more
   dimensions find more, and every returned score is exact."""

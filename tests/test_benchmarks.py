@@ -156,9 +156,9 @@ def test_arrow_index_benchmark_runs_small():
     assert e["clusters"] == 38 <= e["probe"] and e["recall"] == e["recall_strong"] == 1.0
 
 
-def test_offload_benchmark_runs_small_with_the_arrow_index(tmp_path):
-  """benchmarks.offload at toy sizes: every variant, the arrow index's included, gets a
-  row, and the report renders."""
+def test_offload_benchmark_runs_small_with_the_arrow_index_and_sketch(tmp_path):
+  """benchmarks.offload at toy sizes: every variant, the arrow index's and the arrow
+  sketch's included, gets a row, and the report renders."""
   from benchmarks import offload
 
   out = tmp_path / "out"
@@ -171,6 +171,7 @@ def test_offload_benchmark_runs_small_with_the_arrow_index(tmp_path):
       "--rounds=1",
       "--no_disk_regime",
       "--index_probe=2",
+      "--sketch=8:40",
       "--slots=256",
       "--b_slots=64",
       f"--folder={tmp_path / 'lib'}",
@@ -182,9 +183,12 @@ def test_offload_benchmark_runs_small_with_the_arrow_index(tmp_path):
   res = json.loads((out / "o.json").read_text())
   (b,) = res["batches"]
   got = {(r["variant"], r["regime"]) for r in b["rows"]}
-  assert {("offloaded_index", "hit"), ("offloaded_index", "miss"), ("offloaded", "hit")} <= got
+  for v in ("offloaded_index", "offloaded_sketch", "offloaded"):
+    assert {(v, "hit"), (v, "miss")} <= got
   assert b["check"]["ids_equal"] and res["index"]["probe"] == 2
-  assert "arrow index" in (out / "o.md").read_text() and (out / "o.png").stat().st_size > 0
+  assert (res["sketch"]["dims"], res["sketch"]["pool"]) == (8, 40)
+  md = (out / "o.md").read_text()
+  assert "arrow index" in md and "arrow sketch" in md and (out / "o.png").stat().st_size > 0
 
 
 def test_arrow_sketch_benchmark_runs_small(tmp_path):

@@ -776,8 +776,9 @@ class OffloadedLibrary(NamedAdapters):
   metadata: dict[str, dict] = dataclasses.field(default_factory=dict)
   shared: dict[str, jax.Array] | None = None
   folder: str | None = None
-  # Per module, an ArrowIndex with a leading L axis (routing/arrow_index.py), held on
-  # the device beside the arrows. None until ``with_index``; never saved.
+  # Per module, an ArrowIndex (routing/arrow_index.py) or ArrowSketch
+  # (routing/arrow_sketch.py) with a leading L axis, held on the device beside the
+  # arrows. None until ``with_index`` / ``with_sketch``; never saved.
   index: dict | None = None
 
   def routing_parts(self):
@@ -811,6 +812,16 @@ class OffloadedLibrary(NamedAdapters):
     from lag_jax.routing.arrow_index import index_layers
 
     return dataclasses.replace(self, index=index_layers(self.arrows, self.valid, clusters, **kw))
+
+  def with_sketch(self, dims: int) -> OffloadedLibrary:
+    """The library with an arrow sketch of ``dims`` dimensions per layer and module in
+    place of the arrow index (routing/arrow_sketch.py), for routers with
+    ``RouterSpec(index_sketch=dims, index_probe=pool)``: per decode token the Arrow
+    filter reads N Z sketch numbers and the pool's P arrows instead of all N arrows.
+    Built from the arrows as they stand, held on the device beside them; never saved."""
+    from lag_jax.routing.arrow_sketch import sketch_layers
+
+    return dataclasses.replace(self, index=sketch_layers(self.arrows, dims))
 
   @property
   def slots(self) -> dict[str, int]:
