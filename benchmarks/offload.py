@@ -121,6 +121,13 @@ def parse_args(argv):
     help="also time the offloaded library through an arrow sketch (routing/arrow_sketch.py) "
     "of Z dimensions rescoring a pool of P, as Z:P ('': not)",
   )
+  p.add_argument(
+    "--sketch_rows",
+    default="float32",
+    choices=("float32", "bfloat16", "none"),
+    help="the sketch's adapter-major copy of the arrows for the pool's rescoring "
+    "(none: gathered from the arrows' [I, N] layout)",
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--render", action="store_true", help="only redo markdown + plot from JSON")
   p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "offload.json"))
@@ -381,12 +388,15 @@ def measure(args) -> dict:
   if args.sketch:
     dims, pool = (int(v) for v in args.sketch.split(":"))
     t = time.perf_counter()
-    sketched = big.with_sketch(dims)
+    rows_dtype = None if args.sketch_rows == "none" else args.sketch_rows
+    sketched = big.with_sketch(dims, rows_dtype)
     res["sketch"] = {
       "dims": dims,
       "pool": pool,
+      "rows_dtype": args.sketch_rows,
       "build_s": time.perf_counter() - t,
       "device_bytes": int(sum(x.nbytes for x in jax.tree.leaves(sketched.index))),
+      "rows_bytes": int(sum(s.rows.nbytes for s in sketched.index.values() if s.rows is not None)),
       "numbers_read": {
         m: arrow_sketch.numbers_read(n, int(a.shape[-2]), dims, pool) for m, a in big.arrows.items()
       },
@@ -601,10 +611,19 @@ def render(res: dict) -> str:
   if res.get("sketch"):
     sk = res["sketch"]
     share = ", ".join(f"{m} {100 * v:.1f}%" for m, v in sk["numbers_read"].items())
+    rows = sk.get("rows_dtype", "none")
+    rows = None if rows == "none" else rows
+    held = (
+      f", of which {_gb(sk.get('rows_bytes', 0))} the adapter-major copy of the arrows "
+      "the pool is rescored from"
+      if rows
+      else "; the pool's arrows gathered from the [I, N] arrows"
+    )
     lines += [
       "",
-      f"*Arrow sketch* rows: the same N = {n:,} library with `with_sketch({sk['dims']})` "
-      f"(built in {sk['build_s']:.0f} s, {_gb(sk['device_bytes'])} on the device) and "
+      f"*Arrow sketch* rows: the same N = {n:,} library with `with_sketch({sk['dims']}, "
+      f"rows_dtype={rows!r})` (built in {sk['build_s']:.0f} s, {_gb(sk['device_bytes'])} "
+      f"on the device{held}) and "
       f"`RouterSpec('lag', k={res['k']}, index_sketch={sk['dims']}, "
       f"index_probe={sk['pool']})`: per token the Arrow filter reads {n:,} x {sk['dims']} "
       f"sketch numbers and the pool's {sk['pool']} arrows, a share of the exact scan's "

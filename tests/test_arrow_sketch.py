@@ -211,8 +211,37 @@ def test_stacked_arrows_with_a_layer_equal_the_layer_slice():
   stack = np.stack([unit_columns(rng, 16, 30) for _ in range(3)])  # [L, I, N]
   x = jnp.asarray(rng.standard_normal((2, 1, 16)).astype(np.float32))
   allowed = jnp.ones((2, 30), bool)
-  s = sk.build_sketch(stack[1], 4)
+  s = sk.build_sketch(stack[1], 4, rows_dtype=None)  # the pool gathered from the arrows
+  assert s.rows is None
   flat = search(s, jnp.asarray(stack[1]), x, allowed, k=5, pool=12)
   stacked = search(s, jnp.asarray(stack), x, allowed, k=5, pool=12, layer=jnp.int32(1))
   for a, b in zip(flat, stacked, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_adapter_major_rows_rescore_as_the_arrows_do():
+  """The sketch's own [N, I] copy of the arrows (float32, the default) gives the same
+  ids and scores as gathering from the library's [I, N]; a bfloat16 copy rescores in
+  bfloat16 (scores within its rounding, the pool the same)."""
+  rng = np.random.default_rng(6)
+  arrows = unit_columns(rng, 24, 50)
+  x = jnp.asarray(rng.standard_normal((2, 3, 24)).astype(np.float32))
+  allowed = np.ones((2, 50), bool)
+  allowed[0, 5:9] = False
+  allowed = jnp.asarray(allowed)
+  a = jnp.asarray(arrows)
+  got = {d: sk.build_sketch(arrows, 6, rows_dtype=d) for d in ("float32", "bfloat16", None)}
+  assert got["float32"].rows.shape == (50, 24) and got["float32"].rows.dtype == jnp.float32
+  assert got["bfloat16"].rows.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got["float32"].rows), arrows.T)
+  want_v, want_i = search(got[None], a, x, allowed, k=5, pool=15)
+  v32, i32 = search(got["float32"], a, x, allowed, k=5, pool=15)
+  np.testing.assert_array_equal(np.asarray(i32), np.asarray(want_i))
+  np.testing.assert_array_equal(np.asarray(v32), np.asarray(want_v))
+  v16, _ = search(got["bfloat16"], a, x, allowed, k=5, pool=15)
+  # bfloat16 rounds each number of a unit arrow by at most 2^-9 relative, so each score
+  # moves by at most 2^-9 ||x|| (Cauchy-Schwarz), and so does the best one.
+  bound = 2.0**-9 * np.linalg.norm(np.asarray(x), axis=-1) * 1.001 + 1e-6
+  assert np.all(np.abs(np.asarray(v16)[..., 0] - np.asarray(want_v)[..., 0]) <= bound)
+  with pytest.raises(ValueError, match="rows_dtype"):
+    sk.build_sketch(arrows, 6, rows_dtype="int8")
