@@ -5,8 +5,9 @@
 One decode step's filter (B = 1, T = 1, top k = 20) on SmolLM2's three MLP modules of one
 layer (I = 576, 576, 1536): |x . arrow| for all N then top-k (what ``lag_decision``
 does), against ``lag_jax/routing/arrow_sketch.py`` (all N scored in Z dimensions, a pool
-of P rescored exactly). Time only: the sketch's recall depends on the arrows, and is
-measured on a real library by ``routing_scale`` (``index_sketches``); random arrows here.
+of P rescored exactly from the sketch's adapter-major float32 rows, with_sketch's
+default). Time only: the sketch's recall depends on the arrows, and is measured on a
+real library by ``routing_scale`` (``index_sketches``); random arrows here.
 Prints a markdown table (ms per layer, the three modules summed; medians) and writes
 benchmarks/results/arrow_sketch.json.
 """
@@ -63,9 +64,11 @@ def main(argv=None) -> dict:
         )
         for z, pool in sketches:
           s = jax.tree.map(jnp.asarray, sk.build_sketch(a[:, : min(n, 4096)], z))
-          # The basis from a subset (the SVD of [I, 10^5] is slow and the time does not
-          # depend on which directions): the sketch of all N in that basis.
-          s = sk.ArrowSketch(basis=s.basis, sketch=s.basis.T @ arrows)
+          # The basis from a subset (the time does not depend on which directions): the
+          # sketch of all N in that basis, and the adapter-major rows with_sketch keeps.
+          s = sk.ArrowSketch(
+            basis=s.basis, sketch=s.basis.T @ arrows, rows=jnp.asarray(np.ascontiguousarray(a.T))
+          )
           row[f"{z}:{pool}"] += (
             1e3
             * time_fn(
