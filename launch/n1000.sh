@@ -57,7 +57,7 @@ step scale_tune --config=configs/synthetic_scale.py --workdir="$ROOT/scale_tune"
   --config.library_root="$ROOT" --config.build=False --config.synthetic.split=tune \
   --config.sizes=1000 --config.analysis_sizes=1000 --config.k_sweep_sizes= \
   --config.index_sizes=1000 --config.index_probes=8,16,32 \
-  --config.index_sketches=32:80,32:160,64:80,64:160,64:320 \
+  --config.index_sketches=32:80,32:160,64:80,64:160,64:320,128:160,128:320 \
   "--config.routers=LAG,Arrow,Vote,Vote-score,ReqLAG,Vote-final2(score=score),Vote-final2(score=margin),Vote(vote_modules=down_proj)" \
   "--config.shared_routers=Vote,Vote-score,Vote-final2(score=score),Vote-final2(score=margin)"
 
