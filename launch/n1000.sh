@@ -48,8 +48,12 @@ done
 # LAG through the arrow sketch, end to end on the test half (one index kind per
 # evaluate run, so apart from the main run's LAG+index); its setting was chosen on the
 # tuning half's requests at N = 198 of the partial library (BENCHMARKS.md, "Arrow filter").
+# Oracle and exact LAG are the test step's runs (the same questions and libraries; the
+# index settings key only the methods that read the index): seed them, do not rerun.
+mkdir -p "$ROOT/test_sketch/method_runs"
+cp -n "$ROOT"/test/method_runs/*.json "$ROOT/test_sketch/method_runs/" 2>/dev/null || true
 step test_sketch --config=$cfg:test --workdir="$ROOT/test_sketch" --config.library_root="$ROOT" \
-  "--config.methods=LAG,LAG+sketch(k=20;pool=160;sketch=64)" --config.k_sweep=
+  "--config.methods=Oracle,LAG,LAG+sketch(k=20;pool=160;sketch=64)" --config.k_sweep=
 
 # Routing at N = 1,000 on the tuning half: per-request and per-token accuracy, the
 # analysis of what misleads the vote, and the arrow index's effect on the same inputs.

@@ -240,5 +240,17 @@ def test_build_once_then_evaluate_nested_libraries(tmp_path):
     )
 
   assert table(again) == table(report)
+  # The index settings key only the methods that read the index: adding a LAG+index
+  # method reruns nothing else.
+  proc = run_cli(
+    *base,
+    "--config.synthetic.library_size=3",
+    "--config.synthetic.questions_per_task=0",
+    "--config.methods=Oracle,Vote(k=2),LAG+index(k=2;probe=1)",
+    "--config.k_sweep=",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  runs = json.loads((tmp_path / "results.json").read_text())["method_runs"]
+  assert {m for m, r in runs.items() if r["reused"]} == {"Oracle", "Vote(k=2)"}, runs
   proc = run_cli(*base, "--config.synthetic.library_size=7")
   assert proc.returncode != 0 and "synthetic.library_size" in proc.stderr

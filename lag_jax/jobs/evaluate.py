@@ -426,7 +426,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   kept_runs = {}  # method -> its key (method_runs/<key>.json), and whether it was reused
 
   def run_method(m):
-    key = method_runs.run_key(m, examples, run_context)
+    context = run_context
+    if not dict(m.knowledge_options).get("index_probe"):
+      # The index settings shape only the methods that read the index: an exact
+      # method's run is the same in runs that differ in them, and is reused across.
+      context = {k: v for k, v in run_context.items() if k not in ("index_probe", "index_sketch")}
+    key = method_runs.run_key(m, examples, context)
     r = method_runs.load(workdir, key, m.name) if reuse else None
     kept_runs[m.name] = {"key": key, "reused": r is not None}
     if r is None:
