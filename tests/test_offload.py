@@ -226,30 +226,37 @@ def test_generate_matches_resident_library(tmp_path):
   assert after.hits - before.hits > 0
 
 
-def test_arrow_index_on_an_offloaded_library_matches_the_resident_one(tmp_path, monkeypatch):
-  """LAG through the arrow index (``with_index``, RouterSpec(index_probe)) on an
-  offloaded library: the resident library's ids and logits, prefill (exact scan) and
-  decode (the index: 2 tokens x 2 clusters of 8 < 40 arrows)."""
-  from lag_jax.routing import arrow_index as ai
+@pytest.mark.parametrize("kind", ["index", "sketch"])
+def test_arrow_filters_on_an_offloaded_library_match_the_resident_one(tmp_path, monkeypatch, kind):
+  """LAG through the arrow index (``with_index``, RouterSpec(index_probe)) or the arrow
+  sketch (``with_sketch``, RouterSpec(index_sketch, index_probe)) on an offloaded
+  library: the same index / sketch as the resident library's, and the resident
+  library's ids and logits, prefill (exact scan) and decode (the index: 2 tokens x 2
+  clusters of 8 < 40 arrows; the sketch: a pool of 6 of 40)."""
+  from lag_jax.routing import arrow_index, arrow_sketch
   from lag_jax.routing.offload import remove_shared_offloaded
 
   model = load_model(tiny_checkpoint())
   knowledge = random_library(40, ("up_proj",), invalid=(7,), seed=5)
   save_offloaded(knowledge, tmp_path / "lib")
   olib = OffloadedLibrary.open(tmp_path / "lib", slots=40, chunk_rows=8)
-  resident, offloaded = knowledge.with_index(clusters=8), olib.with_index(clusters=8)
+  if kind == "index":
+    resident, offloaded = knowledge.with_index(clusters=8), olib.with_index(clusters=8)
+    module, spec = arrow_index, RouterSpec("lag", k=3, index_probe=2)
+  else:
+    resident, offloaded = knowledge.with_sketch(4), olib.with_sketch(4)
+    module, spec = arrow_sketch, RouterSpec("lag", k=3, index_sketch=4, index_probe=6)
   for r, o in zip(
     jax.tree.leaves(resident.weights.index), jax.tree.leaves(offloaded.index), strict=True
   ):
-    np.testing.assert_array_equal(np.asarray(o), np.asarray(r))  # the same clusters
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(r))  # the same clusters / sketch
   calls = []
-  real = ai.search
-  monkeypatch.setattr(ai, "search", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-  spec = RouterSpec("lag", k=3, index_probe=2)
+  real = module.search
+  monkeypatch.setattr(module, "search", lambda *a, **kw: calls.append(1) or real(*a, **kw))
   prompts = [[5, 6, 7, 8], [11, 12, 13]]
   gen = dict(max_new_tokens=4, return_logits=True, return_routing=True)
   want = generate(model, prompts, lora=RoutedAdapters((routed(resident, 2, spec),)), **gen)
-  assert calls  # the decode steps probed the index
+  assert calls  # the decode steps read the index / sketch
   calls.clear()
   got = generate(model, prompts, lora=RoutedAdapters((routed(offloaded, 2, spec),)), **gen)
   assert calls
@@ -258,45 +265,10 @@ def test_arrow_index_on_an_offloaded_library_matches_the_resident_one(tmp_path, 
     np.testing.assert_allclose(g, w, atol=ATOL, rtol=0)
   for g, w in zip(jax.tree.leaves(got.routing), jax.tree.leaves(want.routing), strict=True):
     np.testing.assert_array_equal(g, w)
-  with pytest.raises(ValueError, match="needs a library with an arrow index"):
+  with pytest.raises(ValueError, match=f"needs a library with an arrow {kind}"):
     generate(model, prompts, lora=RoutedAdapters((routed(olib, 2, spec),)), max_new_tokens=2)
   with pytest.raises(ValueError, match="remove shared directions first"):
     remove_shared_offloaded(offloaded, "top", 1, np.ones(40, bool))
-
-
-def test_arrow_sketch_on_an_offloaded_library_matches_the_resident_one(tmp_path, monkeypatch):
-  """LAG+sketch (``with_sketch``, RouterSpec(index_sketch, index_probe)) on an offloaded
-  library: the same sketch as the resident library's, and the resident library's ids
-  and logits, prefill (exact scan) and decode (the sketch: a pool of 6 of 40)."""
-  from lag_jax.routing import arrow_sketch as sk
-
-  model = load_model(tiny_checkpoint())
-  knowledge = random_library(40, ("up_proj",), invalid=(7,), seed=6)
-  save_offloaded(knowledge, tmp_path / "lib")
-  olib = OffloadedLibrary.open(tmp_path / "lib", slots=40, chunk_rows=8)
-  resident, offloaded = knowledge.with_sketch(4), olib.with_sketch(4)
-  for r, o in zip(
-    jax.tree.leaves(resident.weights.index), jax.tree.leaves(offloaded.index), strict=True
-  ):
-    np.testing.assert_array_equal(np.asarray(o), np.asarray(r))
-  calls = []
-  real = sk.search
-  monkeypatch.setattr(sk, "search", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-  spec = RouterSpec("lag", k=3, index_sketch=4, index_probe=6)
-  prompts = [[5, 6, 7, 8], [11, 12, 13]]
-  gen = dict(max_new_tokens=4, return_logits=True, return_routing=True)
-  want = generate(model, prompts, lora=RoutedAdapters((routed(resident, 2, spec),)), **gen)
-  assert calls  # the decode steps read the sketch
-  calls.clear()
-  got = generate(model, prompts, lora=RoutedAdapters((routed(offloaded, 2, spec),)), **gen)
-  assert calls
-  assert got.tokens == want.tokens
-  for g, w in zip(got.logits, want.logits, strict=True):
-    np.testing.assert_allclose(g, w, atol=ATOL, rtol=0)
-  for g, w in zip(jax.tree.leaves(got.routing), jax.tree.leaves(want.routing), strict=True):
-    np.testing.assert_array_equal(g, w)
-  with pytest.raises(ValueError, match="needs a library with an arrow sketch"):
-    generate(model, prompts, lora=RoutedAdapters((routed(olib, 2, spec),)), max_new_tokens=2)
 
 
 # --- Files and bad input ----------------------------------------------------------------
