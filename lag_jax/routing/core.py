@@ -406,7 +406,7 @@ def lag_decision(
   if index is not None:
 
     def top(c):
-      if sketch:  # the pool's rows read from the stack in place where it is one
+      if sketch:  # without the sketch's own rows, the pool's read from the stack in place
         args = (index, pl.arrows, x, allowed, min(c, pl.n), probe, pl.arrow_layer)
         vals, ids = arrow_sketch.search(*args)
       else:
