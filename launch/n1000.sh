@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The N = 1,000 experiment end to end (issue 14), resumable: build the 1,000-person
-# library, evaluate the tuning and test halves, the same test at N = 250 / 64 / 16 drawn
-# from the same library, gather the curve over N, and analyse routing at N = 1,000 on
-# the tuning half. Hours on 2 CPU cores (the build alone ~4.4-9.4 h, by host).
+# library, evaluate the tuning half, analyse routing at N = 1,000 on the tuning half,
+# evaluate the test half (and LAG through the arrow sketch), the same test at
+# N = 250 / 64 / 16 drawn from the same library, and gather the curve over N. Hours on 2 CPU cores (the build alone ~4.4-9.4 h, by host).
 #
 #   nohup launch/n1000.sh > /dev/null 2>&1 &         # ROOT=$HOME/lag_n1000, OUT=results/n1000
 #   ROOT=/data/lag_n1000 OUT=/tmp/n1000 launch/n1000.sh
@@ -39,11 +39,19 @@ step() {  # step NAME ARGS...: python -m lag_jax.run ARGS, once
 cfg=configs/n1000.py
 step build --config=$cfg:build --workdir="$ROOT/build" --config.library_root="$ROOT"
 step tune --config=$cfg:tune --workdir="$ROOT/tune" --config.library_root="$ROOT"
+
+# Routing at N = 1,000 on the tuning half: per-request and per-token accuracy, the
+# analysis of what misleads the vote, and the arrow index's effect on the same inputs.
+# Before the test half: routers tried because of this analysis are chosen on the tuning
+# half and must be in the test run.
+step scale_tune --config=configs/synthetic_scale.py --workdir="$ROOT/scale_tune" \
+  --config.library_root="$ROOT" --config.build=False --config.synthetic.split=tune \
+  --config.sizes=1000 --config.analysis_sizes=1000 --config.k_sweep_sizes= \
+  --config.index_sizes=1000 --config.index_probes=8,16,32 \
+  --config.index_sketches=32:80,32:160,64:80,64:160,64:320,128:160,128:320 \
+  "--config.routers=LAG,Arrow,Vote,Vote-score,ReqLAG,Vote-final2(score=score),Vote-final2(score=margin),Vote(vote_modules=down_proj)" \
+  "--config.shared_routers=Vote,Vote-score,Vote-final2(score=score),Vote-final2(score=margin)"
 step test --config=$cfg:test --workdir="$ROOT/test" --config.library_root="$ROOT"
-for n in 250 64 16; do  # the curve over N: the same library's first n adapters
-  step "test_n$n" --config=$cfg:test --workdir="$ROOT/test_n$n" --config.library_root="$ROOT" \
-    --config.synthetic.library_size=$n --config.k_sweep=
-done
 
 # LAG through the arrow sketch, end to end on the test half (one index kind per
 # evaluate run, so apart from the main run's LAG+index); its setting was chosen on the
@@ -55,15 +63,10 @@ cp -n "$ROOT"/test/method_runs/*.json "$ROOT/test_sketch/method_runs/" 2>/dev/nu
 step test_sketch --config=$cfg:test --workdir="$ROOT/test_sketch" --config.library_root="$ROOT" \
   "--config.methods=Oracle,LAG,LAG+sketch(k=20;pool=160;sketch=64)" --config.k_sweep=
 
-# Routing at N = 1,000 on the tuning half: per-request and per-token accuracy, the
-# analysis of what misleads the vote, and the arrow index's effect on the same inputs.
-step scale_tune --config=configs/synthetic_scale.py --workdir="$ROOT/scale_tune" \
-  --config.library_root="$ROOT" --config.build=False --config.synthetic.split=tune \
-  --config.sizes=1000 --config.analysis_sizes=1000 --config.k_sweep_sizes= \
-  --config.index_sizes=1000 --config.index_probes=8,16,32 \
-  --config.index_sketches=32:80,32:160,64:80,64:160,64:320,128:160,128:320 \
-  "--config.routers=LAG,Arrow,Vote,Vote-score,ReqLAG,Vote-final2(score=score),Vote-final2(score=margin),Vote(vote_modules=down_proj)" \
-  "--config.shared_routers=Vote,Vote-score,Vote-final2(score=score),Vote-final2(score=margin)"
+for n in 250 64 16; do  # the curve over N: the same library's first n adapters
+  step "test_n$n" --config=$cfg:test --workdir="$ROOT/test_n$n" --config.library_root="$ROOT" \
+    --config.synthetic.library_size=$n --config.k_sweep=
+done
 
 mkdir -p "$OUT/tune" "$OUT/test" "$OUT/test_sketch" "$OUT/scale_tune"
 for half in tune test test_sketch; do
