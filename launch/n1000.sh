@@ -53,15 +53,20 @@ step scale_tune --config=configs/synthetic_scale.py --workdir="$ROOT/scale_tune"
   "--config.shared_routers=Vote,Vote-score,Vote-final2(score=score),Vote-final2(score=margin)"
 step test --config=$cfg:test --workdir="$ROOT/test" --config.library_root="$ROOT"
 
-# LAG through the arrow sketch, end to end on the test half (one index kind per
-# evaluate run, so apart from the main run's LAG+index); its setting was chosen on the
-# tuning half's requests at N = 198 of the partial library (BENCHMARKS.md, "Arrow filter").
-# Oracle and exact LAG are the test step's runs (the same questions and libraries; the
+# The arrow sketch end to end on the test half (one index kind per evaluate run, so apart
+# from the main run's LAG+index): the paper's LAG and the demo's router (a vote over the
+# prompt's tokens, so the sketch filters prefill tokens too: index_prefill=1), each beside
+# its exact run. The setting (dimensions, pool) is the cheapest whose recall of the exact
+# top 20 is >= 99% on the tuning half's requests at N = 1,000 (scale_tune's index_effect).
+# Oracle and the exact runs are the test step's (the same questions and libraries; the
 # index settings key only the methods that read the index): seed them, do not rerun.
+SKETCH="pool=160;sketch=64"
+ROUTER="Vote-final2(k=4;score=score;removal=mean:4)"
 mkdir -p "$ROOT/test_sketch/method_runs"
 cp -n "$ROOT"/test/method_runs/*.json "$ROOT/test_sketch/method_runs/" 2>/dev/null || true
 step test_sketch --config=$cfg:test --workdir="$ROOT/test_sketch" --config.library_root="$ROOT" \
-  "--config.methods=Oracle,LAG,LAG+sketch(k=20;pool=160;sketch=64)" --config.k_sweep=
+  "--config.methods=Oracle,LAG,LAG+sketch(k=20;$SKETCH;index_prefill=1),$ROUTER,${ROUTER%)};$SKETCH;index_prefill=1)" \
+  --config.k_sweep=
 
 for n in 250 64 16; do  # the curve over N: the same library's first n adapters
   step "test_n$n" --config=$cfg:test --workdir="$ROOT/test_n$n" --config.library_root="$ROOT" \
