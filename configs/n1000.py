@@ -63,6 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Votes in two rounds (the first vote's 2 leading adapters, then a vote between
     # them alone): the best routers on the partial library at N = 250 (RESULTS.md).
     "Vote-final2(k=4;score=score;removal=mean:4),Vote-final2(k=4;score=margin;removal=mean:4),"
+    # Three and five finalists: the analysis at N = 1,000 found the gold adapter 3rd-5th
+    # in the first vote's tally for 10% of the tuning half's requests (RESULTS.md).
+    "Vote-final2(k=4;score=score;removal=mean:4;finalists=3),"
+    "Vote-final2(k=4;score=score;removal=mean:4;finalists=5),"
     # The paper's LAG through the sublinear arrow index (routing/arrow_index.py).
     "LAG+index(k=20;probe=8)"
   )

@@ -297,8 +297,11 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
   for n in sizes:
     if not 2 <= n <= len(full):
       raise ValueError(f"config field 'index_sizes': {n} is not in [2, {len(full)}]")
+    # One copy of the first n adapters for the index and every sketch (a subset copies
+    # the factors; at N = 1,000 a copy per sketch ran a 24 GB machine out of memory).
+    base = full if n == len(full) else full.subset(range(n))
     t0 = time.perf_counter()
-    lib = full.subset(range(n)).with_index(probe=max(probes))
+    lib = base.with_index(probe=max(probes))
     t_index = time.perf_counter() - t0
     J, W = next(iter(lib.weights.index.values())).members.shape[-2:]
     reqs = pick_requests(
@@ -317,7 +320,7 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
 
     # Each Z's sketch once, for the recall and for the decisions at every pool.
     sketched = {
-      d: _routing_setting(model, tokenizer, full.subset(range(n)).with_sketch(d), config.batch_size)
+      d: _routing_setting(model, tokenizer, base.with_sketch(d), config.batch_size)
       for d in dict(sketches)
     }
     recall = index_recall(
