@@ -491,8 +491,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       rows = old["routers"]
       removed = old.get("shared_leading_eigenvalue", {})
       logging.info("Keeping %d measured rows from %s", len(rows), previous)
+
+  def save(**extra):
+    measured = sorted({int(n) for row in rows.values() for n in row})
+    report = {
+      "num_entities": len(full),
+      "sizes": measured,
+      "settings": settings,
+      "k": config.k,
+      "training": dict(config.knowledge_training),
+      "build_seconds": t_build,
+      "total_seconds": time.perf_counter() - t_start,
+      "shared_leading_eigenvalue": removed,
+      "routers": rows,
+      **extra,
+    }
+    common.write_json_atomic(os.path.join(workdir, "scale.json"), report)
+    return report
+
   for n in sizes:
-    lib = full.subset(range(n))
+    lib = full if n == len(full) else full.subset(range(n))  # a subset copies the factors
     reqs = pick_requests(examples, list(lib.names), config.max_requests, c.seed, _split(config))
     gold = [lib.names.index(ex.provenance[0]) for ex in reqs]
     runs = [(name, config.k, name) for name in routers]
@@ -537,25 +555,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           len(reqs),
           r.seconds,
         )
+        save()  # each row as it is measured: a rerun after an interruption keeps it
+  # The libraries above are copies (a subset, shared directions removed): free them
+  # before the index effect makes its own.
+  lib = lib_v = setting = None
 
   analyses = _analyse(config, world, full, examples, model, tokenizer, workdir)
   index_effect = _index_effect(config, full, examples, model, tokenizer, workdir)
 
-  measured = sorted({int(n) for row in rows.values() for n in row})
-  report = {
-    "num_entities": len(full),
-    "sizes": measured,
-    "settings": settings,
-    "k": config.k,
-    "training": dict(config.knowledge_training),
-    "build_seconds": t_build,
-    "total_seconds": time.perf_counter() - t_start,
-    "shared_leading_eigenvalue": removed,
-    "routers": rows,
-    "analysis_sizes": sorted(analyses),
-    "index_sizes": sorted(index_effect),
-  }
-  common.write_json_atomic(os.path.join(workdir, "scale.json"), report)
+  report = save(analysis_sizes=sorted(analyses), index_sizes=sorted(index_effect))
   markdown = markdown_table(report)
   tmp = os.path.join(workdir, ".scale.md.tmp")
   with open(tmp, "w") as f:
