@@ -287,7 +287,7 @@ def _shell_words(text: str) -> list[str]:
 
 
 def test_n1000_launch_runs_each_step_once_in_order(tmp_path):
-  """launch/n1000.sh: build -> tune -> routing analysis -> test -> sketch -> the curve sizes, each
+  """launch/n1000.sh: build -> tune -> test -> routing analysis -> sketch -> the curve sizes, each
   step once (a rerun after an interruption skips finished steps), results copied out,
   and a second copy refused while one holds the lock. `python` is a recorder here: each
   step's own job is tested by its config's tiny variant."""
@@ -324,7 +324,7 @@ def test_n1000_launch_runs_each_step_once_in_order(tmp_path):
 
   assert run().returncode == 0
   order = [
-    *("build", "tune", "scale_tune", "test", "test_sketch"),
+    *("build", "tune", "test", "scale_tune", "test_sketch"),
     *("test_n250", "test_n64", "test_n16", "curve"),
   ]
   assert steps() == order
