@@ -128,9 +128,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.methods = ""  # comma-separated method names, exactly; default the standard ones and:
   # the best data-free router beside them, chosen on the N = 1,000 library's tuning half
   # (RESULTS.md, "N = 1,000"): a request-level vote over the question's tokens in two
-  # rounds (the first vote's 2 leading adapters, then a vote between those 2 alone),
+  # rounds (the first vote's 5 leading adapters, then a vote among those 5 alone),
   # votes weighted by score, with the library's 4 mean shared input directions removed.
-  c.extra_methods = "Vote-final2(k=4;score=score;removal=mean:4)"
+  c.extra_methods = "Vote-final2(k=4;score=score;removal=mean:4;finalists=5)"
   c.build_only = False  # train the libraries (resumably) and stop: <workdir>/build.json
   c.max_new_tokens = 12
   c.batch_size = 16
@@ -144,7 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task_training.max_seq_len = 96
     c.k = 2
     c.k_sweep = "1,4"
-    c.extra_methods = "Vote-final2(k=2;score=score;removal=mean:1)"
+    c.extra_methods = "Vote-final2(k=2;score=score;removal=mean:1;finalists=3)"
     c.max_new_tokens = 4
     c.rag_max_chars = 200  # the tiny model's byte tokenizer and 512-token context
     c.knowledge_data.update(dict(rewrite_prompts=1, rewrite_samples=1, max_new_tokens=16))

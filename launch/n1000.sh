@@ -63,7 +63,7 @@ step scale_tune --config=configs/synthetic_scale.py --workdir="$ROOT/scale_tune"
 # Oracle and the exact runs are the test step's (the same questions and libraries; the
 # index settings key only the methods that read the index): seed them, do not rerun.
 SKETCH="pool=160;sketch=64"
-ROUTER="Vote-final2(k=4;score=score;removal=mean:4)"
+ROUTER="Vote-final2(k=4;score=score;removal=mean:4;finalists=5)"
 mkdir -p "$ROOT/test_sketch/method_runs"
 cp -n "$ROOT"/test/method_runs/*.json "$ROOT/test_sketch/method_runs/" 2>/dev/null || true
 step test_sketch --config=$cfg:test --workdir="$ROOT/test_sketch" --config.library_root="$ROOT" \
