@@ -292,3 +292,6 @@ def test_subset():
   for bad in ([], [0, 0], [7], ["nope"]):
     with pytest.raises((ValueError, KeyError)):
       library().subset(bad)
+  lib = library()
+  assert lib.subset(range(len(lib))) is lib  # all, in order: no copy
+  assert lib.subset([*range(1, len(lib)), 0]).names[0] == lib.names[1]  # reordered: a copy
