@@ -131,6 +131,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # rounds (the first vote's 5 leading adapters, then a vote among those 5 alone),
   # votes weighted by score, with the library's 4 mean shared input directions removed.
   c.extra_methods = "Vote-final2(k=4;score=score;removal=mean:4;finalists=5)"
+  # Families also averaged alone beside the paper's AVG (e.g. "QA,Slot"): a column of
+  # results.md, and the score methods.png and the curve over N plot.
+  c.avg_families = ""
   c.build_only = False  # train the libraries (resumably) and stop: <workdir>/build.json
   c.max_new_tokens = 12
   c.batch_size = 16

@@ -209,6 +209,11 @@ def test_build_once_then_evaluate_nested_libraries(tmp_path):
   assert report["num_knowledge_adapters"] == 3
   # Every question on the first 3 people, tuning half: 3 tasks x (2 of 3) questions.
   assert report["num_examples"] == 6
+  # configs/n1000.py: the average of QA and slot filling beside the paper's AVG.
+  assert report["avg_families"] == ["QA", "Slot"]
+  assert "| AVG | AVG (QA, Slot) |" in (tmp_path / "results.md").read_text()
+  bad = run_cli(*base, "--config.synthetic.library_size=3", "--config.avg_families=QA,Task")
+  assert bad.returncode != 0 and "config field 'avg_families': ['Task']" in bad.stderr
   # Each finished method was kept: the same run again reuses them (an interrupted
   # evaluation resumes), and a kept run that cannot be read back is run again.
   runs = sorted((tmp_path / "method_runs").glob("*.json"))

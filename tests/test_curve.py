@@ -35,3 +35,29 @@ def test_curve_from_workdirs(tmp_path):
     curve.collect({64: _report(16, 1.0, 1.0)})
   with pytest.raises(SystemExit, match="results.json"):
     curve.main([f"--run=8:{tmp_path / 'none'}", f"--out={out}"])
+
+
+def _report3(n, qa, slot, fact, avg_families=None):
+  norm = {"QA": qa, "Slot": slot, "Fact": fact}
+  row = {"normalized": {**norm, "AVG": (qa + slot + fact) / 3}, "routing_request_acc": 0.5}
+  rep = {"num_knowledge_adapters": n, "methods": {"LAG": row}}
+  if avg_families:
+    rep["avg_families"] = avg_families
+  return rep
+
+
+def test_curve_scores_by_chosen_families(tmp_path):
+  # Fact's 8.0 (an oracle below a constant answer) would swamp the paper's AVG.
+  for n in (16, 64):
+    d = tmp_path / f"n{n}"
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(_report3(n, 0.5, 0.7, 8.0, ["QA", "Slot"])))
+  runs = [f"--run=16:{tmp_path / 'n16'}", f"--run=64:{tmp_path / 'n64'}"]
+  got = curve.main(runs + [f"--out={tmp_path / 'a'}"])  # the runs' own avg_families
+  assert got["LAG"][16]["avg"] == pytest.approx(0.6)
+  md = (tmp_path / "a" / "curve.md").read_text()
+  assert "AVG (QA, Slot) N=16" in md and "| LAG | 60.0 | 60.0 | 50.0 | 50.0 |" in md
+  got = curve.main(runs + [f"--out={tmp_path / 'b'}", "--avg_families="])  # the paper's AVG
+  assert got["LAG"][64]["avg"] == pytest.approx((0.5 + 0.7 + 8.0) / 3)
+  with pytest.raises(ValueError, match="N = 16.*'Task'"):
+    curve.main(runs + [f"--out={tmp_path / 'c'}", "--avg_families=QA,Task"])

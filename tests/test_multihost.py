@@ -287,55 +287,100 @@ def _shell_words(text: str) -> list[str]:
 
 
 def test_n1000_launch_runs_each_step_once_in_order(tmp_path):
-  """launch/n1000.sh: build -> tune -> test -> routing analysis -> sketch -> the curve sizes, each
-  step once (a rerun after an interruption skips finished steps), results copied out,
-  and a second copy refused while one holds the lock. `python` is a recorder here: each
-  step's own job is tested by its config's tiny variant."""
-  import fcntl
-
+  """launch/n1000.sh: build -> tune -> test -> the curve sizes -> routing analysis ->
+  sketch, each step once (a rerun after an interruption skips finished steps), the
+  sketch's setting read from the analysis' measured recall, results re-rendered and
+  copied out; steps named on the command line run alone; a step another copy is running
+  is waited for, then skipped. `python -m` is a recorder here (each step's own job is
+  tested by its config's tiny variant); `python -` (the launcher's own snippet) runs."""
   bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"
   bin_dir.mkdir()
   fake = bin_dir / "python"
+  index = {
+    "k": 20,
+    "sizes": {
+      "1000": {
+        "rows": {
+          "exact": {"recall": 1.0, "arrows_read": 1000},
+          "sketch 32:80": {"recall": 0.97, "arrows_read": 120},
+          "sketch 64:160": {"recall": 0.995, "arrows_read": 230},
+          "sketch 128:320": {"recall": 0.999, "arrows_read": 440},
+        }
+      }
+    },
+  }
   fake.write_text(
     "#!/usr/bin/env bash\n"
+    f'[ "$1" = - ] && exec {sys.executable} "$@"\n'
     f'echo "$*" >> {log}\n'
     'for a in "$@"; do case $a in --workdir=*|--out=*) d=${a#*=};; esac; done\n'
-    'mkdir -p "$d" && for f in results.json results.md scale.json scale.md scale.png; do '
+    'mkdir -p "$d" && for f in results.json results.md scale.json scale.md scale.png m.png; do '
     'echo x > "$d/$f"; done\n'
+    f"echo '{json.dumps(index)}' > \"$d/index_effect.json\"\n"
   )
   fake.chmod(0o755)
+  root = tmp_path / "root"
   env = {
     **os.environ,
     "PATH": f"{bin_dir}:{os.environ['PATH']}",
-    "ROOT": str(tmp_path / "root"),
+    "ROOT": str(root),
     "OUT": str(tmp_path / "out"),
   }
   script = os.path.join(ROOT, "launch", "n1000.sh")
 
-  def run():
-    return subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+  def run(*steps, wait=True):
+    cmd = ["bash", script, *steps]
+    if not wait:
+      return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+
+  def calls():
+    return log.read_text().splitlines() if log.exists() else []
 
   def steps():
-    calls = log.read_text().splitlines() if log.exists() else []
-    return [
-      c.split("--workdir=")[1].split()[0].rsplit("/", 1)[1] if "--workdir=" in c else "curve"
-      for c in calls
-    ]
+    out = []
+    for c in calls():
+      if "--workdir=" in c and "lag_jax.eval.report" not in c:
+        out.append(c.split("--workdir=")[1].split()[0].rsplit("/", 1)[1])
+      elif "lag_jax.eval.curve" in c:
+        out.append("curve")
+    return out
 
-  assert run().returncode == 0
+  proc = run("test_n16", "build")  # these steps alone, in the script's order; no gathering
+  assert proc.returncode == 0, proc.stderr
+  assert steps() == ["build", "test_n16"] and not (tmp_path / "out").exists()
+  proc = run()
+  assert proc.returncode == 0, proc.stderr
   order = [
-    *("build", "tune", "test", "scale_tune", "test_sketch"),
-    *("test_n250", "test_n64", "test_n16", "curve"),
+    *("build", "tune", "test", "test_n250", "test_n64", "test_n16"),
+    *("scale_tune", "test_sketch", "curve"),
   ]
-  assert steps() == order
+  assert steps() == ["build", "test_n16", *order[1:5], *order[6:]]
+  # The cheapest sketch with >= 99% recall of the exact top 20.
+  sketch_call = next(c for c in calls() if "/test_sketch " in c + " ")
+  assert "LAG+sketch(k=20;pool=160;sketch=64;index_prefill=1)" in sketch_call
+  assert "finalists=5;pool=160;sketch=64;index_prefill=1)" in sketch_call
+  rerendered = [c for c in calls() if "lag_jax.eval.report" in c]
+  assert len(rerendered) == 3 and all("--avg_families=QA,Slot" in c for c in rerendered)
+  assert "--avg_families=QA,Slot" in calls()[-1]
   assert (tmp_path / "out" / "test" / "results.json").exists()
+  assert (tmp_path / "out" / "test" / "m.png").exists()
   assert (tmp_path / "out" / "scale_tune" / "scale.png").exists()
-  (tmp_path / "root" / "tune.done").unlink()
+  n = len(steps())
+  (root / "tune.done").unlink()
   assert run().returncode == 0
-  assert steps() == [*order, "tune", "curve"]  # only the unfinished step, then the gather
-  with open(tmp_path / "root" / ".lock", "w") as held:
+  assert steps()[n:] == ["tune", "curve"]  # only the unfinished step, then the gather
+  # Another copy holds the tune step: this one waits for it, then finds it done.
+  (root / "tune.done").unlink()
+  import fcntl
+
+  with open(root / "tune.lock", "w") as held:
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    proc = run()
-  assert proc.returncode == 1 and "another run holds" in proc.stderr
-  wall = (tmp_path / "root" / "wall.log").read_text()
-  assert "start build" in wall and "done all" in wall
+    proc = run(wait=False)
+    time.sleep(2)
+    assert proc.poll() is None and steps()[n + 2 :] == []
+    (root / "tune.done").touch()
+  assert proc.wait(timeout=60) == 0
+  assert steps()[n + 2 :] == ["curve"]
+  wall = (root / "wall.log").read_text()
+  assert "start build" in wall and "done all" in wall and "pool=160;sketch=64" in wall

@@ -6,7 +6,9 @@
 Each run is an ``evaluate`` workdir (its results.json) of the same library at another
 size (configs/n1000.py with ``--config.synthetic.library_size=N``). Writes curve.json,
 curve.md (per method: AVG % of oracle and per-request routing accuracy at each N) and
-curve.png (both against N, log scale) into --out.
+curve.png (both against N, log scale) into --out. The score is the paper's AVG, or the
+average of ``--avg_families`` only (e.g. QA,Slot; by default the runs' own
+``avg_families``, the evaluate config field, where they have one).
 """
 
 from __future__ import annotations
@@ -15,30 +17,35 @@ import argparse
 import json
 import os
 
+from lag_jax.eval.report import avg_label, check_avg_families, family_average
 from lag_jax.files import write_json_atomic
 
 
-def collect(runs: dict[int, dict]) -> dict:
-  """{method: {N: {"avg", "request_acc", "entity_acc"}}} from results.json dicts by N."""
+def collect(runs: dict[int, dict], avg_families=None) -> dict:
+  """{method: {N: {"avg", "request_acc", "entity_acc"}}} from results.json dicts by N;
+  "avg" is the mean of ``avg_families``' normalised scores where given, else AVG."""
   out: dict[str, dict] = {}
   for n, report in sorted(runs.items()):
     got = report.get("num_knowledge_adapters")
     if got is not None and got != n:
       raise ValueError(f"the run given for N = {n} evaluated {got} knowledge adapters")
+    if avg_families:
+      check_avg_families(report, avg_families, where=f"the run given for N = {n}")
     for method, row in report["methods"].items():
+      norm = row.get("normalized", {})
       out.setdefault(method, {})[n] = {
-        "avg": row.get("normalized", {}).get("AVG"),
+        "avg": family_average(norm, avg_families) if avg_families else norm.get("AVG"),
         "request_acc": row.get("routing_request_acc"),
         "entity_acc": row.get("routing_entity_acc"),
       }
   return out
 
 
-def markdown(curve: dict, sizes: list[int]) -> str:
+def markdown(curve: dict, sizes: list[int], score: str = "AVG") -> str:
   def pct(v):
     return "-" if v is None else f"{100 * v:.1f}"
 
-  head = "| Method | " + " | ".join(f"AVG N={n}" for n in sizes)
+  head = "| Method | " + " | ".join(f"{score} N={n}" for n in sizes)
   head += " | " + " | ".join(f"requests N={n}" for n in sizes) + " |"
   lines = [head, "|---" * (1 + 2 * len(sizes)) + "|"]
   for method, by_n in curve.items():
@@ -48,7 +55,7 @@ def markdown(curve: dict, sizes: list[int]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(curve: dict, sizes: list[int], path: str) -> None:
+def plot(curve: dict, sizes: list[int], path: str, score: str = "AVG") -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -62,7 +69,7 @@ def plot(curve: dict, sizes: list[int], path: str) -> None:
     ns = [n for n in sizes if by_n.get(n, {}).get("request_acc") is not None]
     if ns:
       ax2.plot(ns, [100 * by_n[n]["request_acc"] for n in ns], "o-", label=method)
-  for ax, label in ((ax1, "AVG score (% of oracle)"), (ax2, "requests routed to gold (%)")):
+  for ax, label in ((ax1, f"{score} score (% of oracle)"), (ax2, "requests routed to gold (%)")):
     ax.set_xscale("log")
     ax.set_xlabel("N (knowledge adapters)")
     ax.set_ylabel(label)
@@ -78,6 +85,11 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--run", action="append", required=True, help="N:workdir (repeat)")
   p.add_argument("--out", required=True)
+  p.add_argument(
+    "--avg_families",
+    default=None,
+    help="e.g. QA,Slot: score by these families' mean (default: the runs' avg_families, else AVG)",
+  )
   args = p.parse_args(argv)
   runs = {}
   for spec in args.run:
@@ -88,16 +100,23 @@ def main(argv=None) -> dict:
     with open(path) as f:
       runs[int(n)] = json.load(f)
   sizes = sorted(runs)
-  curve = collect(runs)
+  if args.avg_families is not None:
+    fams = [f for f in args.avg_families.split(",") if f]
+  else:  # the runs' own, where every run names the same
+    named = {tuple(r.get("avg_families") or ()) for r in runs.values()}
+    fams = list(named.pop()) if len(named) == 1 else []
+  score = avg_label(fams) if fams else "AVG"
+  curve = collect(runs, fams)
   os.makedirs(args.out, exist_ok=True)
   write_json_atomic(
-    os.path.join(args.out, "curve.json"), {"sizes": sizes, "runs": args.run, "methods": curve}
+    os.path.join(args.out, "curve.json"),
+    {"sizes": sizes, "runs": args.run, "score": score, "methods": curve},
   )
-  md = markdown(curve, sizes)
+  md = markdown(curve, sizes, score)
   with open(os.path.join(args.out, ".curve.md.tmp"), "w") as f:
     f.write(md)
   os.replace(os.path.join(args.out, ".curve.md.tmp"), os.path.join(args.out, "curve.md"))
-  plot(curve, sizes, os.path.join(args.out, "curve.png"))
+  plot(curve, sizes, os.path.join(args.out, "curve.png"), score)
   print(md)
   return curve
 

@@ -1,16 +1,24 @@
 """The evaluation's report: the normalised score against the oracle, the markdown
-table and the plots."""
+table and the plots. Also re-renders a finished run's table and plots from its
+results.json, e.g. with an average over chosen families beside the paper's AVG:
+
+  python -m lag_jax.eval.report --workdir=$HOME/lag_n1000/tune --avg_families=QA,Slot
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from lag_jax.eval import metrics
+from lag_jax.eval import injection, metrics
 from lag_jax.eval.prompts import TOKEN_TYPES
 from lag_jax.eval.runner import PRIMARY_METRIC, MethodResult, routing_accuracy
+from lag_jax.files import write_json_atomic
 
 
 def summarize(results: Sequence[MethodResult], families: dict[str, str]) -> dict:
@@ -48,18 +56,35 @@ def summarize(results: Sequence[MethodResult], families: dict[str, str]) -> dict
   return table
 
 
+def family_average(normalized: dict, families: Sequence[str]) -> float | None:
+  """The mean of the normalised scores of ``families`` only (the paper's AVG takes
+  every family): None where one is missing or undefined (NaN)."""
+  vals = [normalized.get(f) for f in families]
+  if not families or any(v is None or math.isnan(v) for v in vals):
+    return None
+  return float(np.mean(vals))
+
+
+def avg_label(families: Sequence[str]) -> str:
+  return f"AVG ({', '.join(families)})"
+
+
 def markdown_table(report: dict) -> str:
   """The paper-shaped table: normalised score per family and AVG, raw metric per
   dataset, and routing accuracy on the gold entity's tokens and per request (the
-  adapter chosen most over the question's tokens)."""
+  adapter chosen most over the question's tokens). With ``report["avg_families"]``, a
+  column beside AVG averages those families only (for a family that says nothing in a
+  setting, e.g. one where the oracle scores below a constant answer)."""
   methods = report["methods"]
   first = next(iter(methods.values()))
   families = [f for f in first.get("normalized", {}) if f != "AVG"]
+  subset = list(report.get("avg_families") or [])
   datasets = sorted(first["raw"])
   head = (
     ["Method"]
     + [f"{f} (% of oracle)" for f in families]
     + ["AVG"]
+    + ([avg_label(subset)] if subset else [])
     + [f"{d} raw" for d in datasets]
     + ["routing acc. (entity tokens)", "routing acc. (requests)", "seconds"]
   )
@@ -78,6 +103,7 @@ def markdown_table(report: dict) -> str:
   for name, row in methods.items():
     norm = row.get("normalized", {})
     cells = [name] + [pct(norm.get(f)) for f in families] + [pct(norm.get("AVG"))]
+    cells += [pct(family_average(norm, subset))] if subset else []
     cells += [pct(row["raw"].get(d)) for d in datasets]
     cells += [pct(row.get("routing_entity_acc")), pct(row.get("routing_request_acc"))]
     cells += [f"{row['seconds']:.0f}"]
@@ -87,16 +113,31 @@ def markdown_table(report: dict) -> str:
       "",
       "k sweep (LAG):",
       "",
-      "| k | AVG (% of oracle) | routing acc. (entity) |",
-      "|---|---|---|",
+      "| k | AVG (% of oracle) | "
+      + (f"{avg_label(subset)} | " if subset else "")
+      + "routing acc. (entity) |",
+      "|---|---|" + ("---|" if subset else "") + "---|",
     ]
     for k, row in report["k_sweep"].items():
       if row:
+        norm = row.get("normalized", {})
         lines.append(
-          f"| {k} | {pct(row.get('normalized', {}).get('AVG'))} | "
-          f"{pct(row.get('routing_entity_acc'))} |"
+          f"| {k} | {pct(norm.get('AVG'))} | "
+          + (f"{pct(family_average(norm, subset))} | " if subset else "")
+          + f"{pct(row.get('routing_entity_acc'))} |"
         )
   return "\n".join(lines) + "\n"
+
+
+def results_markdown(report: dict) -> str:
+  """results.md: the table, and the knowledge-injection table when there is one."""
+  markdown = markdown_table(report)
+  if report.get("knowledge_injection"):
+    markdown += (
+      "\nKnowledge injection (per question; floor = Task only, ceiling = the gold page in "
+      "the prompt with the task adapter):\n\n" + injection.markdown(report["knowledge_injection"])
+    )
+  return markdown
 
 
 def plot(report: dict, workdir: str) -> None:
@@ -160,14 +201,20 @@ def plot_methods(report: dict, path: str) -> None:
   import matplotlib.pyplot as plt
 
   rows = report["methods"]
-  names = [m for m, r in rows.items() if r.get("normalized", {}).get("AVG") is not None]
+  subset = list(report.get("avg_families") or [])
+
+  def score(r):  # the average the table leads with: over avg_families where given
+    norm = r.get("normalized", {})
+    return family_average(norm, subset) if subset else norm.get("AVG")
+
+  names = [m for m, r in rows.items() if score(r) is not None]
   if not names:
     return
   x = np.arange(len(names))
-  avg = [100 * rows[m]["normalized"]["AVG"] for m in names]
+  avg = [100 * score(rows[m]) for m in names]
   req = [100 * (rows[m].get("routing_request_acc") or float("nan")) for m in names]
   fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4))
-  ax.bar(x - 0.2, avg, 0.4, label="AVG score (% of oracle)")
+  ax.bar(x - 0.2, avg, 0.4, label=f"{avg_label(subset) if subset else 'AVG'} score (% of oracle)")
   ax.bar(x + 0.2, req, 0.4, label="requests routed to the gold adapter (%)")
   ax.axhline(100, color="gray", lw=0.8, ls=":")
   top = max([v for v in avg + req if v == v] + [100.0])
@@ -183,3 +230,50 @@ def plot_methods(report: dict, path: str) -> None:
   fig.savefig(tmp, dpi=120)
   plt.close(fig)
   os.replace(tmp, path)
+
+
+def rerender(workdir: str, avg_families: Sequence[str] | None = None) -> str:
+  """Rewrites a finished evaluate run's results.md and plots from its results.json;
+  with ``avg_families``, records them in results.json first (written to a temporary
+  file, then renamed). Returns the markdown."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no results.json (is {workdir} an evaluate workdir?)")
+  with open(path) as f:
+    report = json.load(f)
+  if avg_families is not None:
+    check_avg_families(report, avg_families, where=path)
+    report["avg_families"] = list(avg_families)
+    write_json_atomic(path, report)
+  markdown = results_markdown(report)
+  tmp = os.path.join(workdir, ".results.md.tmp")
+  with open(tmp, "w") as f:
+    f.write(markdown)
+  os.replace(tmp, os.path.join(workdir, "results.md"))
+  plot(report, workdir)
+  return markdown
+
+
+def check_avg_families(report: dict, avg_families: Sequence[str], where: str) -> None:
+  """Raises ValueError naming ``where`` when a family is not one of the report's."""
+  have = {f for r in report["methods"].values() for f in r.get("normalized", {}) if f != "AVG"}
+  bad = [f for f in avg_families if f not in have]
+  if bad:
+    raise ValueError(f"{where}: avg_families {bad} are not among the families {sorted(have)}")
+
+
+def main(argv=None) -> str:
+  p = argparse.ArgumentParser(description="Re-render an evaluate run's results.md and plots.")
+  p.add_argument("--workdir", required=True, help="the evaluate run's workdir (its results.json)")
+  p.add_argument(
+    "--avg_families", default=None, help="e.g. QA,Slot: a column averaging these families only"
+  )
+  args = p.parse_args(argv)
+  fams = None if args.avg_families is None else [f for f in args.avg_families.split(",") if f]
+  markdown = rerender(os.path.expanduser(args.workdir), fams)
+  print(markdown)
+  return markdown
+
+
+if __name__ == "__main__":
+  main()

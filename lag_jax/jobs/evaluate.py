@@ -21,6 +21,7 @@ from absl import logging
 from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.errors import ConfigError
 from lag_jax.eval import harness, injection, method_runs
+from lag_jax.eval import report as report_lib
 from lag_jax.files import write_json_atomic
 from lag_jax.jobs import common
 from lag_jax.routing.shared import parse_mode, remove_shared
@@ -281,6 +282,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   (recipe, knowledge_docs, extra), examples, task_data, documents, families = builders[
     config.benchmark
   ](config, root)
+  avg_families = common.split_list(config.get("avg_families", ""))
+  if bad := sorted(set(avg_families) - set(families.values())):
+    raise ConfigError(
+      f"config field 'avg_families': {bad} are not among this benchmark's families "
+      f"{sorted(set(families.values()))}"
+    )
   methods = harness.standard_methods(config.k, with_spectr=len(documents) <= config.spectr_max_n)
   methods = [m for m in methods if config.retrieval or not m.needs_retrieval]
   # methods: exactly these (standard names, and request-level ones: harness.BEYOND);
@@ -501,12 +508,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for r in results
     },
   }
-  markdown = harness.markdown_table(report)
-  if report["knowledge_injection"]:
-    markdown += (
-      "\nKnowledge injection (per question; floor = Task only, ceiling = the gold page in "
-      "the prompt with the task adapter):\n\n" + injection.markdown(report["knowledge_injection"])
-    )
+  if avg_families:  # checked above
+    report["avg_families"] = avg_families
+  markdown = report_lib.results_markdown(report)
   _write_results(workdir, report, markdown)
   print(markdown)
   logging.info("evaluate: %.1fs in all (library builds %.1fs)", report["total_seconds"], t_build)
