@@ -107,5 +107,6 @@ for half in tune test test_sketch; do
 done
 cp "$ROOT"/scale_tune/*.json "$ROOT"/scale_tune/*.md "$ROOT"/scale_tune/*.png "$OUT/scale_tune/"
 python -m lag_jax.eval.curve --run=16:"$ROOT/test_n16" --run=64:"$ROOT/test_n64" \
-  --run=250:"$ROOT/test_n250" --run=1000:"$ROOT/test" --out="$OUT/curve" --avg_families=QA,Slot
+  --run=250:"$ROOT/test_n250" --run=1000:"$ROOT/test" --out="$OUT/curve" --avg_families=QA,Slot \
+  "--plot_methods=Arrow,LAG(k=20),SpectR,RAG,P-LAG,Vote(k=4),Vote-score(k=4;removal=mean:4),$ROUTER"
 stamp "done all (results in $OUT)"

@@ -61,3 +61,14 @@ def test_curve_scores_by_chosen_families(tmp_path):
   assert got["LAG"][64]["avg"] == pytest.approx((0.5 + 0.7 + 8.0) / 3)
   with pytest.raises(ValueError, match="N = 16.*'Task'"):
     curve.main(runs + [f"--out={tmp_path / 'c'}", "--avg_families=QA,Task"])
+
+
+def test_curve_plots_chosen_methods(tmp_path):
+  d = tmp_path / "n16"
+  d.mkdir()
+  (d / "results.json").write_text(json.dumps(_report(16, 1.0, 1.0)))
+  base = [f"--run=16:{d}", f"--out={tmp_path / 'out'}"]
+  curve.main(base + ["--plot_methods=Vote(k=4)"])
+  assert (tmp_path / "out" / "curve.png").exists()
+  with pytest.raises(SystemExit, match=r"\['LAG'\] are in none of the runs"):
+    curve.main(base + ["--plot_methods=Vote(k=4),LAG"])

@@ -55,30 +55,42 @@ def markdown(curve: dict, sizes: list[int], score: str = "AVG") -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(curve: dict, sizes: list[int], path: str, score: str = "AVG") -> None:
+def plot(
+  curve: dict, sizes: list[int], path: str, score: str = "AVG", methods: list[str] | None = None
+) -> None:
+  """Score, requests routed to gold and entity tokens routed to gold against N, one line
+  per method (``methods`` only, where given: two dozen lines do not read)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  for method, by_n in curve.items():
-    ns = [n for n in sizes if by_n.get(n, {}).get("avg") is not None]
-    if ns and method != "Oracle":
-      ax1.plot(ns, [100 * by_n[n]["avg"] for n in ns], "o-", label=method)
-    ns = [n for n in sizes if by_n.get(n, {}).get("request_acc") is not None]
-    if ns:
-      ax2.plot(ns, [100 * by_n[n]["request_acc"] for n in ns], "o-", label=method)
-  for ax, label in ((ax1, f"{score} score (% of oracle)"), (ax2, "requests routed to gold (%)")):
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  panels = (
+    ("avg", f"{score} score (% of oracle)"),
+    ("request_acc", "requests routed to the gold adapter (%)"),
+    ("entity_acc", "entity tokens routed to the gold adapter (%)"),
+  )
+  for method in methods or list(curve):
+    by_n = curve[method]
+    for ax, (key, _) in zip(axes, panels, strict=True):
+      ns = [n for n in sizes if by_n.get(n, {}).get(key) is not None]
+      if ns and not (key == "avg" and method == "Oracle"):
+        ax.plot(ns, [100 * by_n[n][key] for n in ns], "o-", label=method)
+  for ax, (_, label) in zip(axes, panels, strict=True):
     ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("N (knowledge adapters)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-  ax1.legend(fontsize=6, ncol=2)
-  ax2.legend(fontsize=6)
+    if ax.lines:
+      ax.legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
   plt.close(fig)
+  os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:
@@ -89,6 +101,12 @@ def main(argv=None) -> dict:
     "--avg_families",
     default=None,
     help="e.g. QA,Slot: score by these families' mean (default: the runs' avg_families, else AVG)",
+  )
+  p.add_argument(
+    "--plot_methods",
+    default="",
+    help="methods drawn in curve.png, separated by ',' (default: every method; the table "
+    "always has every method)",
   )
   args = p.parse_args(argv)
   runs = {}
@@ -107,6 +125,9 @@ def main(argv=None) -> dict:
     fams = list(named.pop()) if len(named) == 1 else []
   score = avg_label(fams) if fams else "AVG"
   curve = collect(runs, fams)
+  drawn = [m for m in args.plot_methods.split(",") if m]
+  if missing := [m for m in drawn if m not in curve]:
+    raise SystemExit(f"--plot_methods: {missing} are in none of the runs (have: {list(curve)})")
   os.makedirs(args.out, exist_ok=True)
   write_json_atomic(
     os.path.join(args.out, "curve.json"),
@@ -116,7 +137,7 @@ def main(argv=None) -> dict:
   with open(os.path.join(args.out, ".curve.md.tmp"), "w") as f:
     f.write(md)
   os.replace(os.path.join(args.out, ".curve.md.tmp"), os.path.join(args.out, "curve.md"))
-  plot(curve, sizes, os.path.join(args.out, "curve.png"), score)
+  plot(curve, sizes, os.path.join(args.out, "curve.png"), score, drawn or None)
   print(md)
   return curve
 
