@@ -207,11 +207,13 @@ def plot_methods(report: dict, path: str) -> None:
     norm = r.get("normalized", {})
     return family_average(norm, subset) if subset else norm.get("AVG")
 
-  names = [m for m, r in rows.items() if score(r) is not None]
+  # Every method scored against an oracle; a score that is undefined (an oracle at 0,
+  # as with a random tiny model) is an empty bar.
+  names = [m for m, r in rows.items() if r.get("normalized")]
   if not names:
     return
   x = np.arange(len(names))
-  avg = [100 * score(rows[m]) for m in names]
+  avg = [100 * (score(rows[m]) if score(rows[m]) is not None else math.nan) for m in names]
   req = [100 * (rows[m].get("routing_request_acc") or float("nan")) for m in names]
   fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4))
   ax.bar(x - 0.2, avg, 0.4, label=f"{avg_label(subset) if subset else 'AVG'} score (% of oracle)")
