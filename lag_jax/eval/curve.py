@@ -71,12 +71,13 @@ def plot(
     ("request_acc", "requests routed to the gold adapter (%)"),
     ("entity_acc", "entity tokens routed to the gold adapter (%)"),
   )
-  for method in methods or list(curve):
+  for i, method in enumerate(methods or list(curve)):
     by_n = curve[method]
-    for ax, (key, _) in zip(axes, panels, strict=True):
+    style = dict(color=f"C{i % 10}", ls="-" if i < 10 else "--", marker="o", label=method)
+    for ax, (key, _) in zip(axes, panels, strict=True):  # one colour per method throughout
       ns = [n for n in sizes if by_n.get(n, {}).get(key) is not None]
       if ns and not (key == "avg" and method == "Oracle"):
-        ax.plot(ns, [100 * by_n[n][key] for n in ns], "o-", label=method)
+        ax.plot(ns, [100 * by_n[n][key] for n in ns], **style)
   for ax, (_, label) in zip(axes, panels, strict=True):
     ax.set_xscale("log")
     ax.set_xticks(sizes, [str(n) for n in sizes])
