@@ -215,18 +215,22 @@ def plot_methods(report: dict, path: str) -> None:
   x = np.arange(len(names))
   avg = [100 * (score(rows[m]) if score(rows[m]) is not None else math.nan) for m in names]
   req = [100 * (rows[m].get("routing_request_acc") or float("nan")) for m in names]
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4))
-  ax.bar(x - 0.2, avg, 0.4, label=f"{avg_label(subset) if subset else 'AVG'} score (% of oracle)")
-  ax.bar(x + 0.2, req, 0.4, label="requests routed to the gold adapter (%)")
-  ax.axhline(100, color="gray", lw=0.8, ls=":")
+  # Horizontal bars, methods top to bottom: long method names (router settings) stay
+  # readable without squeezing the plot.
+  fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(names)))
+  ax.barh(x - 0.2, avg, 0.4, label=f"{avg_label(subset) if subset else 'AVG'} score (% of oracle)")
+  ax.barh(x + 0.2, req, 0.4, label="requests routed to the gold adapter (%)")
+  ax.axvline(100, color="gray", lw=0.8, ls=":")
   top = max([v for v in avg + req if v == v] + [100.0])
-  ax.set_ylim(0, 1.3 * top)
-  ax.set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+  ax.set_xlim(0, 1.05 * top)
+  ax.set_yticks(x, names, fontsize=7)
+  ax.invert_yaxis()
   ax.set_title(
     f"{report['benchmark']}: {report['num_examples']} examples, "
-    f"{report['num_knowledge_adapters']} knowledge adapters"
+    f"{report['num_knowledge_adapters']} knowledge adapters",
+    fontsize=9,
   )
-  ax.legend(fontsize=7, loc="upper left", ncol=2)
+  ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.04), ncol=2, frameon=False)
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=120)
