@@ -231,6 +231,7 @@ def index_recall(
   found = {p: np.zeros(L) for p in keys}
   first = {p: 0 for p in keys}
   tokens_seen = 0
+  t0 = time.perf_counter()
   for start in range(0, len(reqs), batch_size):
     ids = [
       tokenizer.backend.encode(render_prompt(tokenizer, ex)[0], add_special_tokens=False).ids
@@ -259,6 +260,15 @@ def index_recall(
           hit = (exact[:, :, None] == np.asarray(ids_p)[:, None, :]).any(-1)  # [M, k]
           found[p][layer] += hit.sum() / k
           first[p] += int(hit[:, 0].sum())
+    done = min(start + batch_size, len(reqs))
+    logging.info(
+      "index recall: %d of %d requests, %d tokens (%.1f tokens/s; %d filters each)",
+      done,
+      len(reqs),
+      tokens_seen,
+      tokens_seen / (time.perf_counter() - t0),
+      len(keys),
+    )
   per = tokens_seen * len(modules)
   return {
     p: {
