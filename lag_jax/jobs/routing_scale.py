@@ -246,9 +246,15 @@ def index_recall(
     tokens_seen += int(real.sum())
     for m in modules:
       xs = np.asarray(aux[m][0])  # [L, B, T, I]
+      rows = xs[:, real]  # [L, M, I] the prompts' real tokens
+      M = rows.shape[1]
+      # Padded to a multiple of 128 tokens: the compiled searches are reused across
+      # batches instead of traced again for every batch's token count (padding rows
+      # are zeros, searched and dropped).
+      rows = np.pad(rows, ((0, 0), (0, -M % 128), (0, 0)))
       for layer in range(L):
-        x = jnp.asarray(xs[layer][real][None])  # [1, M, I]
-        exact = np.asarray(_exact_top(x[0], lib.weights.arrows[m][layer], k))  # [M, k]
+        x = jnp.asarray(rows[layer][None])  # [1, M', I]
+        exact = np.asarray(_exact_top(x[0, :M], lib.weights.arrows[m][layer], k))  # [M, k]
         index = jax.tree.map(lambda v, layer=layer: v[layer], lib.weights.index[m])
         allowed = jnp.ones((1, n), bool)
         got = {p: search(index, x, allowed, k=k, probe=p)[1][0] for p in probes}
@@ -257,7 +263,8 @@ def index_recall(
           arrows = lib.weights.arrows[m][layer]
           got[label] = sketch_search(sk, arrows, x, allowed, k=k, pool=pool)[1][0]
         for p, ids_p in got.items():
-          hit = (exact[:, :, None] == np.asarray(ids_p)[:, None, :]).any(-1)  # [M, k]
+          ids_p = np.asarray(ids_p)[:M]
+          hit = (exact[:, :, None] == ids_p[:, None, :]).any(-1)  # [M, k]
           found[p][layer] += hit.sum() / k
           first[p] += int(hit[:, 0].sum())
     done = min(start + batch_size, len(reqs))
