@@ -25,12 +25,13 @@ mkdir -p "$ROOT"
 ONLY=" $* "
 
 stamp() { echo "$(date -u +%FT%TZ) $*" >> "$ROOT/wall.log"; }
+every_step() { [ "$ONLY" = "  " ]; }
+todo() { { every_step || [[ "$ONLY" == *" $1 "* ]]; } && [ ! -e "$ROOT/$1.done" ]; }
 
 step() {  # step NAME ARGS...: python -m lag_jax.run ARGS, once
   local name=$1 fd
   shift
-  [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $name "* ]] || return 0
-  [ -e "$ROOT/$name.done" ] && return 0
+  todo "$name" || return 0
   exec {fd}> "$ROOT/$name.lock"
   flock "$fd"  # another copy may be running this step: wait for it, then look again
   if [ ! -e "$ROOT/$name.done" ]; then
@@ -87,7 +88,7 @@ print(f"pool={p};sketch={z}")
 PY
 }
 ROUTER="Vote-final2(k=4;score=score;removal=mean:4;finalists=5)"
-if [ "$ONLY" = "  " ] || [[ "$ONLY" == *" test_sketch "* ]]; then
+if todo test_sketch; then  # (the setting is read once, when the step is to run)
   SKETCH=$(sketch_setting)
   stamp "test_sketch setting from scale_tune/index_effect.json: $SKETCH"
   mkdir -p "$ROOT/test_sketch/method_runs"
@@ -97,7 +98,7 @@ if [ "$ONLY" = "  " ] || [[ "$ONLY" == *" test_sketch "* ]]; then
     --config.k_sweep=
 fi
 
-[ "$ONLY" = "  " ] || exit 0
+every_step || exit 0
 mkdir -p "$OUT/tune" "$OUT/test" "$OUT/test_sketch" "$OUT/scale_tune"
 # Every table and plot with the average of QA and slot filling beside the paper's AVG
 # (configs/n1000.py: avg_families; a run made before that field had none).
