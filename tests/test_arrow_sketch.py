@@ -245,3 +245,81 @@ def test_the_adapter_major_rows_rescore_as_the_arrows_do():
   assert np.all(np.abs(np.asarray(v16)[..., 0] - np.asarray(want_v)[..., 0]) <= bound)
   with pytest.raises(ValueError, match="rows_dtype"):
     sk.build_sketch(arrows, 6, rows_dtype="int8")
+
+
+def _ridged_roots(c):
+  """(C + 1e-3 tr(C) / I)^(+-1/2) by a dense eigendecomposition (the sketch's ridge)."""
+  i = c.shape[0]
+  w, v = np.linalg.eigh(c + sk.RIDGE * np.trace(c) / i * np.eye(i))
+  return (v * np.sqrt(w)) @ v.T, (v / np.sqrt(w)) @ v.T
+
+
+def test_a_calibrated_sketch_is_the_truncated_svd_in_the_input_metric():
+  """basis @ sketch (the arrows as the sketch scores them) equals C^(-1/2) times the
+  rank-Z truncated SVD of C^(1/2) arrows (dense numpy SVD), for N > I (Gram path) and
+  N <= I; with C a multiple of the identity it is the plain sketch."""
+  rng = np.random.default_rng(11)
+  for I, N in ((16, 70), (30, 20)):
+    Z = 5
+    arrows = unit_columns(rng, I, N)
+    g = rng.standard_normal((I, I)) * np.geomspace(3.0, 0.05, I)
+    c = g @ g.T / I
+    got = sk.build_sketch(arrows, Z, moment=c)
+    half, inv_half = _ridged_roots(c)
+    u, s, vt = np.linalg.svd(half @ arrows.astype(np.float64), full_matrices=False)
+    want = inv_half @ (u[:, :Z] * s[:Z]) @ vt[:Z]
+    have = np.asarray(got.basis, np.float64) @ np.asarray(got.sketch, np.float64)
+    np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-4)
+    plain = sk.build_sketch(arrows, Z)
+    iso = sk.build_sketch(arrows, Z, moment=2.5 * np.eye(I))
+    np.testing.assert_allclose(
+      np.asarray(iso.basis) @ np.asarray(iso.sketch),
+      np.asarray(plain.basis) @ np.asarray(plain.sketch),
+      atol=1e-5,
+    )
+
+
+def test_calibration_raises_recall_where_the_inputs_are_anisotropic():
+  """Inputs that live mostly in a few directions the arrows do not lead in: a sketch
+  calibrated on other inputs of the same kind finds more of the exact top-k than the
+  plain one at the same Z and pool; a full pool is exact either way."""
+  rng = np.random.default_rng(12)
+  I, N, k, Z, P = 48, 300, 10, 6, 30
+  scales = np.geomspace(4.0, 0.2, I)
+  arrows = unit_columns(rng, I, N) * scales[:, None]  # leading in the first inputs
+  arrows = (arrows / np.linalg.norm(arrows, axis=0)).astype(np.float32)
+  mix = np.linalg.qr(rng.standard_normal((I, I)))[0]
+
+  def inputs(m):
+    return (rng.standard_normal((m, I)) * scales[::-1]) @ mix.T  # another few directions
+
+  calib = inputs(4000)
+  x = inputs(128).astype(np.float32)[None]
+  allowed = np.ones((1, N), bool)
+  want = exact_top(x, arrows, allowed, k)[1][0]
+
+  def recall(s, p):
+    vals, ids = search(s, jnp.asarray(arrows), jnp.asarray(x), jnp.asarray(allowed), k=k, pool=p)
+    got = np.asarray(ids)[0]
+    return np.mean([len(set(w) & set(g)) / k for w, g in zip(want, got)])
+
+  plain = sk.build_sketch(arrows, Z)
+  cal = sk.build_sketch(arrows, Z, moment=calib.T @ calib / len(calib))
+  r_plain, r_cal = recall(plain, P), recall(cal, P)
+  assert r_cal > r_plain + 0.1, (r_plain, r_cal)
+  assert recall(cal, N) == 1.0
+
+
+def test_calibration_moments_must_fit_the_arrows():
+  rng = np.random.default_rng(13)
+  arrows = {"up_proj": np.stack([unit_columns(rng, 8, 12) for _ in range(2)])}
+  with pytest.raises(ValueError, match="up_proj.*input moments are"):
+    sk.sketch_layers(arrows, 3, moments={"up_proj": np.ones((2, 9, 9))})
+  with pytest.raises(ValueError, match="no input moments for \\['up_proj'\\]"):
+    sk.sketch_layers(arrows, 3, moments={"down_proj": np.ones((2, 8, 8))})
+  with pytest.raises(ValueError, match="moment is zero"):
+    sk.build_sketch(arrows["up_proj"][0], 3, moment=np.zeros((8, 8)))
+  with pytest.raises(ValueError, match="finite square"):
+    sk.build_sketch(arrows["up_proj"][0], 3, moment=np.full((8, 8), np.nan))
+  ok = sk.sketch_layers(arrows, 3, moments={"up_proj": np.stack([np.eye(8)] * 2)})
+  assert ok["up_proj"].basis.shape == (2, 8, 3)

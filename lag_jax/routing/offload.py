@@ -813,7 +813,9 @@ class OffloadedLibrary(NamedAdapters):
 
     return dataclasses.replace(self, index=index_layers(self.arrows, self.valid, clusters, **kw))
 
-  def with_sketch(self, dims: int, rows_dtype: str | None = "float32") -> OffloadedLibrary:
+  def with_sketch(
+    self, dims: int, rows_dtype: str | None = "float32", moments: dict | None = None
+  ) -> OffloadedLibrary:
     """The library with an arrow sketch of ``dims`` dimensions per layer and module in
     place of the arrow index (routing/arrow_sketch.py), for routers with
     ``RouterSpec(index_sketch=dims, index_probe=pool)``: per decode token the Arrow
@@ -821,10 +823,11 @@ class OffloadedLibrary(NamedAdapters):
     Built from the arrows as they stand, held on the device beside them (with the
     sketch's adapter-major copy of the arrows in ``rows_dtype``, as
     ``AdapterLibrary.with_sketch``: float32 doubles the arrows' device bytes, bfloat16
-    adds half); never saved."""
+    adds half); ``moments`` for a calibrated sketch, as ``AdapterLibrary.with_sketch``;
+    never saved."""
     from lag_jax.routing.arrow_sketch import sketch_layers
 
-    return dataclasses.replace(self, index=sketch_layers(self.arrows, dims, rows_dtype))
+    return dataclasses.replace(self, index=sketch_layers(self.arrows, dims, rows_dtype, moments))
 
   @property
   def slots(self) -> dict[str, int]:
