@@ -134,6 +134,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Families also averaged alone beside the paper's AVG (e.g. "QA,Slot"): a column of
   # results.md, and the score methods.png and the curve over N plot.
   c.avg_families = ""
+  # The arrow sketch read by LAG+sketch methods: "" keeps the arrows' leading directions
+  # (data-free); "generic" calibrates it on the base model's module inputs over generic
+  # prompts (real questions and Wikipedia sentences; routing/calibration.py).
+  c.sketch_calibration = ""
   c.build_only = False  # train the libraries (resumably) and stop: <workdir>/build.json
   c.max_new_tokens = 12
   c.batch_size = 16

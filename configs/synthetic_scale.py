@@ -65,7 +65,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # LAG(k=index_k) exact and through the index at each probe, decisions compared.
   c.index_sizes = ""
   c.index_probes = "4,8"
-  c.index_sketches = ""  # DIMS:POOL,... the arrow sketch's recall beside the index's
+  # DIMS:POOL[:cal],... the arrow sketch's recall beside the index's; ':cal' calibrates
+  # the sketch on generic prompts (routing/calibration.py; fetches the real assets).
+  c.index_sketches = ""
+  # False: recall only (no LAG run through the exact filter, the index or the sketches).
+  c.index_decisions = True
   c.index_k = 20
 
   # Document-only training data, as the demo's (configs/demo.py), without the

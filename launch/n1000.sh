@@ -76,11 +76,12 @@ step scale_tune --config=configs/synthetic_scale.py --workdir="$ROOT/scale_tune"
 # index_effect; the best recall if none reaches 99%). Oracle and the exact runs are the
 # test step's (the same questions and libraries; the index settings key only the methods
 # that read the index): seed them, do not rerun.
-sketch_setting() {
-  python - "$ROOT/scale_tune/index_effect.json" <<'PY'
+sketch_setting() {  # sketch_setting INDEX_EFFECT_JSON [cal]: "pool=P;sketch=Z"
+  python - "$@" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))["sizes"]["1000"]["rows"]
-sk = {k: r for k, r in rows.items() if k.startswith("sketch ")}
+cal = sys.argv[2:] == ["cal"]  # only the calibrated sketches ("sketch Z:P cal")
+sk = {k: r for k, r in rows.items() if k.startswith("sketch ") and k.endswith(" cal") == cal}
 ok = [k for k, r in sk.items() if r["recall"] >= 0.99]
 best = min(ok, key=lambda k: sk[k]["arrows_read"]) if ok else max(sk, key=lambda k: sk[k]["recall"])
 z, p = best.split()[1].split(":")
@@ -89,7 +90,7 @@ PY
 }
 ROUTER="Vote-final2(k=4;score=score;removal=mean:4;finalists=5)"
 if todo test_sketch; then  # (the setting is read once, when the step is to run)
-  SKETCH=$(sketch_setting)
+  SKETCH=$(sketch_setting "$ROOT/scale_tune/index_effect.json")
   stamp "test_sketch setting from scale_tune/index_effect.json: $SKETCH"
   mkdir -p "$ROOT/test_sketch/method_runs"
   cp -n "$ROOT"/test/method_runs/*.json "$ROOT/test_sketch/method_runs/" 2>/dev/null || true
@@ -98,15 +99,38 @@ if todo test_sketch; then  # (the setting is read once, when the step is to run)
     --config.k_sweep=
 fi
 
+# The sketch calibrated on generic prompts (routing/calibration.py: the base model's
+# module inputs over real questions and Wikipedia sentences, nothing of the library's
+# people): recall and decisions on the tuning half beside the plain sketch of the same
+# size, then the test half through the cheapest calibrated setting with >= 99% recall.
+step scale_cal --config=configs/synthetic_scale.py --workdir="$ROOT/scale_cal" \
+  --config.library_root="$ROOT" --config.build=False --config.synthetic.split=tune \
+  --config.sizes=1000 --config.analysis_sizes= --config.k_sweep_sizes= \
+  --config.index_sizes=1000 --config.index_probes=8 \
+  --config.index_sketches=32:80:cal,64:160:cal,64:320,64:320:cal,128:320:cal \
+  --config.routers=LAG --config.shared_routers=
+if todo test_sketch_cal; then
+  SKETCH=$(sketch_setting "$ROOT/scale_cal/index_effect.json" cal)
+  stamp "test_sketch_cal setting from scale_cal/index_effect.json: $SKETCH"
+  mkdir -p "$ROOT/test_sketch_cal/method_runs"
+  cp -n "$ROOT"/test/method_runs/*.json "$ROOT/test_sketch_cal/method_runs/" 2>/dev/null || true
+  step test_sketch_cal --config=$cfg:test --workdir="$ROOT/test_sketch_cal" \
+    --config.library_root="$ROOT" --config.sketch_calibration=generic \
+    "--config.methods=Oracle,LAG,LAG+sketch(k=20;$SKETCH;index_prefill=1),$ROUTER,${ROUTER%)};$SKETCH;index_prefill=1)" \
+    --config.k_sweep=
+fi
+
 every_step || exit 0
-mkdir -p "$OUT/tune" "$OUT/test" "$OUT/test_sketch" "$OUT/scale_tune"
+mkdir -p "$OUT/tune" "$OUT/test" "$OUT/test_sketch" "$OUT/test_sketch_cal" "$OUT/scale_tune" \
+  "$OUT/scale_cal"
 # Every table and plot with the average of QA and slot filling beside the paper's AVG
 # (configs/n1000.py: avg_families; a run made before that field had none).
-for half in tune test test_sketch; do
+for half in tune test test_sketch test_sketch_cal; do
   python -m lag_jax.eval.report --workdir="$ROOT/$half" --avg_families=QA,Slot > /dev/null
   cp "$ROOT/$half"/results.json "$ROOT/$half"/results.md "$ROOT/$half"/*.png "$OUT/$half/"
 done
 cp "$ROOT"/scale_tune/*.json "$ROOT"/scale_tune/*.md "$ROOT"/scale_tune/*.png "$OUT/scale_tune/"
+cp "$ROOT"/scale_cal/index_effect.* "$OUT/scale_cal/"
 python -m lag_jax.eval.curve --run=16:"$ROOT/test_n16" --run=64:"$ROOT/test_n64" \
   --run=250:"$ROOT/test_n250" --run=1000:"$ROOT/test" --out="$OUT/curve" --avg_families=QA,Slot \
   "--plot_methods=Arrow,LAG(k=20),SpectR,RAG,P-LAG,Vote(k=4),Vote-score(k=4;removal=mean:4),$ROUTER"

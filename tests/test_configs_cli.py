@@ -124,6 +124,43 @@ def test_routing_scale_measures_a_library_as_it_stands(tmp_path):
   assert proc.returncode != 0 and "first 6 people" in proc.stderr
 
 
+@pytest.mark.real_assets
+def test_routing_scale_recall_only_with_a_calibrated_sketch(tmp_path):
+  """index_decisions=False measures recall alone (no LAG run through any filter); a
+  DIMS:POOL:cal sketch is calibrated on the generic prompts (real FanOutQA questions and
+  Wikipedia sentences) and labelled apart; a bad spec is an error naming the field."""
+  base = ["--config=configs/synthetic_scale.py:tiny", f"--workdir={tmp_path}"]
+  common = [*base, "--config.sizes=3", "--config.k_sweep_sizes=", "--config.analysis_sizes="]
+  proc = run_cli(
+    *common,
+    "--config.index_probes=64",
+    "--config.index_sketches=1:20,1:3:cal,2:20:cal",
+    "--config.index_k=2",
+    "--config.index_decisions=False",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "input moments: 225 sequences" in proc.stderr
+  index = json.loads((tmp_path / "index_effect.json").read_text())["sizes"]["6"]
+  rows = index["rows"]
+  assert set(rows) == {"exact", "probe 64", "sketch 1:20", "sketch 1:3 cal", "sketch 2:20 cal"}
+  assert not any("request_acc" in r or "agreement" in r for r in rows.values())
+  # A pool beyond the library rescores every adapter, calibrated or not: exact.
+  assert rows["sketch 1:20"]["recall"] == rows["sketch 2:20 cal"]["recall"] == 1.0
+  assert 0 < rows["sketch 1:3 cal"]["recall"] <= 1.0
+  assert "| sketch 1:3 cal |" in (tmp_path / "index_effect.md").read_text()
+  bad = run_cli(*common, "--config.index_sketches=2:20:fast", "--config.index_decisions=False")
+  assert bad.returncode != 0 and "'2:20:fast' is not DIMS:POOL[:cal]" in bad.stderr
+
+
+def test_bad_sketch_calibration_is_an_error_before_any_work(tmp_path):
+  proc = run_cli(
+    "--config=configs/demo.py:tiny", "--config.sketch_calibration=mine", f"--workdir={tmp_path}"
+  )
+  assert proc.returncode != 0
+  assert "config field 'sketch_calibration'='mine'" in proc.stderr
+  assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("shared", ["none", "top:2"])
 def test_generate_with_routed_libraries(tmp_path, shared):
   # The issue's CLI: answer prompts with a knowledge and a task library, LAG k = 3

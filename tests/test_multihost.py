@@ -288,11 +288,12 @@ def _shell_words(text: str) -> list[str]:
 
 def test_n1000_launch_runs_each_step_once_in_order(tmp_path):
   """launch/n1000.sh: build -> tune -> test -> the curve sizes -> routing analysis ->
-  sketch, each step once (a rerun after an interruption skips finished steps), the
-  sketch's setting read from the analysis' measured recall, results re-rendered and
-  copied out; steps named on the command line run alone; a step another copy is running
-  is waited for, then skipped. `python -m` is a recorder here (each step's own job is
-  tested by its config's tiny variant); `python -` (the launcher's own snippet) runs."""
+  sketch -> calibrated sketch (recall, then the test half), each step once (a rerun
+  after an interruption skips finished steps), each sketch's setting read from the
+  analysis' measured recall, results re-rendered and copied out; steps named on the
+  command line run alone; a step another copy is running is waited for, then skipped.
+  `python -m` is a recorder here (each step's own job is tested by its config's tiny
+  variant); `python -` (the launcher's own snippet) runs."""
   bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"
   bin_dir.mkdir()
   fake = bin_dir / "python"
@@ -305,6 +306,8 @@ def test_n1000_launch_runs_each_step_once_in_order(tmp_path):
           "sketch 32:80": {"recall": 0.97, "arrows_read": 120},
           "sketch 64:160": {"recall": 0.995, "arrows_read": 230},
           "sketch 128:320": {"recall": 0.999, "arrows_read": 440},
+          "sketch 32:80 cal": {"recall": 0.992, "arrows_read": 120},
+          "sketch 64:320 cal": {"recall": 0.999, "arrows_read": 380},
         }
       }
     },
@@ -353,15 +356,22 @@ def test_n1000_launch_runs_each_step_once_in_order(tmp_path):
   assert proc.returncode == 0, proc.stderr
   order = [
     *("build", "tune", "test", "test_n250", "test_n64", "test_n16"),
-    *("scale_tune", "test_sketch", "curve"),
+    *("scale_tune", "test_sketch", "scale_cal", "test_sketch_cal", "curve"),
   ]
   assert steps() == ["build", "test_n16", *order[1:5], *order[6:]]
   # The cheapest sketch with >= 99% recall of the exact top 20.
   sketch_call = next(c for c in calls() if "/test_sketch " in c + " ")
   assert "LAG+sketch(k=20;pool=160;sketch=64;index_prefill=1)" in sketch_call
   assert "finalists=5;pool=160;sketch=64;index_prefill=1)" in sketch_call
+  assert "sketch_calibration" not in sketch_call
+  # The calibrated sketch's run: the cheapest calibrated setting with >= 99% recall.
+  cal_call = next(c for c in calls() if "/test_sketch_cal " in c + " ")
+  assert "LAG+sketch(k=20;pool=80;sketch=32;index_prefill=1)" in cal_call
+  assert "--config.sketch_calibration=generic" in cal_call
+  scale_cal = next(c for c in calls() if "/scale_cal " in c + " ")
+  assert "64:320:cal" in scale_cal and "--config.synthetic.split=tune" in scale_cal
   rerendered = [c for c in calls() if "lag_jax.eval.report" in c]
-  assert len(rerendered) == 3 and all("--avg_families=QA,Slot" in c for c in rerendered)
+  assert len(rerendered) == 4 and all("--avg_families=QA,Slot" in c for c in rerendered)
   assert "--avg_families=QA,Slot" in calls()[-1]
   assert (tmp_path / "out" / "test" / "results.json").exists()
   assert (tmp_path / "out" / "test" / "m.png").exists()

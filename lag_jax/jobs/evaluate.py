@@ -288,6 +288,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"config field 'avg_families': {bad} are not among this benchmark's families "
       f"{sorted(set(families.values()))}"
     )
+  sketch_calibration = config.get("sketch_calibration", "")
+  if sketch_calibration not in ("", "generic"):
+    raise ConfigError(
+      f"config field 'sketch_calibration'={sketch_calibration!r}: choose '' or 'generic'"
+    )
   methods = harness.standard_methods(config.k, with_spectr=len(documents) <= config.spectr_max_n)
   methods = [m for m in methods if config.retrieval or not m.needs_retrieval]
   # methods: exactly these (standard names, and request-level ones: harness.BEYOND);
@@ -352,8 +357,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # asked for), LAG+sketch ones the arrow sketch; exact methods never read either.
     t_index = time.perf_counter()
     (dims,) = sketch_dims
+    moments = None
+    if dims and sketch_calibration:
+      from lag_jax.routing.calibration import generic_moments
+
+      moments = generic_moments(model, tokenizer, knowledge.modules)
     knowledge_removed = {
-      k: v.with_sketch(dims) if dims else v.with_index(probe=max(probes))
+      k: v.with_sketch(dims, moments=moments) if dims else v.with_index(probe=max(probes))
       for k, v in knowledge_removed.items()
     }
     knowledge = knowledge_removed[config.shared_removal]
@@ -430,6 +440,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "rag_max_chars": config.rag_max_chars,
   }
 
+  if max(sketch_dims, default=0) and sketch_calibration:
+    # Only when calibrated: the plain sketch's runs keep the keys they had before.
+    run_context["sketch_calibration"] = sketch_calibration
+
   kept_runs = {}  # method -> its key (method_runs/<key>.json), and whether it was reused
 
   def run_method(m):
@@ -437,7 +451,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not dict(m.knowledge_options).get("index_probe"):
       # The index settings shape only the methods that read the index: an exact
       # method's run is the same in runs that differ in them, and is reused across.
-      context = {k: v for k, v in run_context.items() if k not in ("index_probe", "index_sketch")}
+      index_keys = ("index_probe", "index_sketch", "sketch_calibration")
+      context = {k: v for k, v in run_context.items() if k not in index_keys}
     key = method_runs.run_key(m, examples, context)
     r = method_runs.load(workdir, key, m.name) if reuse else None
     kept_runs[m.name] = {"key": key, "reused": r is not None}

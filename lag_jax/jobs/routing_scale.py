@@ -35,7 +35,7 @@ from lag_jax.checkpoints.safetensors_loader import load_model
 from lag_jax.eval import harness, routing_analysis
 from lag_jax.jobs import common, evaluate
 from lag_jax.jobs.evaluate import _train_config
-from lag_jax.routing import arrow_sketch
+from lag_jax.routing import arrow_sketch, calibration
 from lag_jax.routing.library import AdapterLibrary
 from lag_jax.routing.shared import parse_mode, remove_shared
 from lag_jax.text.tokenizer import Tokenizer
@@ -165,38 +165,6 @@ def decision_agreement(exact: list[dict], other: list[dict]) -> dict:
   return {key: same[key] / max(total[key], 1) for key in total}
 
 
-@jax.tree_util.register_pytree_node_class
-class _InputRecorder:
-  """An AdapterHook that adds nothing and returns each module's input as telemetry
-  (stacked by the decoder to [L, B, T, I] per module)."""
-
-  def __init__(self, modules, num_layers: int, out_dims: dict):
-    self.modules, self.num_layers, self.out_dims = tuple(modules), num_layers, out_dims
-
-  def tree_flatten(self):
-    return (), (self.modules, self.num_layers, self.out_dims)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    return cls(*aux)
-
-  def per_layer(self):
-    return jnp.arange(self.num_layers)
-
-  def delta(self, layer, name, x):
-    if name not in self.modules:
-      return None, None
-    return jnp.zeros((*x.shape[:2], self.out_dims[name]), x.dtype), (x,)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _module_inputs(graphdef, state, tokens, hook):
-  """The recorder's telemetry (module -> ([L, B, T, I],)) of one cache-free forward
-  pass; hidden states, not logits: nothing reads the vocabulary-wide head here."""
-  model = nnx.merge(graphdef, state)
-  return model(tokens, lora=hook, return_hidden=True, return_aux=True)[2]
-
-
 @functools.partial(jax.jit, static_argnames="k")
 def _exact_top(x, arrows, k: int):
   """The exact Arrow filter's top-k ids: x [M, I], arrows [I, N] -> [M, k]."""
@@ -218,8 +186,7 @@ def index_recall(
   graphdef, state = nnx.split(model)
   modules = lib.modules
   L = model.config.num_hidden_layers
-  shapes = model.config.module_shapes()
-  hook = _InputRecorder(modules, L, {m: shapes[m][0] for m in modules})
+  hook = calibration.recorder(model, modules)
   n = len(lib)
   k = min(k, n)
   # One compiled search per probe and batch shape (the search's loops would otherwise
@@ -242,7 +209,7 @@ def index_recall(
     real = np.zeros((len(ids), T), bool)
     for i, row in enumerate(ids):
       batch[i, : len(row)], real[i, : len(row)] = row, True
-    aux = _module_inputs(graphdef, state, jnp.asarray(batch), hook)
+    aux = calibration.module_inputs(graphdef, state, jnp.asarray(batch), hook)
     tokens_seen += int(real.sum())
     for m in modules:
       xs = np.asarray(aux[m][0])  # [L, B, T, I]
@@ -287,6 +254,23 @@ def index_recall(
   }
 
 
+def _sketch_specs(config) -> list[tuple[int, int, bool]]:
+  """index_sketches as (dims, pool, calibrated): LAG+sketch (routing/arrow_sketch.py)
+  beside the index; DIMS:POOL:cal is the sketch calibrated on generic prompts
+  (routing/calibration.py). Raises ValueError naming the field."""
+  sketches = []
+  for spec in common.split_list(config.get("index_sketches", "")):
+    parts = spec.split(":")
+    ok = len(parts) in (2, 3) and all(v.isdigit() and int(v) >= 1 for v in parts[:2])
+    if not ok or parts[2:] not in ([], ["cal"]):
+      raise ValueError(f"config field 'index_sketches': {spec!r} is not DIMS:POOL[:cal]")
+    sketches.append((int(parts[0]), int(parts[1]), len(parts) == 3))
+  k = config.get("index_k", 20)
+  if any(pool < k for _, pool, _ in sketches):
+    raise ValueError(f"config field 'index_sketches': every pool must be >= index_k ({k})")
+  return sketches
+
+
 def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
   """The arrow index on this library's arrows and the requests' real module inputs
   (lag_jax/routing/arrow_index.py): top-k recall against the exact scan on the same
@@ -299,18 +283,13 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
   evaluate job's. Writes index_effect.json and index_effect.md."""
   sizes = common.int_list("index_sizes", config.get("index_sizes", ""))
   probes = common.int_list("index_probes", config.get("index_probes", ""))
-  sketches = []  # (dims, pool): LAG+sketch (routing/arrow_sketch.py) beside the index
-  for spec in common.split_list(config.get("index_sketches", "")):
-    d, _, pool = spec.partition(":")
-    if not (d.isdigit() and pool.isdigit() and int(d) >= 1 and int(pool) >= 1):
-      raise ValueError(f"config field 'index_sketches': {spec!r} is not DIMS:POOL")
-    sketches.append((int(d), int(pool)))
+  sketches = _sketch_specs(config)
+  decisions = config.get("index_decisions", True)
   k = config.get("index_k", 20)
-  if any(pool < k for _, pool in sketches):
-    raise ValueError(f"config field 'index_sketches': every pool must be >= index_k ({k})")
   if not sizes or not probes:
     return {}
   out, lines = {}, []
+  moments = None  # the calibrated sketches' input moments, computed once
   for n in sizes:
     if not 2 <= n <= len(full):
       raise ValueError(f"config field 'index_sizes': {n} is not in [2, {len(full)}]")
@@ -335,11 +314,17 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
         "seconds": r.seconds,
       }
 
-    # Each Z's sketch once, for the recall and for the decisions at every pool.
+    # Each Z's sketch once (plain or calibrated), for the recall and for the decisions
+    # at every pool; the calibration's moments once for the run.
+    if any(cal for *_, cal in sketches) and moments is None:
+      moments = calibration.generic_moments(model, tokenizer, full.modules)
     sketched = {
-      d: _routing_setting(model, tokenizer, base.with_sketch(d), config.batch_size)
-      for d in dict(sketches)
+      (d, cal): _routing_setting(
+        model, tokenizer, base.with_sketch(d, moments=moments if cal else None), config.batch_size
+      )
+      for d, _, cal in sketches
     }
+    label = {s: f"sketch {s[0]}:{s[1]}" + (" cal" if s[2] else "") for s in sketches}
     recall = index_recall(
       model,
       tokenizer,
@@ -348,11 +333,25 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
       probes,
       k,
       config.batch_size,
-      sketches={f"sketch {d}:{p}": (sketched[d].knowledge.weights.index, p) for d, p in sketches},
+      sketches={label[s]: (sketched[s[0], s[2]].knowledge.weights.index, s[1]) for s in sketches},
     )
-    exact = harness.run_method(setting, method("LAG", k), reqs, gold, None, None, True)
-    rows = {"exact": {**row(exact), "arrows_read": n, "recall": 1.0, "top1": 1.0}}
-    for p in probes:
+    I = {m: lib.weights.arrows[m].shape[-2] for m in lib.modules}
+    read = {
+      s: round(
+        float(np.mean([arrow_sketch.numbers_read(n, i, s[0], s[1]) for i in I.values()])) * n
+      )
+      for s in sketches
+    }
+    if not decisions:  # recall only: no LAG run through any filter
+      rows = {"exact": {"arrows_read": n, "recall": 1.0, "top1": 1.0}}
+      rows.update({f"probe {p}": {"arrows_read": J + min(p, J) * W, **recall[p]} for p in probes})
+      rows.update({label[s]: {"arrows_read": read[s], **recall[label[s]]} for s in sketches})
+      probes_run, sketches_run = [], []
+    else:
+      exact = harness.run_method(setting, method("LAG", k), reqs, gold, None, None, True)
+      rows = {"exact": {**row(exact), "arrows_read": n, "recall": 1.0, "top1": 1.0}}
+      probes_run, sketches_run = probes, sketches
+    for p in probes_run:
       name = f"LAG+index(k={k};probe={p};index_prefill=1)"
       r = harness.run_method(setting, method(name, k), reqs, gold, None, None, True)
       agree = decision_agreement(exact.routing_ids, r.routing_ids)
@@ -369,25 +368,13 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
         agree["all"],
         agree["entity"],
       )
-    I = {m: lib.weights.arrows[m].shape[-2] for m in lib.modules}
-    for d, pool in sketches:
-      read = np.mean([arrow_sketch.numbers_read(n, i, d, pool) for i in I.values()])
+    for s in sketches_run:
+      d, pool, _ = s
       name = f"LAG+sketch(k={k};pool={pool};sketch={d};index_prefill=1)"
-      r = harness.run_method(sketched[d], method(name, k), reqs, gold, None, None, True)
+      r = harness.run_method(sketched[d, s[2]], method(name, k), reqs, gold, None, None, True)
       agree = decision_agreement(exact.routing_ids, r.routing_ids)
-      rows[f"sketch {d}:{pool}"] = {
-        **row(r),
-        "arrows_read": round(float(read) * n),
-        "agreement": agree,
-        **recall[f"sketch {d}:{pool}"],
-      }
-      logging.info(
-        "sketch N=%d Z=%d pool %d: %.4f of decisions agree with exact LAG",
-        n,
-        d,
-        pool,
-        agree["all"],
-      )
+      rows[label[s]] = {**row(r), "arrows_read": read[s], "agreement": agree, **recall[label[s]]}
+      logging.info("%s N=%d: %.4f of decisions agree with exact LAG", label[s], n, agree["all"])
     out[n] = {"clusters": J, "width": W, "index_seconds": t_index, "requests": len(reqs)}
     out[n]["rows"] = rows
     lines += [
@@ -398,8 +385,11 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
       "| decisions = exact LAG | entity tokens = exact | request acc. | entity-token acc. |",
       "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, r in rows.items():
-      head = f"| {label} | {r['arrows_read']} | {100 * r['recall']:.1f}% | {100 * r['top1']:.1f}% "
+    for name, r in rows.items():
+      head = f"| {name} | {r['arrows_read']} | {100 * r['recall']:.1f}% | {100 * r['top1']:.1f}% "
+      if "request_acc" not in r:  # recall only (index_decisions False)
+        lines.append(head + "| - | - | - | - |")
+        continue
       agree = r.get("agreement", {"all": 1.0, "entity": 1.0})
       lines.append(
         head + f"| {100 * agree['all']:.2f}% | "
@@ -411,7 +401,8 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
         "",
         "Sketch Z:P (routing/arrow_sketch.py): the arrows' Z leading directions scanned for "
         "all N, a pool of P rescored exactly; its reads are numbers read / I (arrow "
-        "equivalents, mean over modules).",
+        "equivalents, mean over modules); 'cal': calibrated on generic prompts "
+        "(routing/calibration.py).",
       ]
     lines.append("")
   common.write_json_atomic(os.path.join(workdir, "index_effect.json"), {"k": k, "sizes": out})
@@ -483,6 +474,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"config field 'shared_routers': {unknown} are not in 'routers'")
   for name in routers:
     method(name, config.k)  # checks every name before any run
+  _sketch_specs(config)
   examples = [ex for task in c.tasks for ex in world.tasks[task]]
 
   sweep_ks = [int(v) for v in common.split_list(config.k_sweep)]
