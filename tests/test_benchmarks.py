@@ -199,3 +199,31 @@ def test_arrow_sketch_benchmark_runs_small(tmp_path):
   assert [row["n"] for row in r["rows"]] == [200, 400]
   assert all(row["exact_ms"] > 0 and row["4:20"] > 0 for row in r["rows"])
   assert json.loads(out.read_text())["rows"] == r["rows"]
+
+
+def test_sketch_step_benchmark_runs_small(tmp_path):
+  """Every case timed at every batch, ratios against the reference size's exact step."""
+  from benchmarks.sketch_step import main
+
+  out = tmp_path / "step.json"
+  r = main(
+    [
+      "--n=600",
+      "--reference_n=100",
+      "--sketches=4:40",
+      "--batches=1,2",
+      "--rounds=1",
+      "--steps=1",
+      f"--json={out}",
+    ]
+  )
+  cases = ["base", "N = 100 exact", "N = 600 exact", "N = 600 sketch 4:40"]
+  assert [(row["batch"], row["case"]) for row in r["rows"]] == [
+    (b, c) for b in (1, 2) for c in cases
+  ]
+  assert all(row["ms"] > 0 for row in r["rows"])
+  ref = [row for row in r["rows"] if row["case"] == "N = 100 exact"]
+  assert all(row["vs_reference"] == 1.0 for row in ref)
+  assert 0 < r["rows"][3]["filter_read_share"] < 1
+  assert "| 2 | N = 600 sketch 4:40 |" in r["markdown"]
+  assert json.loads(out.read_text())["rows"] == r["rows"]
