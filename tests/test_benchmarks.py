@@ -227,3 +227,26 @@ def test_sketch_step_benchmark_runs_small(tmp_path):
   assert 0 < r["rows"][3]["filter_read_share"] < 1
   assert "| 2 | N = 600 sketch 4:40 |" in r["markdown"]
   assert json.loads(out.read_text())["rows"] == r["rows"]
+
+
+def test_sketch_recall_pieces_against_the_sketch_itself():
+  """benchmarks.sketch_recall's dense scores are the sketch's (build_sketch, plain and
+  calibrated); exact scores as the approximation find everything; P99 interpolates."""
+  import numpy as np
+
+  from benchmarks.sketch_recall import p99, recall_at_pools, sketch_scores
+  from lag_jax.routing import arrow_sketch as sk
+
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((12, 50))
+  x = rng.standard_normal((30, 12))
+  g = rng.standard_normal((12, 12))
+  for moment in (None, g @ g.T):
+    s = sk.build_sketch(a, 4, rows_dtype=None, moment=moment)
+    want = np.abs(x @ (np.asarray(s.basis, np.float64) @ np.asarray(s.sketch, np.float64)))
+    np.testing.assert_allclose(sketch_scores(a, x, 4, moment), want, rtol=1e-3, atol=1e-4)
+  exact = np.abs(x @ a)
+  assert recall_at_pools(exact, exact, 5, [6, 10, 60]) == {6: 1.0, 10: 1.0}
+  assert 0 < recall_at_pools(exact, sketch_scores(a, x, 1), 5, [6])[6] < 1
+  assert p99({40: 0.98, 80: 1.0}) == pytest.approx(40 * 2**0.5)
+  assert p99({40: 0.995}) == 40 and p99({40: 0.9, 80: 0.95}) is None

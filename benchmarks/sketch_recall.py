@@ -1,0 +1,261 @@
+"""How the arrow sketch's pool must grow with N on a real library (recall, not time).
+
+  python -m benchmarks.sketch_recall --library_root=$HOME/lag_n1000
+
+On the N = 1,000 knowledge library of configs/n1000.py, with the module inputs of the
+tuning half's requests (the base model's, over their prompts), for nested libraries of
+the first N adapters: the recall of the exact top-k (k = 20) by the arrow sketch
+(routing/arrow_sketch.py) at each pool P, plain and calibrated on generic prompts
+(routing/calibration.py), with the sketch built from the N adapters themselves ("own",
+as a library of N would build it) and from all 1,000 ("full": the same directions at
+every N, so that a small N does not look easy only because Z dimensions hold most of N
+arrows). From it: the smallest pool with >= 99% recall at each N (P99) and its growth
+exponent over the sizes, which says what the sketch would read at N = 10^5 (issue 15:
+N = 10^5 decode <= 2x N = 10^3 at >= 99% recall).
+
+Dense numpy over a sample of tokens and layers (the recall of the exact top-k is the
+same computed densely as through ``arrow_sketch.search``: the pool's P best sketch
+scores rescored exactly). Writes benchmarks/results/sketch_recall.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from benchmarks.common import log
+from lag_jax.routing.arrow_sketch import RIDGE
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+  return np.argpartition(-scores, k, axis=1)[:, :k]
+
+
+def sketch_scores(arrows: np.ndarray, x: np.ndarray, dims: int, moment=None, fit=None):
+  """|approximate scores| [M, N] of tokens x [M, I] against arrows [I, N] through a
+  ``dims``-dimensional sketch whose directions are fitted on ``fit`` [I, N'] (default:
+  the arrows), plain or calibrated by the input ``moment`` [I, I] (as build_sketch)."""
+  fit = arrows if fit is None else fit
+  i = arrows.shape[0]
+  if moment is None:
+    half = inv_half = np.eye(i)
+  else:
+    c = (moment + moment.T) / 2
+    w, v = np.linalg.eigh(c + RIDGE * np.trace(c) / i * np.eye(i))
+    half, inv_half = (v * np.sqrt(w)) @ v.T, (v / np.sqrt(w)) @ v.T
+  b = half @ fit
+  w, v = np.linalg.eigh(b @ b.T)
+  u = v[:, np.argsort(w)[::-1][:dims]]
+  return np.abs((x @ (inv_half @ u)) @ (u.T @ (half @ arrows)))
+
+
+def recall_at_pools(exact: np.ndarray, approx: np.ndarray, k: int, pools) -> dict[int, float]:
+  """Mean share of each token's exact top-k found by rescoring its P best approximate
+  scores exactly, per pool P < N."""
+  want = _top(exact, k)
+  out = {}
+  for p in pools:
+    if p >= exact.shape[1]:
+      continue
+    pool = _top(approx, p)
+    got = np.take_along_axis(pool, _top(np.take_along_axis(exact, pool, 1), k), 1)
+    out[p] = float((want[:, :, None] == got[:, None, :]).any(-1).mean())
+  return out
+
+
+def p99(recalls: dict[int, float], goal: float = 0.99) -> float | None:
+  """The pool where the recall crosses ``goal`` (log-linear between measured pools);
+  None if no measured pool reaches it."""
+  pools = sorted(recalls)
+  for lo, hi in zip(pools, pools[1:]):
+    if recalls[hi] >= goal > recalls[lo]:
+      f = (goal - recalls[lo]) / (recalls[hi] - recalls[lo])
+      return float(np.exp(np.log(lo) + f * (np.log(hi) - np.log(lo))))
+  if pools and recalls[pools[0]] >= goal:
+    return float(pools[0])
+  return None
+
+
+def record_inputs(root: str, requests: int, layers: list[int]):
+  """The library, the modules' inputs over the tuning half's prompts at ``layers``
+  (module -> [len(layers), M, I]) and the generic calibration moments."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from lag_jax.checkpoints.safetensors_loader import load_model
+  from lag_jax.data.synthetic import make_world
+  from lag_jax.eval.prompts import render_prompt
+  from lag_jax.jobs import common
+  from lag_jax.jobs.routing_scale import pick_requests
+  from lag_jax.routing import calibration
+  from lag_jax.routing.library import AdapterLibrary
+  from lag_jax.text.tokenizer import Tokenizer
+
+  folder = common.resolve_checkpoint("smollm2")
+  model, tokenizer = load_model(folder), Tokenizer.from_dir(folder)
+  lib = AdapterLibrary.load(os.path.join(root, "knowledge", "library"))
+  world = make_world(1000, seed=0)
+  if list(lib.names) != list(world.documents)[: len(lib)]:
+    raise ValueError(f"{root}/knowledge/library is not configs/n1000.py's library")
+  examples = [ex for t in ("qa", "slot", "fact") for ex in world.tasks[t]]
+  reqs = pick_requests(examples, list(lib.names), requests, 0, (200, "tune"))
+  hook = calibration.recorder(model, lib.modules)
+  graphdef, state = nnx.split(model)
+  xs = {m: [] for m in lib.modules}
+  for start in range(0, len(reqs), 16):
+    ids = [
+      tokenizer.backend.encode(render_prompt(tokenizer, ex)[0], add_special_tokens=False).ids
+      for ex in reqs[start : start + 16]
+    ]
+    T = max(map(len, ids))
+    T += -T % 32
+    batch = np.zeros((len(ids), T), np.int32)
+    real = np.zeros((len(ids), T), bool)
+    for i, row in enumerate(ids):
+      batch[i, : len(row)], real[i, : len(row)] = row, True
+    aux = calibration.module_inputs(graphdef, state, jnp.asarray(batch), hook)
+    for m in lib.modules:
+      xs[m].append(np.asarray(aux[m][0])[layers][:, real])
+  moments = calibration.generic_moments(model, tokenizer, lib.modules)
+  return lib, {m: np.concatenate(v, 1) for m, v in xs.items()}, moments, len(reqs)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--library_root", default=os.path.expanduser("~/lag_n1000"))
+  p.add_argument("--sizes", default="125,250,500,1000")
+  p.add_argument("--dims", type=int, default=64)
+  p.add_argument("--pools", default="40,80,160,320,640")
+  p.add_argument("--layers", default="2,8,14,20,26")
+  p.add_argument("--tokens", type=int, default=1000, help="sampled prompt tokens")
+  p.add_argument("--requests", type=int, default=150)
+  p.add_argument("--k", type=int, default=20)
+  p.add_argument("--out", default=os.path.join(ROOT, "results", "sketch_recall"))
+  args = p.parse_args(argv)
+  sizes = [int(v) for v in args.sizes.split(",")]
+  pools = [int(v) for v in args.pools.split(",")]
+  layers = [int(v) for v in args.layers.split(",")]
+  t0 = time.perf_counter()
+  lib, xs, moments, n_req = record_inputs(args.library_root, args.requests, layers)
+  log(f"inputs recorded in {time.perf_counter() - t0:.0f} s")
+  rng = np.random.default_rng(0)
+  variants = [(c, b) for c in ("plain", "calibrated") for b in ("own", "full")]
+  acc = {f"{c} {b}": {n: [] for n in sizes} for c, b in variants}
+  for j, layer in enumerate(layers):
+    for m in lib.modules:
+      arrows = np.asarray(lib.weights.arrows[m][layer], np.float64)  # [I, N]
+      x = xs[m][j]
+      x = x[np.sort(rng.choice(len(x), min(args.tokens, len(x)), replace=False))]
+      x = x.astype(np.float64)
+      for n in sizes:
+        a = arrows[:, :n]
+        exact = np.abs(x @ a)
+        for c, b in variants:
+          approx = sketch_scores(
+            a,
+            x,
+            args.dims,
+            None if c == "plain" else moments[m][layer].astype(np.float64),
+            a if b == "own" else arrows,
+          )
+          acc[f"{c} {b}"][n].append(recall_at_pools(exact, approx, args.k, pools))
+    log(f"layer {layer} done ({time.perf_counter() - t0:.0f} s)")
+  table = {
+    v: {
+      n: {q: float(np.mean([r[q] for r in rows])) for q in pools if q < n} for n, rows in d.items()
+    }
+    for v, d in acc.items()
+  }
+  p99s = {v: {n: p99(r) for n, r in d.items()} for v, d in table.items()}
+  # Growth exponent of P99 between the two largest sizes where both are measured.
+  slopes = {}
+  for v, d in p99s.items():
+    pts = [(n, q) for n, q in d.items() if q is not None]
+    if len(pts) >= 2:
+      (n1, q1), (n2, q2) = pts[-2], pts[-1]
+      slopes[v] = float(np.log(q2 / q1) / np.log(n2 / n1))
+  result = {
+    "command": "python -m benchmarks.sketch_recall "
+    + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
+    "requests": n_req,
+    "dims": args.dims,
+    "k": args.k,
+    "recall": {
+      v: {str(n): {str(q): r for q, r in d.items()} for n, d in t.items()} for v, t in table.items()
+    },
+    "p99": {v: {str(n): q for n, q in d.items()} for v, d in p99s.items()},
+    "exponent": slopes,
+    "date": time.strftime("%Y-%m-%d %H:%M"),
+  }
+  lines = [
+    f"`{result['command']}` ({result['date']}; {n_req} tuning-half requests, "
+    f"{args.tokens} prompt tokens per layer, layers {args.layers}, gate / up / down; "
+    f"k = {args.k}, Z = {args.dims})",
+    "",
+    "| sketch (directions from) | "
+    + " | ".join(
+      f"N = {n}: recall at P = {', '.join(str(q) for q in pools if q < n)}" for n in sizes
+    )
+    + " |",
+    "|---" * (1 + len(sizes)) + "|",
+  ]
+  for v, t in table.items():
+    cells = [" / ".join(f"{100 * r:.1f}" for r in t[n].values()) for n in sizes]
+    lines.append(f"| {v} | " + " | ".join(cells) + " |")
+  lines += [
+    "",
+    "| sketch | " + " | ".join(f"P99 at N = {n}" for n in sizes) + " | growth exponent | "
+    "P99 at N = 10^5 (extrapolated) |",
+    "|---" * (3 + len(sizes)) + "|",
+  ]
+  for v, d in p99s.items():
+    cells = ["-" if q is None else f"{q:.0f}" for q in d.values()]
+    e = slopes.get(v)
+    last = [q for q in d.values() if q is not None]
+    extra = "-" if e is None else f"{last[-1] * (1e5 / sizes[-1]) ** e:,.0f}"
+    lines.append(
+      f"| {v} | " + " | ".join(cells) + f" | {'-' if e is None else f'{e:.2f}'} | {extra} |"
+    )
+  md = "\n".join(lines)
+  print(md)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  for ext, text in (("json", json.dumps(result, indent=1)), ("md", md + "\n")):
+    with open(f"{args.out}.{ext}.tmp", "w") as f:
+      f.write(text)
+    os.replace(f"{args.out}.{ext}.tmp", f"{args.out}.{ext}")
+  _plot(p99s, sizes, args, f"{args.out}.png")
+  return result
+
+
+def _plot(p99s, sizes, args, path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for v, d in p99s.items():
+    pts = [(n, q) for n, q in d.items() if q is not None]
+    if pts:
+      ax.plot(*zip(*pts), marker="o", label=v)
+  ax.plot(sizes, sizes, color="grey", linestyle=":", label="P = N (the exact scan)")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("N (first N adapters of the N = 1,000 library)")
+  ax.set_ylabel(f"pool P for 99% recall of the exact top {args.k}")
+  ax.set_title(f"Arrow sketch, Z = {args.dims}: the pool it needs grows with N")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path + ".tmp.png", dpi=120)
+  os.replace(path + ".tmp.png", path)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()
