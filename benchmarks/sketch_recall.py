@@ -55,6 +55,20 @@ def sketch_scores(arrows: np.ndarray, x: np.ndarray, dims: int, moment=None, fit
   return np.abs((x @ (inv_half @ u)) @ (u.T @ (half @ arrows)))
 
 
+def quantized(arrows: np.ndarray, dtype: str) -> np.ndarray:
+  """The arrows [I, N] as a scan over reduced-precision copies reads them: bfloat16, or
+  int8 with one scale per adapter (its largest |entry| / 127), back in float64."""
+  if dtype == "bfloat16":
+    import ml_dtypes
+
+    return arrows.astype(ml_dtypes.bfloat16).astype(np.float64)
+  if dtype == "int8":
+    scale = np.abs(arrows).max(axis=0, keepdims=True) / 127
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.clip(np.round(arrows / scale), -127, 127) * scale
+  raise ValueError(f"quantized: dtype {dtype!r} is not bfloat16 or int8")
+
+
 def recall_at_pools(exact: np.ndarray, approx: np.ndarray, k: int, pools) -> dict[int, float]:
   """Mean share of each token's exact top-k found by rescoring its P best approximate
   scores exactly, per pool P < N."""
@@ -147,6 +161,8 @@ def main(argv=None) -> dict:
   rng = np.random.default_rng(0)
   variants = [(c, b) for c in ("plain", "calibrated") for b in ("own", "full")]
   acc = {f"{c} {b}": {n: [] for n in sizes} for c, b in variants}
+  # The exact scan over reduced-precision arrows, at every N: its top-k against float32's.
+  quant = {d: {n: [] for n in sizes} for d in ("bfloat16", "int8")}
   for j, layer in enumerate(layers):
     for m in lib.modules:
       arrows = np.asarray(lib.weights.arrows[m][layer], np.float64)  # [I, N]
@@ -165,6 +181,10 @@ def main(argv=None) -> dict:
             a if b == "own" else arrows,
           )
           acc[f"{c} {b}"][n].append(recall_at_pools(exact, approx, args.k, pools))
+        for d in quant:
+          q = np.abs(x @ quantized(a, d))
+          want, got = _top(exact, args.k), _top(q, args.k)
+          quant[d][n].append(float((want[:, :, None] == got[:, None, :]).any(-1).mean()))
     log(f"layer {layer} done ({time.perf_counter() - t0:.0f} s)")
   table = {
     v: {
@@ -191,6 +211,9 @@ def main(argv=None) -> dict:
     },
     "p99": {v: {str(n): q for n, q in d.items()} for v, d in p99s.items()},
     "exponent": slopes,
+    "quantized_scan_recall": {
+      d: {str(n): float(np.mean(v)) for n, v in t.items()} for d, t in quant.items()
+    },
     "date": time.strftime("%Y-%m-%d %H:%M"),
   }
   lines = [
@@ -222,6 +245,16 @@ def main(argv=None) -> dict:
     lines.append(
       f"| {v} | " + " | ".join(cells) + f" | {'-' if e is None else f'{e:.2f}'} | {extra} |"
     )
+  lines += [
+    "",
+    f"The exact scan over reduced-precision arrows: the share of float32's top {args.k} "
+    "in its own top k",
+    "",
+    "| arrows | " + " | ".join(f"N = {n}" for n in sizes) + " |",
+    "|---" * (1 + len(sizes)) + "|",
+  ]
+  for d, t in quant.items():
+    lines.append(f"| {d} | " + " | ".join(f"{100 * np.mean(t[n]):.2f}%" for n in sizes) + " |")
   md = "\n".join(lines)
   print(md)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

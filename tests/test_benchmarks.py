@@ -249,4 +249,10 @@ def test_sketch_recall_pieces_against_the_sketch_itself():
   assert recall_at_pools(exact, exact, 5, [6, 10, 60]) == {6: 1.0, 10: 1.0}
   assert 0 < recall_at_pools(exact, sketch_scores(a, x, 1), 5, [6])[6] < 1
   assert p99({40: 0.98, 80: 1.0}) == pytest.approx(40 * 2**0.5)
+  from benchmarks.sketch_recall import quantized
+
+  for d, tol in (("bfloat16", 2**-8), ("int8", 0.5 / 127)):
+    q = quantized(a, d)
+    err = np.abs(q - a) / np.abs(a).max(axis=0)
+    assert 0 < err.max() <= tol * 1.01, d
   assert p99({40: 0.995}) == 40 and p99({40: 0.9, 80: 0.95}) is None

@@ -152,6 +152,27 @@ def test_routing_scale_recall_only_with_a_calibrated_sketch(tmp_path):
   assert bad.returncode != 0 and "'2:20:fast' is not DIMS:POOL[:cal]" in bad.stderr
 
 
+@pytest.mark.real_assets
+def test_evaluate_through_a_calibrated_sketch(tmp_path):
+  """sketch_calibration=generic: the LAG+sketch method reads a sketch calibrated on the
+  generic prompts, recorded in results.json; its run is keyed apart from the plain
+  sketch's (a plain run in the same workdir does not reuse it)."""
+  method = "LAG+sketch(k=2;pool=3;sketch=1)"
+  base = ["--config=configs/demo.py:tiny", f"--workdir={tmp_path}", "--config.k_sweep="]
+  proc = run_cli(*base, f"--config.methods=Oracle,{method}", "--config.sketch_calibration=generic")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "input moments: 225 sequences" in proc.stderr
+  report = json.loads((tmp_path / "results.json").read_text())
+  assert report["sketch_calibration"] == "generic"
+  assert method in report["methods"]
+  plain = run_cli(*base, f"--config.methods=Oracle,{method}")
+  assert plain.returncode == 0, plain.stderr[-3000:]
+  assert "input moments" not in plain.stderr
+  kept = json.loads((tmp_path / "results.json").read_text())["method_runs"]
+  assert kept[method]["reused"] is False and kept["Oracle"]["reused"] is True
+  assert "sketch_calibration" not in json.loads((tmp_path / "results.json").read_text())
+
+
 def test_bad_sketch_calibration_is_an_error_before_any_work(tmp_path):
   proc = run_cli(
     "--config=configs/demo.py:tiny", "--config.sketch_calibration=mine", f"--workdir={tmp_path}"

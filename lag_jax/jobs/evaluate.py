@@ -525,6 +525,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   if avg_families:  # checked above
     report["avg_families"] = avg_families
+  if "sketch_calibration" in run_context:  # LAG+sketch methods read a calibrated sketch
+    report["sketch_calibration"] = run_context["sketch_calibration"]
   markdown = report_lib.results_markdown(report)
   _write_results(workdir, report, markdown)
   print(markdown)
