@@ -8,7 +8,9 @@ host round trips per layer weigh as much as the filter; this one holds both libr
 resident on the device, so the difference between the rows is the routing alone. One
 [B, 1] decode step of one SmolLM2-shaped layer (attention + the MLP's gate / up / down
 routed, a 128-slot KV cache, no LM head), LAG k = 20, the same synthetic rank-6 adapters
-as ``benchmarks.offload`` (bfloat16 factors, float32 arrows):
+as ``benchmarks.offload`` (bfloat16 factors, float32 arrows). A sketch whose batch of
+pools (B x P) would hold N adapters or more is skipped at that batch: its rescoring
+alone would read more than the exact scan.
 
   base          the layer without adapters;
   N = 1,000     resident, the exact Arrow filter (the goal's reference);
@@ -86,6 +88,9 @@ def main(argv=None) -> dict:
         f"N = {args.n:,} exact": RoutedAdapters((routed(big, B, spec),)),
       }
       for z, pool in sketches:
+        if B * pool >= args.n:  # the batch's pools alone read more than the exact scan
+          log(f"B={B}: sketch {z}:{pool} skipped (B x P >= N)")
+          continue
         sspec = RouterSpec("lag", k=args.k, index_sketch=z, index_probe=pool)
         cases[f"N = {args.n:,} sketch {z}:{pool}"] = RoutedAdapters(
           (routed(sketched[z], B, sspec),)

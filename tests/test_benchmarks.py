@@ -210,7 +210,7 @@ def test_sketch_step_benchmark_runs_small(tmp_path):
     [
       "--n=600",
       "--reference_n=100",
-      "--sketches=4:40",
+      "--sketches=4:40,4:400",
       "--batches=1,2",
       "--rounds=1",
       "--steps=1",
@@ -218,8 +218,10 @@ def test_sketch_step_benchmark_runs_small(tmp_path):
     ]
   )
   cases = ["base", "N = 100 exact", "N = 600 exact", "N = 600 sketch 4:40"]
+  # 4:400 at B = 2: the two pools would hold 800 >= 600 adapters, skipped
   assert [(row["batch"], row["case"]) for row in r["rows"]] == [
-    (b, c) for b in (1, 2) for c in cases
+    *((1, c) for c in [*cases, "N = 600 sketch 4:400"]),
+    *((2, c) for c in cases),
   ]
   assert all(row["ms"] > 0 for row in r["rows"])
   ref = [row for row in r["rows"] if row["case"] == "N = 100 exact"]
