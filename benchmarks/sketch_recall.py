@@ -37,17 +37,20 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
   return np.argpartition(-scores, k, axis=1)[:, :k]
 
 
-def sketch_scores(arrows: np.ndarray, x: np.ndarray, dims: int, moment=None, fit=None):
+def sketch_scores(
+  arrows: np.ndarray, x: np.ndarray, dims: int, moment=None, fit=None, ridge: float = RIDGE
+):
   """|approximate scores| [M, N] of tokens x [M, I] against arrows [I, N] through a
   ``dims``-dimensional sketch whose directions are fitted on ``fit`` [I, N'] (default:
-  the arrows), plain or calibrated by the input ``moment`` [I, I] (as build_sketch)."""
+  the arrows), plain or calibrated by the input ``moment`` [I, I] ridged by ``ridge``
+  (as build_sketch)."""
   fit = arrows if fit is None else fit
   i = arrows.shape[0]
   if moment is None:
     half = inv_half = np.eye(i)
   else:
     c = (moment + moment.T) / 2
-    w, v = np.linalg.eigh(c + RIDGE * np.trace(c) / i * np.eye(i))
+    w, v = np.linalg.eigh(c + ridge * np.trace(c) / i * np.eye(i))
     half, inv_half = (v * np.sqrt(w)) @ v.T, (v / np.sqrt(w)) @ v.T
   b = half @ fit
   w, v = np.linalg.eigh(b @ b.T)
@@ -98,7 +101,8 @@ def p99(recalls: dict[int, float], goal: float = 0.99) -> float | None:
 
 def record_inputs(root: str, requests: int, layers: list[int]):
   """The library, the modules' inputs over the tuning half's prompts at ``layers``
-  (module -> [len(layers), M, I]) and the generic calibration moments."""
+  (module -> [len(layers), M, I]), which of the M tokens are entity tokens, and the
+  generic calibration moments."""
   import jax.numpy as jnp
   from flax import nnx
 
@@ -109,6 +113,7 @@ def record_inputs(root: str, requests: int, layers: list[int]):
   from lag_jax.jobs.routing_scale import pick_requests
   from lag_jax.routing import calibration
   from lag_jax.routing.library import AdapterLibrary
+  from lag_jax.routing.spans import token_mask
   from lag_jax.text.tokenizer import Tokenizer
 
   folder = common.resolve_checkpoint("smollm2")
@@ -122,11 +127,14 @@ def record_inputs(root: str, requests: int, layers: list[int]):
   hook = calibration.recorder(model, lib.modules)
   graphdef, state = nnx.split(model)
   xs = {m: [] for m in lib.modules}
+  entity = []  # per token: inside the question's entity (the person's name)
   for start in range(0, len(reqs), 16):
-    ids = [
-      tokenizer.backend.encode(render_prompt(tokenizer, ex)[0], add_special_tokens=False).ids
-      for ex in reqs[start : start + 16]
-    ]
+    ids = []
+    for ex in reqs[start : start + 16]:
+      text, _, span = render_prompt(tokenizer, ex)
+      enc = tokenizer.backend.encode(text, add_special_tokens=False)
+      ids.append(enc.ids)
+      entity.append(token_mask(enc.offsets, [span]))
     T = max(map(len, ids))
     T += -T % 32
     batch = np.zeros((len(ids), T), np.int32)
@@ -137,7 +145,8 @@ def record_inputs(root: str, requests: int, layers: list[int]):
     for m in lib.modules:
       xs[m].append(np.asarray(aux[m][0])[layers][:, real])
   moments = calibration.generic_moments(model, tokenizer, lib.modules)
-  return lib, {m: np.concatenate(v, 1) for m, v in xs.items()}, moments, len(reqs)
+  xs = {m: np.concatenate(v, 1) for m, v in xs.items()}
+  return lib, xs, np.concatenate(entity), moments, len(reqs)
 
 
 def main(argv=None) -> dict:
@@ -150,41 +159,66 @@ def main(argv=None) -> dict:
   p.add_argument("--tokens", type=int, default=1000, help="sampled prompt tokens")
   p.add_argument("--requests", type=int, default=150)
   p.add_argument("--k", type=int, default=20)
+  p.add_argument("--ridges", default="0.001,10", help="calibrated sketches' ridges")
   p.add_argument("--out", default=os.path.join(ROOT, "results", "sketch_recall"))
   args = p.parse_args(argv)
   sizes = [int(v) for v in args.sizes.split(",")]
   pools = [int(v) for v in args.pools.split(",")]
   layers = [int(v) for v in args.layers.split(",")]
   t0 = time.perf_counter()
-  lib, xs, moments, n_req = record_inputs(args.library_root, args.requests, layers)
+  lib, xs, entity, moments, n_req = record_inputs(args.library_root, args.requests, layers)
   log(f"inputs recorded in {time.perf_counter() - t0:.0f} s")
   rng = np.random.default_rng(0)
-  variants = [(c, b) for c in ("plain", "calibrated") for b in ("own", "full")]
+  ridges = [float(v) for v in args.ridges.split(",")]
+  cals = ["plain", *(f"calibrated (ridge {r:g})" for r in ridges)]
+  variants = [(c, b) for c in cals for b in ("own", "full")]
   acc = {f"{c} {b}": {n: [] for n in sizes} for c, b in variants}
+  # At the largest N, own directions: recall on the entity tokens and on the rest apart
+  # (the tokens that decide a request's routing are a few percent of its prompt).
+  split = {f"{c} {w}": [] for c in cals for w in ("entity", "other")}
+  ridge_of = {"plain": None, **{f"calibrated (ridge {r:g})": r for r in ridges}}
   # The exact scan over reduced-precision arrows, at every N: its top-k against float32's.
   quant = {d: {n: [] for n in sizes} for d in ("bfloat16", "int8")}
   for j, layer in enumerate(layers):
     for m in lib.modules:
       arrows = np.asarray(lib.weights.arrows[m][layer], np.float64)  # [I, N]
-      x = xs[m][j]
-      x = x[np.sort(rng.choice(len(x), min(args.tokens, len(x)), replace=False))]
-      x = x.astype(np.float64)
+      pick = np.sort(rng.choice(len(entity), min(args.tokens, len(entity)), replace=False))
+      x = xs[m][j][pick].astype(np.float64)
       for n in sizes:
         a = arrows[:, :n]
         exact = np.abs(x @ a)
         for c, b in variants:
+          r = ridge_of[c]
           approx = sketch_scores(
             a,
             x,
             args.dims,
-            None if c == "plain" else moments[m][layer].astype(np.float64),
+            None if r is None else moments[m][layer].astype(np.float64),
             a if b == "own" else arrows,
+            RIDGE if r is None else r,
           )
           acc[f"{c} {b}"][n].append(recall_at_pools(exact, approx, args.k, pools))
         for d in quant:
           q = np.abs(x @ quantized(a, d))
           want, got = _top(exact, args.k), _top(q, args.k)
           quant[d][n].append(float((want[:, :, None] == got[:, None, :]).any(-1).mean()))
+      # Every entity token of the layer against as many of the others.
+      ent = np.where(entity)[0]
+      other = np.sort(rng.choice(np.where(~entity)[0], len(ent), replace=False))
+      for w, idx in (("entity", ent), ("other", other)):
+        xw = xs[m][j][idx].astype(np.float64)
+        top_a = arrows[:, : sizes[-1]]
+        exact = np.abs(xw @ top_a)
+        for c in cals:
+          r = ridge_of[c]
+          approx = sketch_scores(
+            top_a,
+            xw,
+            args.dims,
+            None if r is None else moments[m][layer].astype(np.float64),
+            ridge=RIDGE if r is None else r,
+          )
+          split[f"{c} {w}"].append(recall_at_pools(exact, approx, args.k, pools))
     log(f"layer {layer} done ({time.perf_counter() - t0:.0f} s)")
   table = {
     v: {
@@ -211,6 +245,11 @@ def main(argv=None) -> dict:
     },
     "p99": {v: {str(n): q for n, q in d.items()} for v, d in p99s.items()},
     "exponent": slopes,
+    "entity_split": {
+      v: {str(q): float(np.mean([r[q] for r in rows])) for q in rows[0]}
+      for v, rows in split.items()
+    },
+    "entity_tokens": int(entity.sum()),
     "quantized_scan_recall": {
       d: {str(n): float(np.mean(v)) for n, v in t.items()} for d, t in quant.items()
     },
@@ -245,6 +284,23 @@ def main(argv=None) -> dict:
     lines.append(
       f"| {v} | " + " | ".join(cells) + f" | {'-' if e is None else f'{e:.2f}'} | {extra} |"
     )
+  top = sizes[-1]
+  split_pools = [q for q in pools if q < top]
+  lines += [
+    "",
+    f"At N = {top}, the {int(entity.sum())} entity tokens (the person's name in the "
+    "question) against as many other prompt tokens: recall at P = "
+    + ", ".join(map(str, split_pools)),
+    "",
+    "| sketch | entity tokens | other tokens |",
+    "|---|---|---|",
+  ]
+  for c in cals:
+    cells = [
+      " / ".join(f"{100 * np.mean([r[q] for r in split[f'{c} {w}']]):.1f}" for q in split_pools)
+      for w in ("entity", "other")
+    ]
+    lines.append(f"| {c} | " + " | ".join(cells) + " |")
   lines += [
     "",
     f"The exact scan over reduced-precision arrows: the share of float32's top {args.k} "

@@ -323,3 +323,23 @@ def test_calibration_moments_must_fit_the_arrows():
     sk.build_sketch(arrows["up_proj"][0], 3, moment=np.full((8, 8), np.nan))
   ok = sk.sketch_layers(arrows, 3, moments={"up_proj": np.stack([np.eye(8)] * 2)})
   assert ok["up_proj"].basis.shape == (2, 8, 3)
+
+
+def test_a_large_ridge_leans_to_the_plain_sketch():
+  """The ridge blends the input moment with the identity: a huge one gives the plain
+  sketch's scores; it must be > 0."""
+  rng = np.random.default_rng(14)
+  arrows = unit_columns(rng, 10, 40)
+  g = rng.standard_normal((10, 10)) * np.geomspace(5.0, 0.1, 10)
+  c = g @ g.T
+  plain = sk.build_sketch(arrows, 3)
+  wide = sk.build_sketch(arrows, 3, moment=c, ridge=1e6)
+  near = sk.build_sketch(arrows, 3, moment=c)
+  approx = {
+    name: np.asarray(s.basis) @ np.asarray(s.sketch)
+    for name, s in (("plain", plain), ("wide", wide), ("near", near))
+  }
+  np.testing.assert_allclose(approx["wide"], approx["plain"], atol=1e-4)
+  assert np.abs(approx["near"] - approx["plain"]).max() > 1e-2
+  with pytest.raises(ValueError, match="ridge must be > 0"):
+    sk.build_sketch(arrows, 3, moment=c, ridge=0.0)

@@ -148,8 +148,11 @@ def test_routing_scale_recall_only_with_a_calibrated_sketch(tmp_path):
   assert rows["sketch 1:20"]["recall"] == rows["sketch 2:20 cal"]["recall"] == 1.0
   assert 0 < rows["sketch 1:3 cal"]["recall"] <= 1.0
   assert "| sketch 1:3 cal |" in (tmp_path / "index_effect.md").read_text()
+  assert json.loads((tmp_path / "index_effect.json").read_text())["sketch_ridge"] == 1e-3
   bad = run_cli(*common, "--config.index_sketches=2:20:fast", "--config.index_decisions=False")
   assert bad.returncode != 0 and "'2:20:fast' is not DIMS:POOL[:cal]" in bad.stderr
+  bad = run_cli(*common, "--config.sketch_ridge=0.0", "--config.index_decisions=False")
+  assert bad.returncode != 0 and "config field 'sketch_ridge'=0.0" in bad.stderr
 
 
 @pytest.mark.real_assets
@@ -179,6 +182,11 @@ def test_bad_sketch_calibration_is_an_error_before_any_work(tmp_path):
   )
   assert proc.returncode != 0
   assert "config field 'sketch_calibration'='mine'" in proc.stderr
+  assert os.listdir(tmp_path) == []
+  proc = run_cli(
+    "--config=configs/demo.py:tiny", "--config.sketch_ridge=-1.0", f"--workdir={tmp_path}"
+  )
+  assert proc.returncode != 0 and "config field 'sketch_ridge'=-1.0" in proc.stderr
   assert os.listdir(tmp_path) == []
 
 

@@ -289,6 +289,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"{sorted(set(families.values()))}"
     )
   sketch_calibration = config.get("sketch_calibration", "")
+  sketch_ridge = float(config.get("sketch_ridge", 1e-3))
+  if not sketch_ridge > 0:
+    raise ConfigError(f"config field 'sketch_ridge'={sketch_ridge!r}: must be > 0")
   if sketch_calibration not in ("", "generic"):
     raise ConfigError(
       f"config field 'sketch_calibration'={sketch_calibration!r}: choose '' or 'generic'"
@@ -363,7 +366,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       moments = generic_moments(model, tokenizer, knowledge.modules)
     knowledge_removed = {
-      k: v.with_sketch(dims, moments=moments) if dims else v.with_index(probe=max(probes))
+      k: v.with_sketch(dims, moments=moments, ridge=sketch_ridge)
+      if dims
+      else v.with_index(probe=max(probes))
       for k, v in knowledge_removed.items()
     }
     knowledge = knowledge_removed[config.shared_removal]
@@ -443,6 +448,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if max(sketch_dims, default=0) and sketch_calibration:
     # Only when calibrated: the plain sketch's runs keep the keys they had before.
     run_context["sketch_calibration"] = sketch_calibration
+    if sketch_ridge != 1e-3:  # keyed only where it differs from the default
+      run_context["sketch_ridge"] = sketch_ridge
 
   kept_runs = {}  # method -> its key (method_runs/<key>.json), and whether it was reused
 
@@ -451,7 +458,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not dict(m.knowledge_options).get("index_probe"):
       # The index settings shape only the methods that read the index: an exact
       # method's run is the same in runs that differ in them, and is reused across.
-      index_keys = ("index_probe", "index_sketch", "sketch_calibration")
+      index_keys = ("index_probe", "index_sketch", "sketch_calibration", "sketch_ridge")
       context = {k: v for k, v in run_context.items() if k not in index_keys}
     key = method_runs.run_key(m, examples, context)
     r = method_runs.load(workdir, key, m.name) if reuse else None

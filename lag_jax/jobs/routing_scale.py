@@ -268,6 +268,9 @@ def _sketch_specs(config) -> list[tuple[int, int, bool]]:
   k = config.get("index_k", 20)
   if any(pool < k for _, pool, _ in sketches):
     raise ValueError(f"config field 'index_sketches': every pool must be >= index_k ({k})")
+  ridge = config.get("sketch_ridge", 1e-3)
+  if not (isinstance(ridge, (int, float)) and ridge > 0):
+    raise ValueError(f"config field 'sketch_ridge'={ridge!r}: must be > 0")
   return sketches
 
 
@@ -320,7 +323,10 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
       moments = calibration.generic_moments(model, tokenizer, full.modules)
     sketched = {
       (d, cal): _routing_setting(
-        model, tokenizer, base.with_sketch(d, moments=moments if cal else None), config.batch_size
+        model,
+        tokenizer,
+        base.with_sketch(d, moments=moments if cal else None, ridge=config.get("sketch_ridge")),
+        config.batch_size,
       )
       for d, _, cal in sketches
     }
@@ -405,7 +411,10 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
         "(routing/calibration.py).",
       ]
     lines.append("")
-  common.write_json_atomic(os.path.join(workdir, "index_effect.json"), {"k": k, "sizes": out})
+  ridge = config.get("sketch_ridge", 1e-3)
+  common.write_json_atomic(
+    os.path.join(workdir, "index_effect.json"), {"k": k, "sketch_ridge": ridge, "sizes": out}
+  )
   tmp = os.path.join(workdir, ".index_effect.md.tmp")
   with open(tmp, "w") as f:
     f.write("\n".join(lines))

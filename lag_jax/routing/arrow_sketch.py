@@ -69,12 +69,17 @@ class ArrowSketch:
     return self.basis.shape[-1]
 
 
-# A calibrated sketch whitens by C + RIDGE tr(C) / I: directions the calibration inputs
-# never reached keep a little weight instead of an infinite inverse.
+# A calibrated sketch whitens by C + ridge tr(C) / I: directions the calibration inputs
+# never reached keep some weight instead of an infinite inverse. A larger ridge leans
+# toward the plain sketch: on the N = 1,000 library the default's sketch found fewer of
+# the exact top 20 on the entity tokens (unlike the generic prompts' tokens) than the
+# plain one, and a ridge of 10 kept both (BENCHMARKS.md, "Arrow filter").
 RIDGE = 1e-3
 
 
-def _whitening(moment: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _whitening(
+  moment: np.ndarray, name: str, ridge: float = RIDGE
+) -> tuple[np.ndarray, np.ndarray]:
   """C^(1/2) and C^(-1/2) of a ridged second moment [I, I] (float64)."""
   c = np.asarray(moment, np.float64)
   if c.ndim != 2 or c.shape[0] != c.shape[1] or not np.all(np.isfinite(c)):
@@ -84,8 +89,10 @@ def _whitening(moment: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
   scale = np.trace(c) / i
   if not scale > 0:
     raise ValueError(f"{name}: the input moment is zero (no calibration tokens reached it)")
-  w, v = np.linalg.eigh(c + RIDGE * scale * np.eye(i))
-  w = np.clip(w, RIDGE * scale * 1e-3, None)  # a moment that is not quite PSD
+  if not ridge > 0:
+    raise ValueError(f"{name}: the ridge must be > 0, got {ridge}")
+  w, v = np.linalg.eigh(c + ridge * scale * np.eye(i))
+  w = np.clip(w, ridge * scale * 1e-3, None)  # a moment that is not quite PSD
   return (v * np.sqrt(w)) @ v.T, (v / np.sqrt(w)) @ v.T
 
 
@@ -94,11 +101,13 @@ def build_sketch(
   dims: int,
   rows_dtype: str | None = "float32",
   moment: np.ndarray | None = None,
+  ridge: float = RIDGE,
 ) -> ArrowSketch:
   """The Z = ``dims`` leading directions of arrows [I, N] (at most min(I, N)), and the
   arrows adapter-major in ``rows_dtype`` (float32, bfloat16, or None: no copy). With
   ``moment`` [I, I], the second moment of the module's inputs, the directions are those
-  of C^(1/2) arrows (a calibrated sketch, module docstring)."""
+  of C^(1/2) arrows (a calibrated sketch, module docstring), C ridged by ``ridge``
+  tr(C) / I."""
   a = np.asarray(arrows, np.float32)
   if rows_dtype not in ("float32", "bfloat16", None):
     raise ValueError(
@@ -114,7 +123,7 @@ def build_sketch(
       raise ValueError(
         f"build_sketch: the input moment is {np.shape(moment)}, the arrows' input width {i}"
       )
-    half, inv_half = _whitening(moment, "build_sketch")
+    half, inv_half = _whitening(moment, "build_sketch", ridge)
     a64 = half @ a64
   if n > i:
     # The top eigenvectors of the [I, I] Gram matrix: the same leading directions as
@@ -133,7 +142,11 @@ def build_sketch(
 
 
 def sketch_layers(
-  arrows: dict, dims: int, rows_dtype: str | None = "float32", moments: dict | None = None
+  arrows: dict,
+  dims: int,
+  rows_dtype: str | None = "float32",
+  moments: dict | None = None,
+  ridge: float = RIDGE,
 ) -> dict:
   """Per module, every layer's sketch stacked (leading L axis): arrows module -> [L, I, N];
   ``moments`` (calibrated): module -> [L, I, I], its inputs' second moment per layer."""
@@ -151,7 +164,7 @@ def sketch_layers(
         f"expected {(a.shape[0], a.shape[1], a.shape[1])} (layers, input width twice)"
       )
     per = [
-      build_sketch(layer, dims, rows_dtype, None if c is None else c[j])
+      build_sketch(layer, dims, rows_dtype, None if c is None else c[j], ridge)
       for j, layer in enumerate(a)
     ]
     out[m] = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per)

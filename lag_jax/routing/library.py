@@ -304,19 +304,23 @@ class AdapterLibrary(NamedAdapters):
     return dataclasses.replace(self, weights=self.weights.replace(index=index))
 
   def with_sketch(
-    self, dims: int, rows_dtype: str | None = "float32", moments: dict | None = None
+    self,
+    dims: int,
+    rows_dtype: str | None = "float32",
+    moments: dict | None = None,
+    ridge: float | None = None,
   ) -> AdapterLibrary:
     """The library with an arrow sketch of ``dims`` dimensions per layer and module in
     place of the arrow index (routing/arrow_sketch.py), for routers with
     ``RouterSpec(index_sketch=dims, index_probe=pool)``; ``rows_dtype``: the sketch's
     adapter-major copy of the arrows for the pool's rescoring (float32: exact;
     bfloat16; None: none, gathered from the arrows); ``moments``: module -> [L, I, I]
-    input second moments for a calibrated sketch (routing/calibration.py). Derived,
-    never saved."""
-    from lag_jax.routing.arrow_sketch import sketch_layers
+    input second moments for a calibrated sketch (routing/calibration.py), ridged by
+    ``ridge`` (default ``arrow_sketch.RIDGE``). Derived, never saved."""
+    from lag_jax.routing.arrow_sketch import RIDGE, sketch_layers
 
     arrows = {m: self.weights.arrows[m] for m in self.modules}
-    sketch = sketch_layers(arrows, dims, rows_dtype, moments)
+    sketch = sketch_layers(arrows, dims, rows_dtype, moments, ridge or RIDGE)
     return dataclasses.replace(self, weights=self.weights.replace(index=sketch))
 
   def _padded(self, rank: int) -> AdapterLibrary:

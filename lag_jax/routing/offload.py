@@ -814,7 +814,11 @@ class OffloadedLibrary(NamedAdapters):
     return dataclasses.replace(self, index=index_layers(self.arrows, self.valid, clusters, **kw))
 
   def with_sketch(
-    self, dims: int, rows_dtype: str | None = "float32", moments: dict | None = None
+    self,
+    dims: int,
+    rows_dtype: str | None = "float32",
+    moments: dict | None = None,
+    ridge: float | None = None,
   ) -> OffloadedLibrary:
     """The library with an arrow sketch of ``dims`` dimensions per layer and module in
     place of the arrow index (routing/arrow_sketch.py), for routers with
@@ -825,9 +829,11 @@ class OffloadedLibrary(NamedAdapters):
     ``AdapterLibrary.with_sketch``: float32 doubles the arrows' device bytes, bfloat16
     adds half); ``moments`` for a calibrated sketch, as ``AdapterLibrary.with_sketch``;
     never saved."""
-    from lag_jax.routing.arrow_sketch import sketch_layers
+    from lag_jax.routing.arrow_sketch import RIDGE, sketch_layers
 
-    return dataclasses.replace(self, index=sketch_layers(self.arrows, dims, rows_dtype, moments))
+    return dataclasses.replace(
+      self, index=sketch_layers(self.arrows, dims, rows_dtype, moments, ridge or RIDGE)
+    )
 
   @property
   def slots(self) -> dict[str, int]:
