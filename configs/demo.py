@@ -138,7 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (data-free); "generic" calibrates it on the base model's module inputs over generic
   # prompts (real questions and Wikipedia sentences; routing/calibration.py).
   c.sketch_calibration = ""
-  c.sketch_ridge = 1e-3  # a calibrated sketch's ridge (routing/arrow_sketch.py)
+  c.sketch_ridge = 10.0  # a calibrated sketch's ridge (routing/arrow_sketch.py)
   c.build_only = False  # train the libraries (resumably) and stop: <workdir>/build.json
   c.max_new_tokens = 12
   c.batch_size = 16

@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # DIMS:POOL[:cal],... the arrow sketch's recall beside the index's; ':cal' calibrates
   # the sketch on generic prompts (routing/calibration.py; fetches the real assets).
   c.index_sketches = ""
-  c.sketch_ridge = 1e-3  # the calibrated sketches' ridge (routing/arrow_sketch.py)
+  c.sketch_ridge = 10.0  # the calibrated sketches' ridge (routing/arrow_sketch.py)
   # False: recall only (no LAG run through the exact filter, the index or the sketches).
   c.index_decisions = True
   c.index_k = 20

@@ -148,7 +148,7 @@ def test_routing_scale_recall_only_with_a_calibrated_sketch(tmp_path):
   assert rows["sketch 1:20"]["recall"] == rows["sketch 2:20 cal"]["recall"] == 1.0
   assert 0 < rows["sketch 1:3 cal"]["recall"] <= 1.0
   assert "| sketch 1:3 cal |" in (tmp_path / "index_effect.md").read_text()
-  assert json.loads((tmp_path / "index_effect.json").read_text())["sketch_ridge"] == 1e-3
+  assert json.loads((tmp_path / "index_effect.json").read_text())["sketch_ridge"] == 10.0
   bad = run_cli(*common, "--config.index_sketches=2:20:fast", "--config.index_decisions=False")
   assert bad.returncode != 0 and "'2:20:fast' is not DIMS:POOL[:cal]" in bad.stderr
   bad = run_cli(*common, "--config.sketch_ridge=0.0", "--config.index_decisions=False")

@@ -368,8 +368,13 @@ def test_n1000_launch_runs_each_step_once_in_order(tmp_path):
   cal_call = next(c for c in calls() if "/test_sketch_cal " in c + " ")
   assert "LAG+sketch(k=20;pool=80;sketch=32;index_prefill=1)" in cal_call
   assert "--config.sketch_calibration=generic" in cal_call
+  assert "--config.sketch_ridge=0.001" in cal_call
   scale_cal = next(c for c in calls() if "/scale_cal " in c + " ")
-  assert "64:320:cal" in scale_cal and "--config.synthetic.split=tune" in scale_cal
+  assert (
+    "64:320:cal" in scale_cal
+    and "--config.sketch_ridge=0.001" in scale_cal
+    and "--config.synthetic.split=tune" in scale_cal
+  )
   rerendered = [c for c in calls() if "lag_jax.eval.report" in c]
   assert len(rerendered) == 4 and all("--avg_families=QA,Slot" in c for c in rerendered)
   assert "--avg_families=QA,Slot" in calls()[-1]

@@ -289,7 +289,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"{sorted(set(families.values()))}"
     )
   sketch_calibration = config.get("sketch_calibration", "")
-  sketch_ridge = float(config.get("sketch_ridge", 1e-3))
+  sketch_ridge = float(config.get("sketch_ridge", 10.0))
   if not sketch_ridge > 0:
     raise ConfigError(f"config field 'sketch_ridge'={sketch_ridge!r}: must be > 0")
   if sketch_calibration not in ("", "generic"):
@@ -448,7 +448,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if max(sketch_dims, default=0) and sketch_calibration:
     # Only when calibrated: the plain sketch's runs keep the keys they had before.
     run_context["sketch_calibration"] = sketch_calibration
-    if sketch_ridge != 1e-3:  # keyed only where it differs from the default
+    # The first calibrated runs (ridge 10^-3) were keyed without the ridge: they stay so.
+    if sketch_ridge != 1e-3:
       run_context["sketch_ridge"] = sketch_ridge
 
   kept_runs = {}  # method -> its key (method_runs/<key>.json), and whether it was reused

@@ -268,7 +268,7 @@ def _sketch_specs(config) -> list[tuple[int, int, bool]]:
   k = config.get("index_k", 20)
   if any(pool < k for _, pool, _ in sketches):
     raise ValueError(f"config field 'index_sketches': every pool must be >= index_k ({k})")
-  ridge = config.get("sketch_ridge", 1e-3)
+  ridge = config.get("sketch_ridge", arrow_sketch.RIDGE)
   if not (isinstance(ridge, (int, float)) and ridge > 0):
     raise ValueError(f"config field 'sketch_ridge'={ridge!r}: must be > 0")
   return sketches
@@ -411,7 +411,7 @@ def _index_effect(config, full, examples, model, tokenizer, workdir) -> dict:
         "(routing/calibration.py).",
       ]
     lines.append("")
-  ridge = config.get("sketch_ridge", 1e-3)
+  ridge = config.get("sketch_ridge", arrow_sketch.RIDGE)
   common.write_json_atomic(
     os.path.join(workdir, "index_effect.json"), {"k": k, "sketch_ridge": ridge, "sizes": out}
   )
