@@ -343,3 +343,32 @@ def test_a_large_ridge_leans_to_the_plain_sketch():
   assert np.abs(approx["near"] - approx["plain"]).max() > 1e-2
   with pytest.raises(ValueError, match="ridge must be > 0"):
     sk.build_sketch(arrows, 3, moment=c, ridge=0.0)
+
+
+def test_a_library_calibrated_sketch_and_its_ridge():
+  """with_sketch(moments=...) builds each layer's sketch from that layer's moment; a
+  ridge of 0 is an error, not the default."""
+  from lag_jax.model.transformer import MLP_MODULES
+  from lag_jax.routing.library import AdapterLibrary
+  from lag_jax.testing import tiny_config
+  from lag_jax.testing.libraries import random_adapter
+
+  cfg = tiny_config()
+  lib = AdapterLibrary.from_adapters(
+    [random_adapter(cfg, f"a{i}", 4, MLP_MODULES, seed=i) for i in range(9)], cfg
+  )
+  rng = np.random.default_rng(15)
+  moments = {}
+  for m in lib.modules:
+    L, I = lib.weights.arrows[m].shape[:2]
+    g = rng.standard_normal((L, I, I))
+    moments[m] = g @ g.transpose(0, 2, 1)
+  got = lib.with_sketch(2, moments=moments, ridge=1e-3).weights.index
+  for m in lib.modules:
+    for layer in range(moments[m].shape[0]):
+      want = sk.build_sketch(
+        np.asarray(lib.weights.arrows[m][layer]), 2, moment=moments[m][layer], ridge=1e-3
+      )
+      np.testing.assert_allclose(np.asarray(got[m].sketch[layer]), want.sketch, atol=1e-5)
+  with pytest.raises(ValueError, match="ridge must be > 0"):
+    lib.with_sketch(2, moments=moments, ridge=0.0)

@@ -320,7 +320,7 @@ class AdapterLibrary(NamedAdapters):
     from lag_jax.routing.arrow_sketch import RIDGE, sketch_layers
 
     arrows = {m: self.weights.arrows[m] for m in self.modules}
-    sketch = sketch_layers(arrows, dims, rows_dtype, moments, ridge or RIDGE)
+    sketch = sketch_layers(arrows, dims, rows_dtype, moments, RIDGE if ridge is None else ridge)
     return dataclasses.replace(self, weights=self.weights.replace(index=sketch))
 
   def _padded(self, rank: int) -> AdapterLibrary:

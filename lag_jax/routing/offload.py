@@ -832,7 +832,10 @@ class OffloadedLibrary(NamedAdapters):
     from lag_jax.routing.arrow_sketch import RIDGE, sketch_layers
 
     return dataclasses.replace(
-      self, index=sketch_layers(self.arrows, dims, rows_dtype, moments, ridge or RIDGE)
+      self,
+      index=sketch_layers(
+        self.arrows, dims, rows_dtype, moments, RIDGE if ridge is None else ridge
+      ),
     )
 
   @property
