@@ -356,7 +356,7 @@ def test_n1000_launch_runs_each_step_once_in_order(tmp_path):
   assert proc.returncode == 0, proc.stderr
   order = [
     *("build", "tune", "test", "test_n250", "test_n64", "test_n16"),
-    *("scale_tune", "test_sketch", "scale_cal", "test_sketch_cal", "curve"),
+    *("scale_tune", "test_sketch", "scale_cal", "test_sketch_cal", "scale_cal10", "curve"),
   ]
   assert steps() == ["build", "test_n16", *order[1:5], *order[6:]]
   # The cheapest sketch with >= 99% recall of the exact top 20.
@@ -375,6 +375,9 @@ def test_n1000_launch_runs_each_step_once_in_order(tmp_path):
     and "--config.sketch_ridge=0.001" in scale_cal
     and "--config.synthetic.split=tune" in scale_cal
   )
+  cal10 = next(c for c in calls() if "/scale_cal10 " in c + " ")
+  assert "64:320:cal" in cal10 and "sketch_ridge" not in cal10  # the default ridge
+  assert (tmp_path / "out" / "scale_cal10" / "index_effect.json").exists()
   rerendered = [c for c in calls() if "lag_jax.eval.report" in c]
   assert len(rerendered) == 4 and all("--avg_families=QA,Slot" in c for c in rerendered)
   assert "--avg_families=QA,Slot" in calls()[-1]
