@@ -2,8 +2,9 @@
 # The N = 1,000 experiment end to end (issue 14), resumable: build the 1,000-person
 # library, evaluate the tuning half and the test half, the same test at N = 250 / 64 / 16
 # drawn from the same library, the arrow index's effect at N = 1,000 on the tuning half,
-# the test half through the arrow sketch, and gather the curve over N. Hours on 2 CPU
-# cores (the build alone ~4.4-9.4 h, by host; each half ~1 h).
+# the test half through the arrow sketch (plain, then calibrated on generic prompts), the
+# calibrated sketch's recall at the default ridge, and gather the curve over N. Hours on
+# 2 CPU cores (the build alone ~4.4-9.4 h, by host; each half ~1 h).
 #
 #   nohup launch/n1000.sh > /dev/null 2>&1 &         # ROOT=$HOME/lag_n1000, OUT=results/n1000
 #   ROOT=/data/lag_n1000 OUT=/tmp/n1000 launch/n1000.sh
