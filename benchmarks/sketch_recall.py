@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from benchmarks.common import log
-from lag_jax.routing.arrow_sketch import RIDGE
+from lag_jax.routing.arrow_sketch import RIDGE, whitening
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,20 +38,17 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def sketch_scores(
-  arrows: np.ndarray, x: np.ndarray, dims: int, moment=None, fit=None, ridge: float = RIDGE
+  arrows: np.ndarray, x: np.ndarray, dims: int, moment=None, fit=None, ridge: float | None = None
 ):
   """|approximate scores| [M, N] of tokens x [M, I] against arrows [I, N] through a
   ``dims``-dimensional sketch whose directions are fitted on ``fit`` [I, N'] (default:
   the arrows), plain or calibrated by the input ``moment`` [I, I] ridged by ``ridge``
-  (as build_sketch)."""
+  (None: ``RIDGE``), whitened as build_sketch whitens."""
   fit = arrows if fit is None else fit
-  i = arrows.shape[0]
   if moment is None:
-    half = inv_half = np.eye(i)
+    half = inv_half = np.eye(arrows.shape[0])
   else:
-    c = (moment + moment.T) / 2
-    w, v = np.linalg.eigh(c + ridge * np.trace(c) / i * np.eye(i))
-    half, inv_half = (v * np.sqrt(w)) @ v.T, (v / np.sqrt(w)) @ v.T
+    half, inv_half = whitening(moment, "sketch_recall", RIDGE if ridge is None else ridge)
   b = half @ fit
   w, v = np.linalg.eigh(b @ b.T)
   u = v[:, np.argsort(w)[::-1][:dims]]
@@ -195,7 +192,7 @@ def main(argv=None) -> dict:
             args.dims,
             None if r is None else moments[m][layer].astype(np.float64),
             a if b == "own" else arrows,
-            RIDGE if r is None else r,
+            r,
           )
           acc[f"{c} {b}"][n].append(recall_at_pools(exact, approx, args.k, pools))
         for d in quant:
@@ -216,7 +213,7 @@ def main(argv=None) -> dict:
             xw,
             args.dims,
             None if r is None else moments[m][layer].astype(np.float64),
-            ridge=RIDGE if r is None else r,
+            ridge=r,
           )
           split[f"{c} {w}"].append(recall_at_pools(exact, approx, args.k, pools))
     log(f"layer {layer} done ({time.perf_counter() - t0:.0f} s)")

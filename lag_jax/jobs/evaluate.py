@@ -24,6 +24,7 @@ from lag_jax.eval import harness, injection, method_runs
 from lag_jax.eval import report as report_lib
 from lag_jax.files import write_json_atomic
 from lag_jax.jobs import common
+from lag_jax.routing import arrow_sketch
 from lag_jax.routing.shared import parse_mode, remove_shared
 from lag_jax.text.tokenizer import Tokenizer
 from lag_jax.training import AdapterJob, TrainConfig, build_library
@@ -289,7 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"{sorted(set(families.values()))}"
     )
   sketch_calibration = config.get("sketch_calibration", "")
-  sketch_ridge = float(config.get("sketch_ridge", 10.0))
+  sketch_ridge = float(config.get("sketch_ridge", arrow_sketch.RIDGE))
   if not sketch_ridge > 0:
     raise ConfigError(f"config field 'sketch_ridge'={sketch_ridge!r}: must be > 0")
   if sketch_calibration not in ("", "generic"):

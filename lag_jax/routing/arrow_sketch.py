@@ -80,9 +80,7 @@ class ArrowSketch:
 RIDGE = 10.0
 
 
-def _whitening(
-  moment: np.ndarray, name: str, ridge: float = RIDGE
-) -> tuple[np.ndarray, np.ndarray]:
+def whitening(moment: np.ndarray, name: str, ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray]:
   """C^(1/2) and C^(-1/2) of a ridged second moment [I, I] (float64)."""
   c = np.asarray(moment, np.float64)
   if c.ndim != 2 or c.shape[0] != c.shape[1] or not np.all(np.isfinite(c)):
@@ -126,7 +124,7 @@ def build_sketch(
       raise ValueError(
         f"build_sketch: the input moment is {np.shape(moment)}, the arrows' input width {i}"
       )
-    half, inv_half = _whitening(moment, "build_sketch", ridge)
+    half, inv_half = whitening(moment, "build_sketch", ridge)
     a64 = half @ a64
   if n > i:
     # The top eigenvectors of the [I, I] Gram matrix: the same leading directions as
@@ -149,10 +147,12 @@ def sketch_layers(
   dims: int,
   rows_dtype: str | None = "float32",
   moments: dict | None = None,
-  ridge: float = RIDGE,
+  ridge: float | None = None,
 ) -> dict:
   """Per module, every layer's sketch stacked (leading L axis): arrows module -> [L, I, N];
-  ``moments`` (calibrated): module -> [L, I, I], its inputs' second moment per layer."""
+  ``moments`` (calibrated): module -> [L, I, I], its inputs' second moment per layer,
+  ridged by ``ridge`` (None: ``RIDGE``)."""
+  ridge = RIDGE if ridge is None else ridge
   moments = moments or {}
   missing = sorted(set(arrows) - set(moments))
   if moments and missing:

@@ -317,10 +317,10 @@ class AdapterLibrary(NamedAdapters):
     bfloat16; None: none, gathered from the arrows); ``moments``: module -> [L, I, I]
     input second moments for a calibrated sketch (routing/calibration.py), ridged by
     ``ridge`` (default ``arrow_sketch.RIDGE``). Derived, never saved."""
-    from lag_jax.routing.arrow_sketch import RIDGE, sketch_layers
+    from lag_jax.routing.arrow_sketch import sketch_layers
 
     arrows = {m: self.weights.arrows[m] for m in self.modules}
-    sketch = sketch_layers(arrows, dims, rows_dtype, moments, RIDGE if ridge is None else ridge)
+    sketch = sketch_layers(arrows, dims, rows_dtype, moments, ridge)
     return dataclasses.replace(self, weights=self.weights.replace(index=sketch))
 
   def _padded(self, rank: int) -> AdapterLibrary:

@@ -829,13 +829,10 @@ class OffloadedLibrary(NamedAdapters):
     ``AdapterLibrary.with_sketch``: float32 doubles the arrows' device bytes, bfloat16
     adds half); ``moments`` for a calibrated sketch, as ``AdapterLibrary.with_sketch``;
     never saved."""
-    from lag_jax.routing.arrow_sketch import RIDGE, sketch_layers
+    from lag_jax.routing.arrow_sketch import sketch_layers
 
     return dataclasses.replace(
-      self,
-      index=sketch_layers(
-        self.arrows, dims, rows_dtype, moments, RIDGE if ridge is None else ridge
-      ),
+      self, index=sketch_layers(self.arrows, dims, rows_dtype, moments, ridge)
     )
 
   @property
