@@ -111,7 +111,7 @@ def record_inputs(root: str, requests: int, layers: list[int]):
   from lag_jax.routing import calibration
   from lag_jax.routing.library import AdapterLibrary
   from lag_jax.routing.spans import token_mask
-  from lag_jax.text.tokenizer import Tokenizer
+  from lag_jax.text.tokenizer import Tokenizer, right_pad
 
   folder = common.resolve_checkpoint("smollm2")
   model, tokenizer = load_model(folder), Tokenizer.from_dir(folder)
@@ -132,12 +132,7 @@ def record_inputs(root: str, requests: int, layers: list[int]):
       enc = tokenizer.backend.encode(text, add_special_tokens=False)
       ids.append(enc.ids)
       entity.append(token_mask(enc.offsets, [span]))
-    T = max(map(len, ids))
-    T += -T % 32
-    batch = np.zeros((len(ids), T), np.int32)
-    real = np.zeros((len(ids), T), bool)
-    for i, row in enumerate(ids):
-      batch[i, : len(row)], real[i, : len(row)] = row, True
+    batch, real = right_pad(ids, 32)
     aux = calibration.module_inputs(graphdef, state, jnp.asarray(batch), hook)
     for m in lib.modules:
       xs[m].append(np.asarray(aux[m][0])[layers][:, real])

@@ -280,3 +280,15 @@ def test_missing_chat_template(tmp_path):
   assert tok.encode("hi")  # the rest still works
   with pytest.raises(TokenizerFileError, match=r"tokenizer_config\.json.*chat_template"):
     tok.apply_chat_template(MESSAGES[0])
+
+
+def test_right_pad_rounds_the_length_and_marks_real_tokens():
+  import numpy as np
+
+  from lag_jax.text.tokenizer import right_pad
+
+  tokens, real = right_pad([[5, 6, 7], [8], []], multiple=4)
+  np.testing.assert_array_equal(tokens, [[5, 6, 7, 0], [8, 0, 0, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(real.sum(1), [3, 1, 0])
+  assert tokens.dtype == np.int32 and real.dtype == bool
+  assert right_pad([[1, 2]])[0].shape == (1, 2)

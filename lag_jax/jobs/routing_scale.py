@@ -38,7 +38,7 @@ from lag_jax.jobs.evaluate import _train_config
 from lag_jax.routing import arrow_sketch, calibration
 from lag_jax.routing.library import AdapterLibrary
 from lag_jax.routing.shared import parse_mode, remove_shared
-from lag_jax.text.tokenizer import Tokenizer
+from lag_jax.text.tokenizer import Tokenizer, right_pad
 from lag_jax.training import build_library
 from lag_jax.training.knowledge_data import knowledge_jobs
 
@@ -204,11 +204,7 @@ def index_recall(
       tokenizer.backend.encode(render_prompt(tokenizer, ex)[0], add_special_tokens=False).ids
       for ex in reqs[start : start + batch_size]
     ]
-    T = max(map(len, ids))
-    batch = np.zeros((len(ids), T), np.int32)
-    real = np.zeros((len(ids), T), bool)
-    for i, row in enumerate(ids):
-      batch[i, : len(row)], real[i, : len(row)] = row, True
+    batch, real = right_pad(ids)
     aux = calibration.module_inputs(graphdef, state, jnp.asarray(batch), hook)
     tokens_seen += int(real.sum())
     for m in modules:

@@ -24,6 +24,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from lag_jax.text.tokenizer import right_pad
+
 
 @jax.tree_util.register_pytree_node_class
 class InputRecorder:
@@ -99,12 +101,7 @@ def input_moments(
   for start in range(0, len(sequences), batch_size):
     chunk = sequences[start : start + batch_size]
     # Lengths padded to a multiple of 32 so the forward pass is reused across batches.
-    T = max(map(len, chunk))
-    T += -T % 32
-    batch = np.zeros((len(chunk), T), np.int32)
-    real = np.zeros((len(chunk), T), bool)
-    for i, row in enumerate(chunk):
-      batch[i, : len(row)], real[i, : len(row)] = row, True
+    batch, real = right_pad(chunk, 32)
     aux = module_inputs(graphdef, state, jnp.asarray(batch), hook)
     for m in modules:
       totals[m] = _accumulate(totals[m], aux[m][0], jnp.asarray(real))

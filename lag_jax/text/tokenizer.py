@@ -19,6 +19,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
+import numpy as np
 import tokenizers
 
 from lag_jax.errors import UserError
@@ -26,6 +27,19 @@ from lag_jax.errors import UserError
 
 class TokenizerFileError(UserError):
   """A tokenizer file is missing, unreadable, or lacks something asked of it."""
+
+
+def right_pad(sequences: Sequence[Sequence[int]], multiple: int = 1):
+  """Token id lists as one right-padded batch: (tokens [B, T] int32, zeros past each
+  row's end; real [B, T] bool, its tokens), T the longest row rounded up to
+  ``multiple`` (so that batches of nearby lengths share one compiled program)."""
+  T = max(map(len, sequences))
+  T += -T % multiple
+  tokens = np.zeros((len(sequences), T), np.int32)
+  real = np.zeros((len(sequences), T), bool)
+  for i, row in enumerate(sequences):
+    tokens[i, : len(row)], real[i, : len(row)] = row, True
+  return tokens, real
 
 
 def _read_json(path: pathlib.Path, required: bool) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from lag_jax.files import write_json_atomic
 from lag_jax.integrity import array_digests, fingerprint
 from lag_jax.model.transformer import CausalLM
 from lag_jax.routing.library import AdapterLibrary
+from lag_jax.text.tokenizer import right_pad
 from lag_jax.training.data import (
   AdapterJob,
   AdapterRows,
@@ -487,11 +488,6 @@ def text_losses(
   """Mean next-token loss of each text [len(texts)] (its first max_seq_len tokens),
   on the base model or with ``adapter`` applied."""
   ids = [tokenizer.encode(t)[:max_seq_len] for t in texts]
-  T = max(len(x) for x in ids)
-  tokens = np.zeros((len(ids), T), np.int32)
-  mask = np.zeros((len(ids), T), bool)
-  for r, x in enumerate(ids):
-    tokens[r, : len(x)] = x
-    mask[r, : len(x)] = True
+  tokens, mask = right_pad(ids)
   lora = None if adapter is None else stack_lora(adapter, model.config)
   return token_losses(model, tokens, mask, lora)
