@@ -62,12 +62,16 @@ done
 # decisions that agree with exact LAG). Add routers to --config.routers for per-request
 # and per-token accuracy of each at N = 1,000 (RESULTS.md has the request-level routers'
 # rows, 45 min on these cores; the evaluate halves above measure them end to end).
-step scale_tune --config=configs/synthetic_scale.py --workdir="$ROOT/scale_tune" \
-  --config.library_root="$ROOT" --config.build=False --config.synthetic.split=tune \
-  --config.sizes=1000 --config.analysis_sizes=1000 --config.k_sweep_sizes= \
-  --config.index_sizes=1000 --config.index_probes=8,16,32 \
-  --config.index_sketches=32:80,32:160,64:80,64:160,64:320,128:160,128:320 \
-  --config.routers=LAG --config.shared_routers=
+tune_index_step() {  # tune_index_step NAME ARGS...: routing_scale on the whole library
+  local name=$1
+  shift
+  step "$name" --config=configs/synthetic_scale.py --workdir="$ROOT/$name" \
+    --config.library_root="$ROOT" --config.build=False --config.synthetic.split=tune \
+    --config.sizes=1000 --config.k_sweep_sizes= --config.index_sizes=1000 \
+    --config.routers=LAG --config.shared_routers= "$@"
+}
+tune_index_step scale_tune --config.analysis_sizes=1000 --config.index_probes=8,16,32 \
+  --config.index_sketches=32:80,32:160,64:80,64:160,64:320,128:160,128:320
 
 # The arrow sketch end to end on the test half (one index kind per evaluate run, so apart
 # from the main run's LAG+index): the paper's LAG and the demo's router (a vote over the
@@ -77,11 +81,11 @@ step scale_tune --config=configs/synthetic_scale.py --workdir="$ROOT/scale_tune"
 # index_effect; the best recall if none reaches 99%). Oracle and the exact runs are the
 # test step's (the same questions and libraries; the index settings key only the methods
 # that read the index): seed them, do not rerun.
-sketch_setting() {  # sketch_setting INDEX_EFFECT_JSON [cal]: "pool=P;sketch=Z"
+sketch_setting() {  # sketch_setting INDEX_EFFECT_JSON plain|cal: "pool=P;sketch=Z"
   python - "$@" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))["sizes"]["1000"]["rows"]
-cal = sys.argv[2:] == ["cal"]  # only the calibrated sketches ("sketch Z:P cal")
+cal = sys.argv[2] == "cal"  # plain or calibrated sketches ("sketch Z:P cal")
 sk = {k: r for k, r in rows.items() if k.startswith("sketch ") and k.endswith(" cal") == cal}
 ok = [k for k, r in sk.items() if r["recall"] >= 0.99]
 best = min(ok, key=lambda k: sk[k]["arrows_read"]) if ok else max(sk, key=lambda k: sk[k]["recall"])
@@ -90,15 +94,19 @@ print(f"pool={p};sketch={z}")
 PY
 }
 ROUTER="Vote-final2(k=4;score=score;removal=mean:4;finalists=5)"
-if todo test_sketch; then  # (the setting is read once, when the step is to run)
-  SKETCH=$(sketch_setting "$ROOT/scale_tune/index_effect.json")
-  stamp "test_sketch setting from scale_tune/index_effect.json: $SKETCH"
-  mkdir -p "$ROOT/test_sketch/method_runs"
-  cp -n "$ROOT"/test/method_runs/*.json "$ROOT/test_sketch/method_runs/" 2>/dev/null || true
-  step test_sketch --config=$cfg:test --workdir="$ROOT/test_sketch" --config.library_root="$ROOT" \
-    "--config.methods=Oracle,LAG,LAG+sketch(k=20;$SKETCH;index_prefill=1),$ROUTER,${ROUTER%)};$SKETCH;index_prefill=1)" \
-    --config.k_sweep=
-fi
+sketch_test() {  # sketch_test NAME INDEX_EFFECT_JSON SELECT ARGS...: the test half
+  local name=$1 json=$2 select=$3 sketch
+  shift 3
+  todo "$name" || return 0  # (the setting is read once, when the step is to run)
+  sketch=$(sketch_setting "$json" "$select")
+  stamp "$name setting from ${json#"$ROOT"/}: $sketch"
+  mkdir -p "$ROOT/$name/method_runs"
+  cp -n "$ROOT"/test/method_runs/*.json "$ROOT/$name/method_runs/" 2>/dev/null || true
+  step "$name" --config=$cfg:test --workdir="$ROOT/$name" --config.library_root="$ROOT" \
+    "--config.methods=Oracle,LAG,LAG+sketch(k=20;$sketch;index_prefill=1),$ROUTER,${ROUTER%)};$sketch;index_prefill=1)" \
+    --config.k_sweep= "$@"
+}
+sketch_test test_sketch "$ROOT/scale_tune/index_effect.json" plain
 
 # The sketch calibrated on generic prompts (routing/calibration.py: the base model's
 # module inputs over real questions and Wikipedia sentences, nothing of the library's
@@ -106,30 +114,16 @@ fi
 # size, then the test half through the cheapest calibrated setting with >= 99% recall.
 # Both with the ridge these runs were made with (10^-3; the default is now 10, which
 # keeps the entity tokens' recall: routing/arrow_sketch.py, RIDGE).
-step scale_cal --config=configs/synthetic_scale.py --workdir="$ROOT/scale_cal" \
-  --config.library_root="$ROOT" --config.build=False --config.synthetic.split=tune \
-  --config.sizes=1000 --config.analysis_sizes= --config.k_sweep_sizes= \
-  --config.index_sizes=1000 --config.index_probes=8 \
+tune_index_step scale_cal --config.analysis_sizes= --config.index_probes=8 \
   --config.index_sketches=32:80:cal,64:160:cal,64:320,64:320:cal,128:320:cal \
-  --config.routers=LAG --config.shared_routers= --config.sketch_ridge=0.001
-if todo test_sketch_cal; then
-  SKETCH=$(sketch_setting "$ROOT/scale_cal/index_effect.json" cal)
-  stamp "test_sketch_cal setting from scale_cal/index_effect.json: $SKETCH"
-  mkdir -p "$ROOT/test_sketch_cal/method_runs"
-  cp -n "$ROOT"/test/method_runs/*.json "$ROOT/test_sketch_cal/method_runs/" 2>/dev/null || true
-  step test_sketch_cal --config=$cfg:test --workdir="$ROOT/test_sketch_cal" \
-    --config.library_root="$ROOT" --config.sketch_calibration=generic --config.sketch_ridge=0.001 \
-    "--config.methods=Oracle,LAG,LAG+sketch(k=20;$SKETCH;index_prefill=1),$ROUTER,${ROUTER%)};$SKETCH;index_prefill=1)" \
-    --config.k_sweep=
-fi
+  --config.sketch_ridge=0.001
+sketch_test test_sketch_cal "$ROOT/scale_cal/index_effect.json" cal \
+  --config.sketch_calibration=generic --config.sketch_ridge=0.001
 
 # The calibrated sketch at the default ridge (10, which keeps the entity tokens' recall;
 # the two steps above ran with 10^-3): recall and decisions on the tuning half.
-step scale_cal10 --config=configs/synthetic_scale.py --workdir="$ROOT/scale_cal10" \
-  --config.library_root="$ROOT" --config.build=False --config.synthetic.split=tune \
-  --config.sizes=1000 --config.analysis_sizes= --config.k_sweep_sizes= \
-  --config.index_sizes=1000 --config.index_probes=8 \
-  --config.index_sketches=64:160:cal,64:320:cal --config.routers=LAG --config.shared_routers=
+tune_index_step scale_cal10 --config.analysis_sizes= --config.index_probes=8 \
+  --config.index_sketches=64:160:cal,64:320:cal
 
 every_step || exit 0
 mkdir -p "$OUT/tune" "$OUT/test" "$OUT/test_sketch" "$OUT/test_sketch_cal" "$OUT/scale_tune" \
